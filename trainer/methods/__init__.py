@@ -1,0 +1,18 @@
+"""Continual-learning methods behind one interface (`base.Method`), selected by name from a typed config."""
+from __future__ import annotations
+
+from trainer.methods.base import Method
+from trainer.methods.config import MethodConfig, method_config_from_dict, METHOD_NAMES
+
+
+def build_method(config: MethodConfig, sites) -> Method:
+    """The Method object for a validated config (the only place that maps names to classes)."""
+    from trainer.methods.inflora import InfLoRA
+    from trainer.methods.sdlora import SDLoRA
+    from trainer.methods.seqlora import SeqLoRA
+
+    cls = {"inflora": InfLoRA, "sdlora": SDLoRA, "seq-lora": SeqLoRA}[config.family]
+    return cls(config, sites)
+
+
+__all__ = ["Method", "MethodConfig", "build_method", "method_config_from_dict", "METHOD_NAMES"]

@@ -1,0 +1,104 @@
+"""Typed, validated method hyper-parameters (recorded in store.json), one model per method family.
+
+Defaults are the papers' recipes from DESIGN.md: InfLoRA r = 10 on key/value, eps_0 = 0.95 (CIFAR) growing to 1
+over the expected number of tasks; SD-LoRA r = 10 on query/value, magnitudes start at 1, the RR rank schedule
+10/8/6, KD threshold tau = 9e-4.
+"""
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+from trainer.sites import TARGETS
+
+METHOD_NAMES = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora")
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(10, ge=1, le=512, description="rank of each task's branch")
+
+    @field_validator("targets", check_fields=False)
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        bad = sorted(set(v) - set(TARGETS))
+        if bad or not v:
+            raise ValueError(f"targets must be a non-empty subset of {sorted(TARGETS)}, got {v}")
+        return list(dict.fromkeys(v))
+
+
+class InfLoRAConfig(_Common):
+    name: Literal["inflora"] = "inflora"
+    targets: list[str] = Field(default_factory=lambda: ["k", "v"])
+    eps0: float = Field(0.95, gt=0.0, lt=1.0, description="DualGPM energy threshold at the first task")
+    expected_tasks: int = Field(10, ge=1, description="T in eps_t = eps0 + (1 - eps0) t / T (clamped at 1)")
+    b_scale: float = Field(1 / math.sqrt(3), gt=0.0, description="scale of the designed B rows (official: 1/sqrt 3)")
+
+    @property
+    def family(self) -> str:
+        return "inflora"
+
+    def threshold(self, task: int) -> float:
+        return self.eps0 + (1.0 - self.eps0) * min(task / self.expected_tasks, 1.0)
+
+
+class RankStep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    from_task: int = Field(ge=1, description="1-based task number from which this rank applies")
+    rank: int = Field(ge=1, le=512)
+
+
+class SDLoRAConfig(_Common):
+    name: Literal["sdlora", "sdlora-rr", "sdlora-kd"] = "sdlora"
+    targets: list[str] = Field(default_factory=lambda: ["q", "v"])
+    alpha_init: float = Field(1.0, description="initial magnitude of a new direction")
+    rank_schedule: list[RankStep] | None = Field(None, description="SD-LoRA-RR: rank by task (default 10/8/6)")
+    kd_tau: float = Field(9e-4, ge=0.0, description="SD-LoRA-KD: fold a direction whose LS residual is <= tau")
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "SDLoRAConfig":
+        if self.name == "sdlora-rr" and self.rank_schedule is None:
+            self.rank_schedule = [RankStep(from_task=1, rank=10), RankStep(from_task=5, rank=8),
+                                  RankStep(from_task=9, rank=6)]
+        if self.rank_schedule is not None:
+            firsts = [s.from_task for s in self.rank_schedule]
+            if firsts != sorted(firsts) or firsts[0] != 1 or len(set(firsts)) != len(firsts):
+                raise ValueError("rank_schedule must start at from_task 1 and increase strictly")
+        return self
+
+    @property
+    def family(self) -> str:
+        return "sdlora"
+
+    @property
+    def distill(self) -> bool:
+        return self.name == "sdlora-kd"
+
+    def rank_for(self, task: int) -> int:
+        """Rank of the branch learned in 0-based task `task`."""
+        if not self.rank_schedule:
+            return self.rank
+        return [s.rank for s in self.rank_schedule if s.from_task <= task + 1][-1]
+
+
+class SeqLoRAConfig(_Common):
+    """Baseline: one LoRA branch fine-tuned task after task (no protection: the forgetting lower bound)."""
+
+    name: Literal["seq-lora"] = "seq-lora"
+    targets: list[str] = Field(default_factory=lambda: ["q", "v"])
+
+    @property
+    def family(self) -> str:
+        return "seq-lora"
+
+
+MethodConfig = Annotated[Union[InfLoRAConfig, SDLoRAConfig, SeqLoRAConfig], Field(discriminator="name")]
+_ADAPTER = TypeAdapter(MethodConfig)
+
+
+def method_config_from_dict(d: dict[str, Any]) -> MethodConfig:
+    """Validate {"name": ..., hyper-parameters...}; raises pydantic.ValidationError with the field at fault."""
+    return _ADAPTER.validate_python(d)

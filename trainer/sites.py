@@ -1,0 +1,116 @@
+"""Adapted sites: the frozen linear layers of a ViT that receive low-rank branches, and their wrapper.
+
+A target names a row block of one linear layer: timm fuses the query, key and value projections into
+`attn.qkv`, so "q", "k", "v" are its three row thirds; "proj", "fc1", "fc2" are whole layers. One `Site` is a
+linear layer with the targets it carries (its input, and so its input second moment, is shared by them).
+`AdaptedLinear` computes `W x + b` plus whatever the method adds to each target's rows, and can record the
+uncentred second moment of its inputs for InfLoRA's subspace design.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# target name -> (linear layer inside each block, which third of its rows; None = all rows)
+TARGETS: dict[str, tuple[str, int | None]] = {
+    "q": ("attn.qkv", 0), "k": ("attn.qkv", 1), "v": ("attn.qkv", 2),
+    "proj": ("attn.proj", None), "fc1": ("mlp.fc1", None), "fc2": ("mlp.fc2", None),
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One adapted linear layer: state-dict key of its weight's module, input width, target row ranges."""
+
+    key: str  # e.g. "blocks.3.attn.qkv"
+    d_in: int
+    rows: tuple[tuple[str, int, int], ...]  # (target, start, stop), sorted by start
+
+    @property
+    def targets(self) -> list[str]:
+        return [t for t, _, _ in self.rows]
+
+    def d_out(self, target: str) -> int:
+        return next(e - s for t, s, e in self.rows if t == target)
+
+
+def find_sites(model: nn.Module, targets: list[str]) -> list[Site]:
+    """The sites of every transformer block for the requested targets, in block order."""
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"unknown adapter target(s) {unknown}; choose from {sorted(TARGETS)}")
+    sites = []
+    for b, block in enumerate(model.blocks):
+        by_layer: dict[str, list[tuple[str, int, int]]] = {}
+        for t in targets:
+            path, third = TARGETS[t]
+            lin = block.get_submodule(path)
+            lin = lin.base if isinstance(lin, AdaptedLinear) else lin
+            n = lin.out_features
+            s, e = (0, n) if third is None else (third * n // 3, (third + 1) * n // 3)
+            by_layer.setdefault(path, []).append((t, s, e))
+        for path, rows in by_layer.items():
+            lin = block.get_submodule(path)
+            lin = lin.base if isinstance(lin, AdaptedLinear) else lin
+            sites.append(Site(key=f"blocks.{b}.{path}", d_in=lin.in_features, rows=tuple(sorted(rows, key=lambda r: r[1]))))
+    return sites
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen nn.Linear plus per-target deltas supplied by a method: y = W x + b + [delta_t(x) on t's rows]."""
+
+    def __init__(self, base: nn.Linear, site: Site, delta_fn):
+        super().__init__()
+        self.base = base
+        self.site = site
+        object.__setattr__(self, "_delta_fn", delta_fn)  # the method owns the parameters; do not register it
+        self.moment: torch.Tensor | None = None  # running sum of x x^T while recording
+        self.count = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.moment is not None:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            self.moment += flat.T @ flat
+            self.count += flat.shape[0]
+        deltas = self._delta_fn(self.site, x)
+        if not deltas:
+            return out
+        pieces, pos = [], 0
+        for t, s, e in self.site.rows:
+            if t not in deltas:
+                continue
+            if s > pos:
+                pieces.append(out[..., pos:s])
+            pieces.append(out[..., s:e] + deltas[t])
+            pos = e
+        if pos < out.shape[-1]:
+            pieces.append(out[..., pos:])
+        return torch.cat(pieces, dim=-1)
+
+    def start_recording(self) -> None:
+        self.moment = torch.zeros(self.site.d_in, self.site.d_in, device=self.base.weight.device)
+        self.count = 0
+
+    def stop_recording(self) -> torch.Tensor:
+        """C = (1/n) sum x x^T over all tokens seen since start_recording."""
+        c = self.moment / max(self.count, 1)
+        self.moment, self.count = None, 0
+        return c
+
+
+def wrap_sites(model: nn.Module, sites: list[Site], delta_fn) -> dict[str, AdaptedLinear]:
+    """Replace each site's nn.Linear by an AdaptedLinear in place; returns {site key: wrapper}."""
+    wrappers = {}
+    for site in sites:
+        parent_path, _, name = site.key.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        lin = getattr(parent, name)
+        if isinstance(lin, AdaptedLinear):
+            lin = lin.base
+        w = AdaptedLinear(lin, site, delta_fn)
+        setattr(parent, name, w)
+        wrappers[site.key] = w
+    return wrappers

@@ -1,0 +1,132 @@
+"""Learn one task: design (begin_task), train the method's parameters and the task's head block, finish
+(end_task). Augmentation (random resized crop + horizontal flip) runs batched on the training device from the
+decoded uint8 images, so the same loop is fast on a GPU and usable on a laptop CPU.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from exports.preprocessing import Preprocessing
+from trainer.data import TaskData
+from trainer.learner import Learner
+
+
+class TrainConfig(BaseModel):
+    """Per-task optimisation budget (Adam with a cosine schedule, as in the InfLoRA recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(5, ge=1, le=1000)
+    lr: float = Field(5e-4, gt=0, le=1.0)
+    batch_size: int = Field(64, ge=1, le=8192)
+    weight_decay: float = Field(0.0, ge=0.0)
+    min_crop_scale: float = Field(0.35, gt=0.0, le=1.0, description="random resized crop keeps >= this area")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_batch_size: int = Field(256, ge=1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def normalize(x01: torch.Tensor, p: Preprocessing) -> torch.Tensor:
+    mean = torch.tensor(p.mean, dtype=torch.float32, device=x01.device).view(1, 3, 1, 1)
+    std = torch.tensor(p.std, dtype=torch.float32, device=x01.device).view(1, 3, 1, 1)
+    return (x01 - mean) / std
+
+
+def eval_batches(images_u8: torch.Tensor, p: Preprocessing, batch_size: int, device) -> Iterator[torch.Tensor]:
+    """Normalised evaluation views, batch by batch, on `device` (same arithmetic as exports.preprocessing)."""
+    for i in range(0, len(images_u8), batch_size):
+        yield normalize(images_u8[i:i + batch_size].to(device).float() / 255.0, p)
+
+
+def augment(images_u8: torch.Tensor, size: int, min_scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Random resized crop (area in [min_scale, 1], aspect in [3/4, 4/3]) + horizontal flip -> float in [0, 1]."""
+    n, dev = images_u8.shape[0], images_u8.device
+    u = torch.rand(n, 5, generator=gen, device="cpu").to(dev)
+    area = min_scale + (1 - min_scale) * u[:, 0]
+    log_ratio = (u[:, 1] * 2 - 1) * math.log(4 / 3)
+    w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+    h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+    cx, cy = (u[:, 2] * 2 - 1) * (1 - w), (u[:, 3] * 2 - 1) * (1 - h)
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    grid = F.affine_grid(theta, (n, 3, size, size), align_corners=False)
+    x = images_u8.float() / 255.0
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+@torch.no_grad()
+def predict(model, images_u8: torch.Tensor, p: Preprocessing, batch_size: int, device) -> torch.Tensor:
+    """Arg-max class index of every image (model: learner or plain merged model)."""
+    return torch.cat([model(x).argmax(1).cpu() for x in eval_batches(images_u8, p, batch_size, device)])
+
+
+def train_task(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainConfig, *,
+               progress: bool = True, desc: str = "") -> dict[str, Any]:
+    """Learn one task in place on `learner` (already on its device); returns the task summary."""
+    device = learner.device
+    task = learner.num_tasks
+    torch.manual_seed(cfg.seed * 100_003 + task)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + task)
+    t0 = time.time()
+    eval_u8 = data.eval_u8.to(device)
+
+    def moments():
+        return learner.second_moments(eval_batches(eval_u8, p, cfg.eval_batch_size, device))
+
+    learner.method.begin_task(task, moments)
+    head = learner.add_head(data.class_names)
+    params = learner.method.trainable_parameters() + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(data)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    train_u8, labels = data.train_u8.to(device), data.labels.to(device)
+    sl = learner.task_slice(task)
+    learner.eval()  # frozen backbone: no dropout / drop-path while adapting
+    bar = tqdm(total=total, desc=desc or f"task {task}", disable=not progress, unit="step", leave=False)
+    loss_sum, correct, seen = 0.0, 0, 0
+    try:
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen).to(device)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for i in range(0, n, cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                x = normalize(augment(train_u8[idx], p.input_size, cfg.min_crop_scale, gen), p)
+                y = labels[idx]
+                logits = learner(x)[:, sl]  # a task trains only its own classes' logits
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += float(loss.detach()) * len(idx)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(idx)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    finally:
+        bar.close()
+    head.requires_grad_(False)
+    summary = learner.method.end_task(task, moments)
+    out = {"task": task, "classes": data.class_names, "train_images": n, "epochs": cfg.epochs,
+           "final_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+           "seconds": time.time() - t0, "method": summary}
+    learner.task_summaries.append({k: v for k, v in out.items() if k != "classes"})
+    return out
