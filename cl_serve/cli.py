@@ -1,0 +1,245 @@
+"""`cl-serve` command line: init, add-task, evaluate, status, export, rollback, serve, classify, demo, bench.
+
+Exit code 0 on success, 2 on bad input (the reason on stderr, one line), 1 on an unexpected failure.
+Heavy imports (torch, ray) happen inside the commands that need them, so `cl-serve --help` is instant and a
+serving image never loads the trainer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+DEFAULT_STORE = os.environ.get("CL_SERVE_STORE", "./cl-store")
+METHODS = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora")
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=DEFAULT_STORE,
+                   help="model store directory (default: $CL_SERVE_STORE, else ./cl-store; now %(default)s)")
+
+
+def _rank_schedule(text: str) -> list[dict[str, int]]:
+    try:
+        return [{"from_task": int(a), "rank": int(b)} for a, b in (item.split(":") for item in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected FROM_TASK:RANK[,FROM_TASK:RANK...], e.g. 1:10,5:8,9:6") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cl-serve", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Run `cl-serve COMMAND --help` for each command's options.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create a model store: backbone + continual-learning method")
+    _store_arg(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--backbone", metavar="TIMM_NAME", help="a timm ViT name, e.g. vit_base_patch16_224")
+    src.add_argument("--checkpoint", metavar="FILE", help="local .safetensors backbone (card.json beside it or "
+                     "safetensors metadata give timm_model and timm_kwargs)")
+    p.add_argument("--pretrained", action="store_true", help="with --backbone: download timm's pretrained weights "
+                   "(needs internet); without it the backbone is randomly initialised")
+    p.add_argument("--timm-kwargs", type=json.loads, default=None, metavar="JSON",
+                   help='extra timm.create_model arguments with --backbone, e.g. \'{"img_size": 32}\'')
+    p.add_argument("--method", choices=METHODS, default="inflora", help="continual-learning method (default inflora)")
+    p.add_argument("--rank", type=int, help="rank of each task's branch (default 10)")
+    p.add_argument("--targets", help="comma-separated adapted projections: q,k,v,proj,fc1,fc2 "
+                   "(default k,v for InfLoRA, q,v for SD-LoRA)")
+    p.add_argument("--eps0", type=float, help="InfLoRA: DualGPM threshold at task 1 (default 0.95)")
+    p.add_argument("--expected-tasks", type=int, help="InfLoRA: T of the threshold schedule (default 10)")
+    p.add_argument("--rank-schedule", type=_rank_schedule, help="SD-LoRA-RR: FROM_TASK:RANK,... (default 1:10,5:8,9:6)")
+    p.add_argument("--kd-tau", type=float, help="SD-LoRA-KD: residual threshold for folding (default 9e-4)")
+    p.add_argument("--alpha-init", type=float, help="SD-LoRA: initial magnitude of a new direction (default 1)")
+
+    p = sub.add_parser("add-task", help="learn the classes of an ImageFolder directory and publish a new version")
+    _store_arg(p)
+    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder: one sub-folder of images per new class")
+    p.add_argument("--test-data", metavar="DIR", help="ImageFolder of known classes to report accuracy on")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--strict", action="store_true", help="any corrupt image is an error (default: skip and report)")
+    p.add_argument("--wait", action="store_true", help="wait for another writer instead of failing at once")
+    p.add_argument("--no-export", action="store_true", help="skip ONNX export (such a version cannot be served)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("evaluate", help="accuracy of a version on an ImageFolder of known classes")
+    _store_arg(p)
+    p.add_argument("--data", required=True, metavar="DIR")
+    p.add_argument("--version", type=int, help="default: the live version")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("status", help="versions, tasks, classes, method and backbone of a store")
+    _store_arg(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="re-export a version's merged weights to ONNX (parity-checked)")
+    _store_arg(p)
+    p.add_argument("--version", type=int, help="default: the live version")
+    p.add_argument("--fp16", action="store_true", help="write model.fp16.onnx for GPUs instead")
+
+    p = sub.add_parser("rollback", help="make an earlier version live again (servers swap to it)")
+    _store_arg(p)
+    p.add_argument("--version", type=int, required=True)
+    p.add_argument("--wait", action="store_true")
+
+    p = sub.add_parser("serve", help="serve the live version over HTTP with Ray Serve; hot-swaps new versions")
+    _store_arg(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between checks of the store's CURRENT")
+    p.add_argument("--max-request-mb", type=float, default=20.0)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")
+
+    p = sub.add_parser("classify", help="send images to a running server and print its predictions")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--top-k", type=int, default=3)
+
+    p = sub.add_parser("demo", help="offline CPU demo: self-pretrained tiny ViT, three tasks, per-task accuracy")
+    p.add_argument("--workdir", default="demo-run")
+    p.add_argument("--method", choices=METHODS, default="inflora")
+    p.add_argument("--pretrain-seconds", type=float, default=50.0)
+    p.add_argument("--no-serve", action="store_true", help="skip the serving part of the demo")
+
+    p = sub.add_parser("bench", help="benchmarks: `cl-serve bench cil ...` or `cl-serve bench serving ...`")
+    p.add_argument("which", choices=("cil", "serving"))
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return ap
+
+
+def _method_dict(a: argparse.Namespace) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": a.method}
+    for key in ("rank", "eps0", "expected_tasks", "kd_tau", "alpha_init", "rank_schedule"):
+        if getattr(a, key) is not None:
+            d[key] = getattr(a, key)
+    if a.targets:
+        d["targets"] = [t.strip() for t in a.targets.split(",") if t.strip()]
+    return d
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def run(a: argparse.Namespace) -> int:
+    if a.command in ("init", "add-task", "evaluate", "export", "rollback", "status"):
+        from cl_serve import pipeline
+
+    if a.command == "init":
+        cfg = pipeline.init_store(a.store, method=_method_dict(a), backbone=a.backbone, checkpoint=a.checkpoint,
+                                  pretrained=a.pretrained, timm_kwargs=a.timm_kwargs)
+        print(f"created store {a.store}: {cfg.backbone['timm_model']} ({cfg.backbone['source']}), "
+              f"method {cfg.method['name']}, input {cfg.preprocessing.input_size}px")
+    elif a.command == "add-task":
+        from trainer.train import TrainConfig
+        from pydantic import ValidationError
+        from cl_serve.errors import UserError
+
+        try:
+            tc = TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, weight_decay=a.weight_decay,
+                             seed=a.seed, device=a.device)
+        except ValidationError as e:
+            raise UserError(f"invalid training settings: {pipeline._validation_message(e)}") from None
+        log = (lambda s: None) if a.json else (lambda s: print(s, file=sys.stderr))
+        r = pipeline.add_task(a.store, a.data, tc, test_data=a.test_data, strict=a.strict, wait=a.wait,
+                              export=not a.no_export, progress=not a.json, log=log)
+        if a.json:
+            _print_json(r)
+        else:
+            print(f"published version {r['version']} (parent {r['parent']}): task {r['task']}, "
+                  f"+{len(r['classes_added'])} classes ({', '.join(r['classes_added'][:8])}"
+                  f"{', ...' if len(r['classes_added']) > 8 else ''}), {r['total_classes']} in all; "
+                  f"{r['train_seconds']:.1f}s training on {r['device']}, {r['seconds']:.1f}s total")
+            print(f"  train accuracy {r['metrics']['train_accuracy']:.3f}; method: {json.dumps(r['method_summary'])[:300]}")
+            if r["onnx"]:
+                print(f"  model.onnx parity max |diff| {r['onnx']['parity_max_abs_diff']:.2e}")
+            if "test" in r["metrics"]:
+                t = r["metrics"]["test"]
+                per = ", ".join(f"task {p['task']}: {p['accuracy']:.3f}" for p in t["per_task"])
+                print(f"  test accuracy {t['accuracy']:.3f} on {t['images']} images ({per})")
+    elif a.command == "evaluate":
+        r = pipeline.evaluate(a.store, a.data, a.version)
+        if a.json:
+            _print_json(r)
+        else:
+            print(f"version {r['version']}: accuracy {r['accuracy']:.4f} on {r['images']} images")
+            for p in r["per_task"]:
+                print(f"  task {p['task']}: {p['accuracy']:.4f} ({p['images']} images)")
+    elif a.command == "status":
+        r = pipeline.status(a.store)
+        if a.json:
+            _print_json(r)
+        else:
+            m = r["method"]
+            print(f"store {r['store']}\n  backbone {r['backbone']['timm_model']} {r['backbone'].get('timm_kwargs', {})}"
+                  f" ({r['backbone']['source']})\n  method {m['name']}: "
+                  + ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")
+                  + f"\n  live version {r['current']}: {r['tasks']} tasks, {r['classes']} classes")
+            for v in r["versions"]:
+                if "error" in v:
+                    print(f"  {'*' if v['live'] else ' '} {v['version']:4d}  BROKEN: {v['error']}")
+                    continue
+                acc = f"test acc {v['test_accuracy']:.3f}" if v["test_accuracy"] is not None else ""
+                print(f"  {'*' if v['live'] else ' '} {v['version']:4d}  task {v['task']}  +{v['new_classes']} "
+                      f"-> {v['classes']} classes  {v['created_at']}  {acc}")
+    elif a.command == "export":
+        r = pipeline.export_version(a.store, a.version, fp16=a.fp16)
+        print(f"exported version {r['version']} to {r['file']} (opset {r['opset']}, {r['dtype']}, "
+              f"parity {r['parity_max_abs_diff']:.2e})")
+    elif a.command == "rollback":
+        v = pipeline.rollback(a.store, a.version, wait=a.wait)
+        print(f"version {v} is live")
+    elif a.command == "serve":
+        from cl_serve.serve_cli import serve_forever
+
+        serve_forever(a)
+    elif a.command == "classify":
+        from cl_serve.client import classify_files
+
+        _print_json(classify_files(a.images, a.url, a.top_k))
+    elif a.command == "demo":
+        from cl_serve.demo import run_demo
+
+        run_demo(a.workdir, method=a.method, pretrain_seconds=a.pretrain_seconds, serve=not a.no_serve)
+    elif a.command == "bench":
+        import importlib
+
+        mod = importlib.import_module(f"benchmarks.{a.which}")
+        return int(mod.main(a.args) or 0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    from cl_serve.errors import UserError
+
+    user_errors: tuple[type[BaseException], ...] = (UserError,)
+    if a.command not in ("serve", "classify"):
+        try:
+            from trainer.errors import BackboneError, DataError
+
+            user_errors += (DataError, BackboneError)
+        except ImportError:
+            pass
+    try:
+        return run(a)
+    except user_errors as e:
+        print(f"cl-serve {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

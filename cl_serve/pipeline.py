@@ -1,0 +1,248 @@
+"""The publishing pipeline behind the CLI: init a store, add a task, evaluate, re-export, roll back, status.
+
+Data flows trainer -> exports -> store: a task is validated before anything is trained, learned with the store's
+method, merged into a plain timm model, exported to ONNX and parity-checked, then published as a new immutable
+version under the writer lock. Nothing here is imported by the server.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file, save_file
+
+from cl_serve.errors import StoreError, UserError
+from cl_serve.store import Manifest, Store, StoreConfig, TaskRecord, sha256_file
+from exports.preprocessing import Preprocessing
+from trainer import backbone as bb
+from trainer.data import TaskData, check_known_classes, check_new_classes, load_task_data, scan_image_folder
+from trainer.learner import Learner
+from trainer.merge import build_plain_model, merged_state_dict
+from trainer.methods import method_config_from_dict
+from trainer.train import TrainConfig, predict, resolve_device, train_task
+
+
+def _validation_message(e: ValidationError) -> str:
+    parts = [f"{'.'.join(str(x) for x in err['loc']) or 'value'}: {err['msg']}" for err in e.errors()]
+    return "; ".join(parts)
+
+
+def parse_method(method: dict[str, Any]):
+    try:
+        return method_config_from_dict(method)
+    except ValidationError as e:
+        raise UserError(f"invalid method settings: {_validation_message(e)}") from None
+
+
+def init_store(root: str | Path, *, method: dict[str, Any], backbone: str | None = None,
+               checkpoint: str | Path | None = None, pretrained: bool = False,
+               timm_kwargs: dict[str, Any] | None = None) -> StoreConfig:
+    """Create a store: backbone weights + card under backbone/, store.json with method and preprocessing."""
+    store = Store(root)
+    if store.exists():
+        raise StoreError(f"{store.root} already holds a store (store.json exists); use another --store")
+    mcfg = parse_method(method)
+    if (backbone is None) == (checkpoint is None):
+        raise UserError("give exactly one of --backbone TIMM_NAME or --checkpoint FILE")
+    if checkpoint is not None:
+        spec, weights, prep, card = bb.from_checkpoint(checkpoint)
+    else:
+        spec, weights, prep, card = bb.from_timm(backbone, pretrained, timm_kwargs)
+    probe = Learner(spec, weights, mcfg)  # fails early if the targets do not fit this architecture
+    del probe
+    with store.lock():
+        store.backbone_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"timm_model": spec.timm_model, "timm_kwargs": json.dumps(spec.timm_kwargs)}
+        tmp = store.backbone_dir / ".model.safetensors.tmp"
+        save_file(weights, str(tmp), metadata=meta)
+        tmp.replace(store.backbone_weights_path())
+        card = {**{k: v for k, v in card.items() if k != "classes"}, "timm_model": spec.timm_model,
+                "timm_kwargs": spec.timm_kwargs, "source": spec.source, "preprocessing": prep.model_dump()}
+        (store.backbone_dir / "card.json").write_text(json.dumps(card, indent=2, default=str))
+        config = StoreConfig(backbone=spec.model_dump(), backbone_sha256=sha256_file(store.backbone_weights_path()),
+                             method=mcfg.model_dump(), preprocessing=prep)
+        store.create(config)
+    return config
+
+
+def _backbone(store: Store) -> tuple[bb.BackboneSpec, dict[str, torch.Tensor]]:
+    cfg = store.config()
+    store.verify_backbone()
+    return bb.BackboneSpec(**cfg.backbone), load_file(str(store.backbone_weights_path()))
+
+
+def open_learner(store: Store, version: int | None) -> Learner:
+    """The learner state of `version` (None: a fresh learner with no task)."""
+    spec, weights = _backbone(store)
+    if version is None:
+        return Learner(spec, weights, parse_method(store.config().method))
+    store.manifest(version, verify=True)
+    path = store.version_dir(version) / "learner.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    return Learner.from_state(spec, weights, load_file(str(path)), metadata)
+
+
+def load_merged_model(store: Store, version: int) -> torch.nn.Module:
+    """The plain timm model of a version (what the ONNX file computes)."""
+    spec = bb.BackboneSpec(**store.config().backbone)
+    store.manifest(version, verify=True)
+    return build_plain_model(spec, load_file(str(store.version_dir(version) / "merged.safetensors")))
+
+
+def accuracy_report(model, data: TaskData, labels: list[str], tasks: list[TaskRecord], p: Preprocessing,
+                    batch_size: int = 256, device="cpu") -> dict[str, Any]:
+    """Overall accuracy and accuracy per task (test classes grouped by the task that introduced them)."""
+    pred = predict(model, data.eval_u8, p, batch_size, device)
+    truth = data.labels
+    task_of = {labels.index(lbl): t.index for t in tasks for lbl in t.labels}
+    per_task = []
+    for t in tasks:
+        mask = torch.tensor([task_of[int(y)] == t.index for y in truth])
+        if mask.any():
+            per_task.append({"task": t.index, "accuracy": float((pred[mask] == truth[mask]).float().mean()),
+                             "images": int(mask.sum())})
+    return {"accuracy": float((pred == truth).float().mean()), "images": int(truth.numel()), "per_task": per_task}
+
+
+def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test_data: str | Path | None = None,
+             strict: bool = False, wait: bool = False, export: bool = True, progress: bool = True,
+             log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Learn the classes in `data_dir` on top of the live version and publish the result as a new version."""
+    store = Store(root)
+    cfg = store.config()
+    prep = cfg.preprocessing
+    t0 = time.time()
+    with store.lock(wait=wait):
+        parent = store.current()
+        parent_manifest = store.manifest(parent, verify=True) if parent is not None else None
+        known = parent_manifest.labels if parent_manifest else []
+        found = scan_image_folder(data_dir)
+        check_new_classes(found, known)
+        test_found = None
+        if test_data is not None:
+            test_found = scan_image_folder(test_data)
+            check_known_classes(test_found, known + sorted(found))
+        device = resolve_device(train.device)
+        log(f"decoding {sum(len(v) for v in found.values())} images of {len(found)} new classes from {data_dir}")
+        data = load_task_data(found, prep, strict=strict)
+        for line in data.corrupt:
+            log(f"skipped corrupt image {line}")
+        learner = open_learner(store, parent).to_device(device)
+        task_index = learner.num_tasks
+        summary = train_task(learner, data, prep, train, progress=progress, desc=f"task {task_index}")
+        learner.to_device("cpu")
+        merged = merged_state_dict(learner)
+        model = build_plain_model(bb.BackboneSpec(**cfg.backbone), merged)
+        labels = list(learner.labels)
+        tasks = (parent_manifest.tasks if parent_manifest else []) + [
+            TaskRecord(index=task_index, labels=data.class_names, version=0)]
+        metrics: dict[str, Any] = {"train_accuracy": summary["train_accuracy"], "final_loss": summary["final_loss"]}
+        if test_found is not None:
+            test = load_task_data(test_found, prep, train_view=False, class_names=labels)
+            metrics["test"] = accuracy_report(model, test, labels, tasks, prep, train.eval_batch_size)
+        writer = store.new_version()
+        tasks[-1] = tasks[-1].model_copy(update={"version": writer.version})
+        try:
+            tensors, meta = learner.state()
+            save_file(tensors, str(writer.file("learner.safetensors")), metadata=meta)
+            save_file(merged, str(writer.file("merged.safetensors")),
+                      metadata={"timm_model": cfg.backbone["timm_model"],
+                                "timm_kwargs": json.dumps(cfg.backbone.get("timm_kwargs", {})),
+                                "labels": json.dumps(labels)})
+            onnx_info = None
+            if export:
+                onnx_info = _export(model, writer.file("model.onnx"), prep, labels, writer.version, cfg.method["name"])
+            manifest = Manifest(version=writer.version, parent=parent, task_index=task_index, labels=labels,
+                                tasks=tasks, preprocessing=prep, method=cfg.method, backbone=cfg.backbone,
+                                metrics=metrics, onnx=onnx_info, files={},
+                                training={**train.model_dump(), "device": str(device), "seconds": summary["seconds"],
+                                          "train_images": summary["train_images"], "corrupt_skipped": len(data.corrupt),
+                                          "method_summary": summary["method"]})
+            version = store.publish(writer, manifest)
+        except BaseException:
+            writer.discard()
+            raise
+    return {"version": version, "parent": parent, "task": task_index, "classes_added": data.class_names,
+            "total_classes": len(labels), "seconds": time.time() - t0, "train_seconds": summary["seconds"],
+            "metrics": metrics, "method_summary": summary["method"], "onnx": onnx_info, "device": str(device)}
+
+
+def _export(model, path: Path, prep: Preprocessing, labels: list[str], version: int, method: str,
+            fp16: bool = False) -> dict[str, Any]:
+    from exports.onnx_export import export_onnx
+    from exports.parity import check_parity
+
+    info = export_onnx(model, path, preprocessing=prep, labels=labels, fp16=fp16,
+                       metadata={"version": str(version), "method": method})
+    info["parity_max_abs_diff"] = check_parity(model, path, prep.input_size, fp16=fp16)
+    return info
+
+
+def export_version(root: str | Path, version: int | None = None, *, fp16: bool = False) -> dict[str, Any]:
+    """Re-export a version's ONNX from its merged weights (parity-checked); fp16 goes to model.fp16.onnx."""
+    store = Store(root)
+    with store.lock():
+        v = version if version is not None else store.current()
+        if v is None:
+            raise StoreError("the store has no version yet")
+        m = store.manifest(v, verify=True)
+        model = load_merged_model(store, v)
+        name = "model.fp16.onnx" if fp16 else "model.onnx"
+        tmp = store.version_dir(v) / f".{name}.tmp"
+        try:
+            info = _export(model, tmp, m.preprocessing, m.labels, v, m.method["name"], fp16=fp16)
+            store.replace_file(v, name, tmp, None if fp16 else {"onnx": info})
+        finally:
+            tmp.unlink(missing_ok=True)
+    return {"version": v, "file": str(store.version_dir(v) / name), **info}
+
+
+def evaluate(root: str | Path, data_dir: str | Path, version: int | None = None, batch_size: int = 256) -> dict:
+    """Accuracy of a version's merged model on an ImageFolder of known classes, overall and per task."""
+    store = Store(root)
+    v = version if version is not None else store.current()
+    if v is None:
+        raise StoreError("the store has no version yet")
+    m = store.manifest(v, verify=True)
+    found = scan_image_folder(data_dir)
+    check_known_classes(found, m.labels)
+    data = load_task_data(found, m.preprocessing, train_view=False, class_names=m.labels)
+    report = accuracy_report(load_merged_model(store, v), data, m.labels, m.tasks, m.preprocessing, batch_size)
+    return {"version": v, **report}
+
+
+def rollback(root: str | Path, version: int, wait: bool = False) -> int:
+    """Point CURRENT at an existing (verified) version; the server swaps to it."""
+    store = Store(root)
+    store.config()
+    with store.lock(wait=wait):
+        store.set_current(version)
+    return version
+
+
+def status(root: str | Path) -> dict[str, Any]:
+    store = Store(root)
+    cfg = store.config()
+    current = store.current()
+    versions = []
+    for v in store.versions():
+        try:
+            m = store.manifest(v, verify=False)
+            versions.append({"version": v, "parent": m.parent, "task": m.task_index, "classes": len(m.labels),
+                             "new_classes": len(m.tasks[-1].labels) if m.tasks else 0, "created_at": m.created_at,
+                             "test_accuracy": (m.metrics.get("test") or {}).get("accuracy"),
+                             "onnx": m.onnx is not None, "live": v == current})
+        except StoreError as e:
+            versions.append({"version": v, "error": str(e), "live": v == current})
+    live = store.manifest(current, verify=False) if current is not None else None
+    return {"store": str(store.root), "method": cfg.method, "backbone": cfg.backbone,
+            "preprocessing": cfg.preprocessing.model_dump(), "current": current,
+            "tasks": len(live.tasks) if live else 0, "classes": len(live.labels) if live else 0,
+            "versions": versions}

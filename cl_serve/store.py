@@ -1,0 +1,285 @@
+"""The model store: the only hand-off between the trainer (any writer) and the server.
+
+    STORE/store.json                  format version, backbone spec, method + hyper-parameters, preprocessing
+    STORE/backbone/                   model.safetensors (base weights) and card.json
+    STORE/versions/NNNN/              learner.safetensors, merged.safetensors, model.onnx, manifest.json
+    STORE/CURRENT                     the live version id ("0003"), replaced atomically
+
+A version is written into `versions/.tmp-*`, fsynced, and renamed into place only when complete; CURRENT moves
+last, so a crash at any point leaves the previous version live and the store readable (stale temporary
+directories are removed by the next writer). Writers hold an exclusive `flock` on STORE/.lock for the whole
+add-task. Every manifest lists the sha256 of its files; readers verify them. Pure stdlib + pydantic.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cl_serve.errors import StoreError
+from exports.preprocessing import Preprocessing
+
+FORMAT_VERSION = 1
+VERSION_FILES = ("learner.safetensors", "merged.safetensors", "model.onnx")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class StoreConfig(BaseModel):
+    """store.json: fixed when the store is created."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    created_at: str = Field(default_factory=utc_now)
+    backbone: dict[str, Any]  # trainer.backbone.BackboneSpec as a dict
+    backbone_sha256: str
+    method: dict[str, Any]  # the method config (name + hyper-parameters)
+    preprocessing: Preprocessing
+
+
+class TaskRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int
+    labels: list[str]
+    version: int
+
+
+class Manifest(BaseModel):
+    """manifest.json of one immutable version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    version: int
+    parent: int | None
+    task_index: int
+    created_at: str = Field(default_factory=utc_now)
+    labels: list[str]  # class-index order
+    tasks: list[TaskRecord]
+    preprocessing: Preprocessing
+    method: dict[str, Any]
+    backbone: dict[str, Any]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    onnx: dict[str, Any] | None = None
+    files: dict[str, str]  # file name -> sha256
+
+
+def vname(v: int) -> str:
+    return f"{v:04d}"
+
+
+class VersionWriter:
+    """A version being written: put files into `.path`, then `Store.publish` renames it into place."""
+
+    def __init__(self, store: "Store", version: int):
+        self.store, self.version = store, version
+        self.path = store.versions_dir / f".tmp-{vname(version)}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.path.mkdir(parents=True)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Store:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.versions_dir = self.root / "versions"
+        self.backbone_dir = self.root / "backbone"
+        self.current_path = self.root / "CURRENT"
+        self.config_path = self.root / "store.json"
+        self.lock_path = self.root / ".lock"
+
+    # -- creation and configuration ----------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def create(self, config: StoreConfig) -> None:
+        """Write store.json (the backbone files must already be under backbone/). Refuses an existing store."""
+        if self.exists():
+            raise StoreError(f"{self.root} already holds a store (store.json exists); use another --store")
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_path, config.model_dump_json(indent=2))
+
+    def config(self) -> StoreConfig:
+        if not self.exists():
+            raise StoreError(f"no model store at {self.root} (run `cl-serve init --store {self.root} ...` first)")
+        try:
+            cfg = StoreConfig.model_validate_json(self.config_path.read_text())
+        except (ValidationError, ValueError, OSError) as e:
+            raise StoreError(f"broken store: {self.config_path} is unreadable: {str(e).splitlines()[0]}") from e
+        if cfg.format_version != FORMAT_VERSION:
+            raise StoreError(f"store format {cfg.format_version} is not supported (this cl-serve reads {FORMAT_VERSION})")
+        return cfg
+
+    def backbone_weights_path(self) -> Path:
+        return self.backbone_dir / "model.safetensors"
+
+    def verify_backbone(self) -> None:
+        path = self.backbone_weights_path()
+        if not path.is_file():
+            raise StoreError(f"broken store: backbone weights {path} are missing")
+        if sha256_file(path) != self.config().backbone_sha256:
+            raise StoreError(f"broken store: backbone weights {path} do not match their sha256 in store.json")
+
+    # -- versions ------------------------------------------------------------------------------------------------
+    def versions(self) -> list[int]:
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.versions_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def version_dir(self, v: int) -> Path:
+        return self.versions_dir / vname(v)
+
+    def current(self) -> int | None:
+        """The live version, or None before the first one; a CURRENT naming a missing version is an error."""
+        try:
+            text = self.current_path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if not text.isdigit():
+            raise StoreError(f"broken store: CURRENT holds {text!r}, not a version number")
+        v = int(text)
+        if not self.version_dir(v).is_dir():
+            raise StoreError(f"broken store: CURRENT names version {v}, which does not exist")
+        return v
+
+    def manifest(self, v: int, verify: bool = True) -> Manifest:
+        """A version's manifest; with verify, every listed file's sha256 is checked."""
+        d = self.version_dir(v)
+        if not d.is_dir():
+            have = ", ".join(map(str, self.versions())) or "none"
+            raise StoreError(f"version {v} does not exist in {self.root} (versions: {have})")
+        try:
+            m = Manifest.model_validate_json((d / "manifest.json").read_text())
+        except (ValidationError, ValueError, OSError) as e:
+            raise StoreError(f"broken version {v}: manifest.json unreadable: {str(e).splitlines()[0]}") from e
+        if verify:
+            for name, digest in m.files.items():
+                p = d / name
+                if not p.is_file():
+                    raise StoreError(f"broken version {v}: {name} is missing")
+                if sha256_file(p) != digest:
+                    raise StoreError(f"broken version {v}: {name} does not match its sha256 in manifest.json")
+        return m
+
+    # -- writing -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, wait: bool = False, timeout: float | None = None) -> Iterator[None]:
+        """Exclusive writer lock; fails at once (or waits with `wait`) when another writer holds it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    if not wait or (deadline is not None and time.monotonic() > deadline):
+                        raise StoreError(f"store {self.root} is locked by another writer ({holder}); "
+                                         "retry later or pass --wait") from None
+                    time.sleep(0.2)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} since {utc_now()}".encode(), 0)
+            self._clean_stale_temporaries()
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing releases the flock
+
+    def _clean_stale_temporaries(self) -> None:
+        if self.versions_dir.is_dir():
+            for p in self.versions_dir.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def new_version(self) -> VersionWriter:
+        existing = self.versions()
+        return VersionWriter(self, (existing[-1] + 1) if existing else 1)
+
+    def publish(self, writer: VersionWriter, manifest: Manifest, make_current: bool = True) -> int:
+        """Hash the files, write manifest.json, rename the directory into place, then move CURRENT."""
+        files = {}
+        for p in sorted(writer.path.iterdir()):
+            if p.name != "manifest.json":
+                os.chmod(p, 0o644)  # readable by a server running as another user
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+                files[p.name] = sha256_file(p)
+        manifest = manifest.model_copy(update={"files": files, "version": writer.version})
+        with open(writer.file("manifest.json"), "w") as f:
+            f.write(manifest.model_dump_json(indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(writer.path)
+        final = self.version_dir(writer.version)
+        os.rename(writer.path, final)
+        _fsync_dir(self.versions_dir)
+        if make_current:
+            self.set_current(writer.version)
+        return writer.version
+
+    def set_current(self, v: int) -> None:
+        """Make `v` live (verified first). Used by publish and rollback."""
+        self.manifest(v, verify=True)
+        atomic_write_text(self.current_path, vname(v) + "\n")
+
+    def replace_file(self, v: int, name: str, source: Path, manifest_update: dict[str, Any] | None = None) -> None:
+        """Swap one file of an existing version (re-export), keeping manifest and sha256 consistent."""
+        d = self.version_dir(v)
+        m = self.manifest(v, verify=True)
+        os.replace(source, d / name)
+        files = {**m.files, name: sha256_file(d / name)}
+        m = m.model_copy(update={**(manifest_update or {}), "files": files})
+        atomic_write_text(d / "manifest.json", m.model_dump_json(indent=2))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
