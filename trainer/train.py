@@ -100,7 +100,7 @@ def train_task(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainCon
     train_u8, labels = data.train_u8.to(device), data.labels.to(device)
     sl = learner.task_slice(task)
     learner.eval()  # frozen backbone: no dropout / drop-path while adapting
-    bar = tqdm(total=total, desc=desc or f"task {task}", disable=not progress, unit="step", leave=False)
+    bar = tqdm(total=total, desc=desc or f"task {task}", disable=not progress, unit="step", leave=False, mininterval=1.0)
     loss_sum, correct, seen = 0.0, 0, 0
     try:
         for _ in range(cfg.epochs):
