@@ -105,6 +105,14 @@ class Manifest(BaseModel):
     files: dict[str, str]  # file name -> sha256
 
 
+def fault_point(name: str) -> None:
+    """Crash-test hook: CL_SERVE_FAULT=<name> kills this process with SIGKILL at that point of a publish."""
+    if os.environ.get("CL_SERVE_FAULT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def vname(v: int) -> str:
     return f"{v:04d}"
 
@@ -259,9 +267,11 @@ class Store:
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(writer.path)
+        fault_point("before-rename")
         final = self.version_dir(writer.version)
         os.rename(writer.path, final)
         _fsync_dir(self.versions_dir)
+        fault_point("before-current")
         if make_current:
             self.set_current(writer.version)
         return writer.version

@@ -1,0 +1,222 @@
+"""Serving runtime, free of Ray and torch: load a verified version into ONNX Runtime, watch the store and
+hot-swap, and decode request images safely.
+
+`ModelWatcher` polls the store's CURRENT (and accepts explicit loads); a new version is verified (sha256 of every
+file), its session created and warmed up, and only then is the single `model` reference replaced, so a request
+that already holds the old model finishes on it. A version that fails to load is refused, the old one keeps
+serving, and `status()` says why.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cl_serve.errors import StoreError
+from cl_serve.store import Store
+from exports.preprocessing import Preprocessing, preprocess_image
+
+log = logging.getLogger("cl_serve")
+ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "MPO"}
+
+
+class BadInput(Exception):
+    """A request the server refuses with a 4xx status and a JSON error."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def onnx_providers() -> list[str]:
+    """CUDA when onnxruntime has it and a GPU is present, else CPU (override: CL_SERVE_ORT_PROVIDERS=a,b)."""
+    import onnxruntime as ort
+
+    forced = os.environ.get("CL_SERVE_ORT_PROVIDERS")
+    if forced:
+        return [p.strip() for p in forced.split(",") if p.strip()]
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available and os.path.exists("/dev/nvidiactl"):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+@dataclass
+class LoadedModel:
+    version: int
+    labels: list[str]
+    preprocessing: Preprocessing
+    manifest: dict[str, Any]
+    session: Any
+    input_name: str
+    loaded_at: float = field(default_factory=time.time)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def info(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"version": self.version, "labels": self.labels, "num_classes": len(self.labels),
+                "tasks": [{"index": t["index"], "labels": t["labels"], "version": t["version"]} for t in m["tasks"]],
+                "method": m["method"], "backbone": m["backbone"], "preprocessing": self.preprocessing.model_dump(),
+                "metrics": m["metrics"], "created_at": m["created_at"], "onnx": m["onnx"],
+                "providers": self.session.get_providers()}
+
+
+def load_version(store: Store, version: int, intra_op_threads: int | None = None) -> LoadedModel:
+    """Verify and load one version; raises StoreError with the reason when it cannot be served."""
+    import onnxruntime as ort
+
+    m = store.manifest(version, verify=True)
+    if "model.onnx" not in m.files:
+        raise StoreError(f"version {version} has no model.onnx (published with --no-export); "
+                         f"run `cl-serve export --version {version}`")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if intra_op_threads:
+        opts.intra_op_num_threads = intra_op_threads
+    try:
+        sess = ort.InferenceSession(str(store.version_dir(version) / "model.onnx"), opts, providers=onnx_providers())
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise StoreError(f"version {version}: ONNX Runtime cannot load model.onnx: {e}") from e
+    meta = sess.get_modelmeta().custom_metadata_map
+    if json.loads(meta.get("cl_serve.labels", "null")) != m.labels:
+        raise StoreError(f"version {version}: labels in model.onnx do not match manifest.json")
+    p = m.preprocessing
+    model = LoadedModel(version, list(m.labels), p, json.loads(m.model_dump_json()), sess, sess.get_inputs()[0].name)
+    warm = model.run(np.zeros((2, 3, p.input_size, p.input_size), np.float32))  # warm-up, and a sanity check
+    if warm.shape != (2, len(m.labels)) or not np.isfinite(warm).all():
+        raise StoreError(f"version {version}: warm-up output {warm.shape} is not (2, {len(m.labels)}) finite logits")
+    return model
+
+
+class ModelWatcher:
+    """Keeps `self.model` on the store's live version (or a pinned one), swapping atomically."""
+
+    def __init__(self, store_root: str, poll_interval_s: float = 1.0, intra_op_threads: int | None = None):
+        self.store = Store(store_root)
+        self.poll_interval_s = poll_interval_s
+        self.intra_op_threads = intra_op_threads
+        self.model: LoadedModel | None = None
+        self.pinned: int | None = None
+        self.last_error: str | None = None
+        self.refused: dict[int, str] = {}
+        self._refused_stamp: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.swaps = 0
+        self.check()
+        self._thread = threading.Thread(target=self._loop, name="cl-serve-watcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.check()
+            except Exception as e:  # never let the watcher die
+                self.last_error = f"watcher: {type(e).__name__}: {e}"
+                log.exception("watcher iteration failed")
+
+    def wanted_version(self) -> int | None:
+        return self.pinned if self.pinned is not None else self.store.current()
+
+    def check(self) -> None:
+        """One poll: load the wanted version if it differs from the served one."""
+        try:
+            want = self.wanted_version()
+        except StoreError as e:
+            self.last_error = str(e)
+            return
+        if want is None or (self.model is not None and self.model.version == want):
+            return
+        self.load(want)
+
+    def load(self, version: int) -> bool:
+        """Load and swap to `version`; on failure keep the old model and record why (not retried until the
+        version's manifest changes)."""
+        with self._lock:
+            manifest = self.store.version_dir(version) / "manifest.json"
+            stamp = manifest.stat().st_mtime if manifest.exists() else -1.0
+            if version in self.refused and self._refused_stamp.get(version) == stamp:
+                return False
+            try:
+                new = load_version(self.store, version, self.intra_op_threads)
+            except StoreError as e:
+                self.refused[version] = str(e)
+                self._refused_stamp[version] = stamp
+                self.last_error = f"refused version {version}: {e}"
+                log.warning(self.last_error)
+                return False
+            self.model = new  # the swap: one reference assignment; in-flight batches keep the old object
+            self.swaps += 1
+            self.last_error = None
+            log.info("serving version %d", version)
+            return True
+
+    def status(self) -> dict[str, Any]:
+        m = self.model
+        try:
+            live = self.store.current()
+        except StoreError as e:
+            live = f"unreadable: {e}"
+        return {"ready": m is not None, "version": m.version if m else None, "store_current": live,
+                "pinned": self.pinned, "last_error": self.last_error,
+                "refused_versions": {str(k): v for k, v in self.refused.items()}, "swaps": self.swaps,
+                "watcher_alive": self.alive}
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes -> RGB image, or BadInput: empty (400), not an image / unsupported (415), too large (413),
+    truncated or corrupt (400)."""
+    if not data:
+        raise BadInput(400, "empty image")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise BadInput(413, f"image has too many pixels (limit {max_pixels})") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise BadInput(415, "not a decodable image (supported: JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+    if im.format not in ALLOWED_FORMATS:
+        raise BadInput(415, f"unsupported image type {im.format}")
+    w, h = im.size
+    if w * h > max_pixels:
+        raise BadInput(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    if w < 1 or h < 1:
+        raise BadInput(400, "image has no pixels")
+    try:
+        im.load()
+        return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadInput(400, f"truncated or corrupt image: {e}") from None
+
+
+def prepare_batch(blobs: list[bytes], p: Preprocessing, max_pixels: int) -> np.ndarray:
+    """Decode and preprocess every image of a request: float32 (n, 3, H, W)."""
+    return np.stack([preprocess_image(decode_image(b, max_pixels), p) for b in blobs])
+
+
+def top_k_predictions(logits: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
+    z = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    k = max(1, min(k, len(labels)))
+    out = []
+    for row in probs:
+        idx = np.argsort(-row)[:k]
+        top = [{"label": labels[i], "class_id": int(i), "score": float(row[i])} for i in idx]
+        out.append({**top[0], "top_k": top})
+    return out

@@ -1,0 +1,51 @@
+"""`cl-serve serve`: start a local Ray instance and the Serve application, block until Ctrl-C, stop cleanly."""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+from cl_serve.errors import UserError
+from cl_serve.store import Store
+
+
+def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None, **app_kwargs):
+    """Start Ray + Serve on host:port with the classifier application; returns when it is deployed."""
+    import ray
+    from ray import serve
+
+    from cl_serve.server import build_app
+
+    Store(store).config()  # a missing or broken store is a clear error before Ray starts
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(store, **app_kwargs), name="cl-serve", route_prefix="/", blocking=False)
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def serve_forever(a) -> None:
+    if a.replicas < 1 or a.max_batch_size < 1:
+        raise UserError("--replicas and --max-batch-size must be >= 1")
+    start(a.store, a.host, a.port, a.num_cpus, replicas=a.replicas, max_batch_size=a.max_batch_size,
+          batch_wait_ms=a.batch_wait_ms, poll_interval_s=a.poll_interval,
+          max_request_bytes=int(a.max_request_mb * 1024 * 1024))
+    print(f"cl-serve: serving {a.store} on http://{a.host}:{a.port} (POST /classify, GET /healthz, GET /v1/model); "
+          "Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("cl-serve: stopping", file=sys.stderr)
+    finally:
+        stop()
