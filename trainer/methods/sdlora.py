@@ -180,7 +180,7 @@ class SDLoRA(Method):
         self.tasks_done = tasks_done
 
     def magnitudes(self) -> dict[str, float]:
-        return {name: float(p) for name, p in self.alpha.items()}
+        return {name: float(p.detach()) for name, p in self.alpha.items()}
 
     def describe(self) -> dict[str, Any]:
         counts = [len(v) for v in self.dirs.values()]

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny ViT (2 blocks, width 32, 32x32 input), generated task data, store builders."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.synthetic import class_names, write_image_folder
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+TINY_MODEL = "vit_tiny_patch16_224"
+N_TASKS, PER_TASK = 4, 3
+
+
+@pytest.fixture(scope="session")
+def tasks(tmp_path_factory) -> list[dict]:
+    """Four tasks of three generated classes: train dir, test dir, cumulative test dir."""
+    root = tmp_path_factory.mktemp("tasks")
+    names = class_names(N_TASKS * PER_TASK)
+    out = []
+    for t in range(N_TASKS):
+        cls = names[t * PER_TASK:(t + 1) * PER_TASK]
+        train = write_image_folder(root / f"train{t}", cls, 16, seed=t)
+        test = write_image_folder(root / f"test{t}", cls, 6, seed=100 + t)
+        seen = root / f"seen{t}"
+        seen.mkdir()
+        for j in range(t + 1):
+            for c in (root / f"test{j}").iterdir():
+                (seen / c.name).symlink_to(c)
+        out.append({"train": train, "test": test, "seen": seen, "classes": cls})
+    return out
+
+
+def method_dict(name: str, **kw) -> dict:
+    return {"name": name, "rank": 4, **kw}
+
+
+def init_tiny_store(path: Path, method: str = "inflora", **kw) -> Path:
+    from cl_serve import pipeline
+
+    pipeline.init_store(path, method=method_dict(method, **kw), backbone=TINY_MODEL, timm_kwargs=TINY)
+    return path
+
+
+def fast_train(**kw):
+    from trainer.train import TrainConfig
+
+    return TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 2e-3, "device": "cpu", **kw})
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`cl-serve ARGS` in a fresh Python process."""
+    return subprocess.run([sys.executable, "-m", "cl_serve.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def tree_snapshot(root: Path) -> dict:
+    """Every file under root (except the lock) with its bytes' hash: 'the store is unchanged'."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
