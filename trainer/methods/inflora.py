@@ -62,7 +62,7 @@ class InfLoRA(Method):
 
     def _project_off_memory(self, key: str, mat: torch.Tensor) -> torch.Tensor:
         """Remove from mat's columns their component in the protected subspace."""
-        m = self._buf("mem", key).to(mat.dtype)
+        m = self._buf("mem", key).to(mat.device, mat.dtype)
         if m.shape[1] == 0:
             return mat
         if self.mem_kind[key] == "remove":
@@ -79,7 +79,7 @@ class InfLoRA(Method):
             u, _, _ = torch.linalg.svd(self._project_off_memory(key, c), full_matrices=False)
             b = u[:, :r]  # d_in x r
             b = self._project_off_memory(key, b)  # exact orthogonality even for null singular directions
-            m = self.protected_basis(key)
+            m = self.protected_basis(key).cpu()
             if m.shape[1]:
                 overlap = max(overlap, float((b.T @ m).norm()))
             dev = self._buf("fold", key, site.targets[0]).device

@@ -1,0 +1,18 @@
+"""Continual-learning metrics (DESIGN.md): R[i][j] = accuracy on task j's test classes after learning task i.
+
+A_i = accuracy over all test images of the classes seen after task i; A_T = A_{T-1}; A_avg = mean_i A_i;
+forgetting = mean over j < T-1 of max_{l < T-1} R[l][j] - R[T-1][j].
+"""
+from __future__ import annotations
+
+
+def summarize(R: list[list[float]], counts: list[int]) -> dict[str, float | list[float]]:
+    T = len(R)
+    A = []
+    for i in range(T):
+        n = counts[: i + 1]
+        A.append(sum(R[i][j] * n[j] for j in range(i + 1)) / sum(n))
+    forgetting = 0.0
+    if T > 1:
+        forgetting = sum(max(R[l][j] for l in range(j, T - 1)) - R[T - 1][j] for j in range(T - 1)) / (T - 1)
+    return {"A": A, "A_T": A[-1], "A_avg": sum(A) / T, "forgetting": forgetting}
