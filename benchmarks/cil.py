@@ -53,6 +53,7 @@ def limited_dir(src: Path, dst: Path, classes: int | None, images: int | None) -
     """A symlinked copy of an ImageFolder with at most `classes` classes and `images` images per class."""
     if not classes and not images:
         return src
+    shutil.rmtree(dst, ignore_errors=True)
     for c in sorted(p for p in src.iterdir() if p.is_dir())[: classes or None]:
         (dst / c.name).mkdir(parents=True)
         for f in sorted(c.iterdir())[: images or None]:

@@ -1,0 +1,216 @@
+"""Serving-cost benchmark: merged ONNX vs unmerged learner as tasks accumulate, end-to-end HTTP load, hot swap.
+
+    python -m benchmarks.serving --name serving-cpu            # tiny-ViT store + ViT-S/4 and ViT-B/16 rows
+    python -m benchmarks.serving --quick --name smoke          # seconds, for the test suite
+
+1. Inference cost against the number of learned tasks (1, 5, 10, 20): SD-LoRA branches (rank 10, q/v) are added
+   with random values (speed does not depend on the values); the unmerged torch forward grows with branches, the
+   merged ONNX model must stay flat. Latency at batch 1 (median) and throughput at batch 64.
+2. End-to-end POST /classify against a local `cl-serve serve` (Ray Serve + ONNX Runtime): a bounded load
+   (fixed request count) at concurrency 1, 8, 32: requests/s, p50/p95/p99, errors; beside the raw in-process
+   ONNX Runtime throughput on the same images (the ratio is the serving overhead).
+3. Hot swap: publish -> first response with the new version, and errors, over 5 swaps.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).parent
+MODELS = {
+    "vit-tiny-32": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 2}),
+    "vit-s4-32": ("vit_small_patch16_224", {"img_size": 32, "patch_size": 4}),
+    "vit-b16-224": ("vit_base_patch16_224", {}),
+}
+
+
+def _time(fn, repeats: int) -> list[float]:
+    fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def cost_vs_tasks(model_key: str, task_counts, repeats: int, big_batch: int) -> list[dict]:
+    from exports.onnx_export import export_onnx
+    from exports.preprocessing import Preprocessing
+    from trainer.backbone import from_timm
+    from trainer.learner import Learner
+    from trainer.merge import build_plain_model, merged_state_dict
+    from trainer.methods import method_config_from_dict
+    import onnxruntime as ort
+
+    name, kw = MODELS[model_key]
+    spec, weights, _, _ = from_timm(name, False, kw)
+    side = int(kw.get("img_size", 224))
+    prep = Preprocessing(input_size=side, scale_size=side, mean=(0.5,) * 3, std=(0.5,) * 3)
+    learner = Learner(spec, weights, method_config_from_dict({"name": "sdlora", "rank": 10}))
+    rows, done = [], 0
+    for n in task_counts:
+        while done < n:
+            learner.method.begin_task(done, lambda: {})
+            learner.add_head([f"c{done}-{i}" for i in range(10)])
+            with torch.no_grad():
+                for p in learner.method.cur_B.values():
+                    p.normal_(0, 0.01)
+            learner.method.end_task(done, lambda: {})
+            done += 1
+        learner.eval()
+        merged = build_plain_model(spec, merged_state_dict(learner))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "m.onnx"
+            export_onnx(merged, path, preprocessing=prep, labels=list(learner.labels))
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            x1 = np.random.randn(1, 3, side, side).astype(np.float32)
+            xb = np.random.randn(big_batch, 3, side, side).astype(np.float32)
+            with torch.no_grad():
+                un1 = _time(lambda: learner(torch.from_numpy(x1)), repeats)
+                unb = _time(lambda: learner(torch.from_numpy(xb)), max(2, repeats // 5))
+            on1 = _time(lambda: sess.run(None, {"input": x1}), repeats)
+            onb = _time(lambda: sess.run(None, {"input": xb}), max(2, repeats // 5))
+        row = {"model": model_key, "tasks": n, "classes": len(learner.labels),
+               "unmerged_torch_b1_ms": 1e3 * statistics.median(un1), "merged_onnx_b1_ms": 1e3 * statistics.median(on1),
+               f"unmerged_torch_b{big_batch}_img_s": big_batch / statistics.median(unb),
+               f"merged_onnx_b{big_batch}_img_s": big_batch / statistics.median(onb)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def http_load(url: str, payload: bytes, concurrency: int, requests: int) -> dict:
+    import httpx
+
+    lat, errors, lock = [], [0], threading.Lock()
+    per = max(1, requests // concurrency)
+
+    def worker():
+        with httpx.Client(timeout=60) as c:
+            for _ in range(per):
+                t = time.perf_counter()
+                try:
+                    r = c.post(url + "/classify", content=payload, headers={"content-type": "application/json"})
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                with lock:
+                    lat.append(time.perf_counter() - t)
+                    errors[0] += 0 if ok else 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors[0], "req_s": len(lat) / wall,
+            "p50_ms": 1e3 * _percentile(lat, 50), "p95_ms": 1e3 * _percentile(lat, 95), "p99_ms": 1e3 * _percentile(lat, 99)}
+
+
+def end_to_end(quick: bool, requests: int) -> dict:
+    import httpx
+
+    from cl_serve import pipeline, serve_cli
+    from cl_serve.runtime import load_version
+    from cl_serve.store import Store
+    from trainer.synthetic import class_names, write_image_folder
+    from trainer.train import TrainConfig
+
+    name, kw = MODELS["vit-tiny-32"]
+    work = Path(tempfile.mkdtemp(prefix="cl-serving-"))
+    store = work / "store"
+    pipeline.init_store(store, method={"name": "sdlora"}, backbone=name, timm_kwargs=kw)
+    names = class_names(12)
+    dirs = [write_image_folder(work / f"t{i}", names[3 * i:3 * i + 3], 8, seed=i) for i in range(4)]
+    cfg = TrainConfig(epochs=1, batch_size=16, device="cpu")
+    for d in dirs[:2]:
+        pipeline.add_task(store, d, cfg, progress=False)
+    image = next(dirs[0].rglob("*.png")).read_bytes()
+    payload = json.dumps({"images": [base64.b64encode(image).decode()]}).encode()
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve_cli.start(str(store), port=port, num_cpus=2, poll_interval_s=0.2)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while httpx.get(url + "/healthz").status_code != 200:
+            time.sleep(0.2)
+        loads = [http_load(url, payload, c, requests) for c in ((1, 8) if quick else (1, 8, 32))]
+        for row in loads:
+            print(json.dumps(row), flush=True)
+        m = load_version(Store(store), Store(store).current())
+        from exports.preprocessing import preprocess_image
+        from PIL import Image
+        import io
+
+        x = np.stack([preprocess_image(Image.open(io.BytesIO(image)), m.preprocessing)] * 32)
+        raw = _time(lambda: m.run(x), 10)
+        raw_ips = 32 / statistics.median(raw)
+        swaps, swap_errors = [], 0
+        versions = Store(store).versions()
+        for i in range(2 if quick else 5):
+            target = versions[i % 2]
+            if Store(store).current() == target:
+                target = versions[(i + 1) % 2]
+            t = time.perf_counter()
+            pipeline.rollback(store, target)
+            while True:
+                r = httpx.post(url + "/classify", content=payload, headers={"content-type": "application/json"})
+                swap_errors += r.status_code != 200
+                if r.status_code == 200 and r.json()["model_version"] == target:
+                    break
+            swaps.append(time.perf_counter() - t)
+        out = {"loads": loads, "raw_onnx_img_s_batch32": raw_ips,
+               "serving_overhead_ratio_at_max_concurrency": raw_ips / max(loads[-1]["req_s"], 1e-9),
+               "swap_delays_s": swaps, "swap_errors": swap_errors, "poll_interval_s": 0.2}
+        print(json.dumps({k: v for k, v in out.items() if k != "loads"}), flush=True)
+        return out
+    finally:
+        serve_cli.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="serving")
+    ap.add_argument("--quick", action="store_true", help="tiny model, tasks 1 and 2, few requests (test smoke run)")
+    ap.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS))
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--out-dir", type=Path, default=HERE / "results")
+    ap.add_argument("--no-http", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    models = a.models or (["vit-tiny-32"] if a.quick else ["vit-tiny-32", "vit-s4-32", "vit-b16-224"])
+    counts = (1, 2) if a.quick else (1, 5, 10, 20)
+    result = {"name": a.name, "device": "cuda" if torch.cuda.is_available() else "cpu", "cost_vs_tasks": []}
+    for mk in models:
+        tc = counts if mk != "vit-b16-224" else (1, 10)
+        result["cost_vs_tasks"] += cost_vs_tasks(mk, tc, 3 if a.quick else 20, 8 if a.quick else 64)
+    if not a.no_http:
+        result["http"] = end_to_end(a.quick, 40 if a.quick else a.requests)
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    (a.out_dir / f"{a.name}.json").write_text(json.dumps(result, indent=1))
+    print(f"[serving] wrote {a.out_dir / (a.name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
