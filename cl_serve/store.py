@@ -16,7 +16,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -290,6 +289,3 @@ class Store:
         m = m.model_copy(update={**(manifest_update or {}), "files": files})
         atomic_write_text(d / "manifest.json", m.model_dump_json(indent=2))
 
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

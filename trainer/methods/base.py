@@ -72,6 +72,11 @@ class Method(nn.Module, ABC):
         return getattr(self, "_device", torch.device("cpu"))
 
 
+def branch_key(site_key: str, target: str) -> str:
+    """Parameter-dict key of one (site, target) pair (module paths may not contain dots)."""
+    return f"{site_key.replace('.', '_')}__{target}"
+
+
 def kaiming_rows(rows: int, cols: int, device) -> torch.Tensor:
     """nn.Linear's default init for a (rows x cols) weight (kaiming uniform, a = sqrt 5)."""
     w = torch.empty(rows, cols, device=device)

@@ -10,12 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.methods.base import Method, MomentFn, kaiming_rows
+from trainer.methods.base import Method, MomentFn, branch_key as _k, kaiming_rows
 from trainer.sites import Site
-
-
-def _k(site_key: str, target: str) -> str:
-    return f"{site_key.replace('.', '_')}__{target}"
 
 
 class SeqLoRA(Method):
