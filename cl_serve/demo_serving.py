@@ -1,9 +1,7 @@
 """The demo's serving step: serve the live version with Ray Serve, classify a few test images over HTTP."""
 from __future__ import annotations
 
-import socket
 import time
-import urllib.request
 from pathlib import Path
 
 
@@ -11,21 +9,13 @@ def serve_and_classify(store: Path, test_dirs: list[Path]) -> dict:
     from cl_serve import serve_cli
     from cl_serve.client import classify_files
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = serve_cli.free_port()
     url = f"http://127.0.0.1:{port}"
     print(f"[demo] starting Ray Serve on {url} ...")
     t0 = time.time()
     serve_cli.start(str(store), port=port, num_cpus=2)
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
+        serve_cli.wait_until_healthy(url)
         images = [str(next(iter(sorted(c.iterdir())))) for d in test_dirs for c in sorted(d.iterdir())[:1]]
         answer = classify_files(images, url, top_k=1)
         print(f"[demo] server up in {time.time() - t0:.0f}s; POST /classify answered with version "

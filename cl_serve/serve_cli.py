@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import time
+import urllib.request
 
 from cl_serve.errors import UserError
 from cl_serve.store import Store
@@ -21,6 +23,28 @@ def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(store, **app_kwargs), name="cl-serve", route_prefix="/", blocking=False)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (for local servers in tests, the demo and benchmarks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, timeout_s: float = 180.0) -> float:
+    """Poll GET {url}/healthz until it answers 200; returns the seconds waited, raises TimeoutError after timeout_s."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except OSError:
+            pass
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f}s")
+        time.sleep(0.2)
 
 
 def stop() -> None:

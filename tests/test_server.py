@@ -4,7 +4,6 @@ One server for the module, started on an empty store: 503 first, then versions a
 """
 import base64
 import io
-import socket
 import threading
 import time
 
@@ -22,18 +21,12 @@ from tests.conftest import fast_train, init_tiny_store
 pytestmark = pytest.mark.serving
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from cl_serve import serve_cli
 
     store = init_tiny_store(tmp_path_factory.mktemp("served") / "store", "sdlora")
-    port = _free_port()
+    port = serve_cli.free_port()
     serve_cli.start(str(store), port=port, num_cpus=2, poll_interval_s=0.2, max_batch_size=16,
                     max_request_bytes=2_000_000)
     url = f"http://127.0.0.1:{port}"
