@@ -72,9 +72,14 @@ class Method(nn.Module, ABC):
         return getattr(self, "_device", torch.device("cpu"))
 
 
+def module_key(site_key: str) -> str:
+    """A site's module path as a parameter or buffer name (which may not contain dots)."""
+    return site_key.replace(".", "_")
+
+
 def branch_key(site_key: str, target: str) -> str:
-    """Parameter-dict key of one (site, target) pair (module paths may not contain dots)."""
-    return f"{site_key.replace('.', '_')}__{target}"
+    """Parameter-dict key of one (site, target) pair."""
+    return f"{module_key(site_key)}__{target}"
 
 
 def kaiming_rows(rows: int, cols: int, device) -> torch.Tensor:

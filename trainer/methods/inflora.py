@@ -17,12 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.methods.base import Method, MomentFn
+from trainer.methods.base import Method, MomentFn, branch_key, module_key
 from trainer.sites import Site
-
-
-def _san(key: str) -> str:
-    return key.replace(".", "_")
 
 
 def _orthonormal(m: torch.Tensor) -> torch.Tensor:
@@ -37,20 +33,20 @@ class InfLoRA(Method):
         super().__init__(config, sites)
         self.A = nn.ParameterDict()  # current task, per (site, target): rows x r
         for s in sites:
-            self.register_buffer(f"B__{_san(s.key)}", torch.zeros(0, s.d_in))  # last designed B (r x d_in)
-            self.register_buffer(f"mem__{_san(s.key)}", torch.zeros(s.d_in, 0, dtype=torch.float64))
+            self.register_buffer(f"B__{module_key(s.key)}", torch.zeros(0, s.d_in))  # last designed B (r x d_in)
+            self.register_buffer(f"mem__{module_key(s.key)}", torch.zeros(s.d_in, 0, dtype=torch.float64))
             for t in s.targets:
-                self.register_buffer(f"fold__{_san(s.key)}__{t}", torch.zeros(s.d_out(t), s.d_in))
+                self.register_buffer(f"fold__{branch_key(s.key, t)}", torch.zeros(s.d_out(t), s.d_in))
         self.mem_kind = {s.key: "remove" for s in sites}  # "remove": basis M of the protected space; "retain": Q
         self.training_task = False
         self.last_overlap = 0.0
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def _buf(self, kind: str, key: str, target: str | None = None) -> torch.Tensor:
-        return getattr(self, f"{kind}__{_san(key)}" + (f"__{target}" if target else ""))
+        return getattr(self, f"{kind}__" + (branch_key(key, target) if target else module_key(key)))
 
     def _set(self, kind: str, key: str, value: torch.Tensor, target: str | None = None) -> None:
-        setattr(self, f"{kind}__{_san(key)}" + (f"__{target}" if target else ""), value)
+        setattr(self, f"{kind}__" + (branch_key(key, target) if target else module_key(key)), value)
 
     def protected_basis(self, key: str) -> torch.Tensor:
         """Orthonormal basis M (d_in x m) of the old tasks' input subspace, whatever the memory stores."""
@@ -85,7 +81,7 @@ class InfLoRA(Method):
             dev = self._buf("fold", key, site.targets[0]).device
             self._set("B", key, (b.T * self.config.b_scale).float().to(dev))
             for t in site.targets:
-                self.A[f"{_san(key)}__{t}"] = nn.Parameter(torch.zeros(site.d_out(t), b.shape[1], device=dev))
+                self.A[branch_key(key, t)] = nn.Parameter(torch.zeros(site.d_out(t), b.shape[1], device=dev))
         self.training_task = True
         self.last_overlap = overlap
 
@@ -101,7 +97,7 @@ class InfLoRA(Method):
         for t in site.targets:
             d = x @ self._buf("fold", key, t).T if self.tasks_done else None
             if xb is not None:
-                cur = xb @ self.A[f"{_san(key)}__{t}"].T
+                cur = xb @ self.A[branch_key(key, t)].T
                 d = cur if d is None else d + cur
             out[t] = d
         return out
@@ -111,7 +107,7 @@ class InfLoRA(Method):
             for key, site in self.sites.items():
                 b = self._buf("B", key)
                 for t in site.targets:
-                    a = self.A[f"{_san(key)}__{t}"]
+                    a = self.A[branch_key(key, t)]
                     self._set("fold", key, self._buf("fold", key, t) + a @ b, t)
         self.A = nn.ParameterDict()
         self.training_task = False
@@ -165,7 +161,7 @@ class InfLoRA(Method):
     def merged_delta(self, site: Site, target: str) -> torch.Tensor | None:
         d = self._buf("fold", site.key, target).clone()
         if self.training_task:
-            d = d + self.A[f"{_san(site.key)}__{target}"].detach() @ self._buf("B", site.key)
+            d = d + self.A[branch_key(site.key, target)].detach() @ self._buf("B", site.key)
         return d if self.tasks_done or self.training_task else None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
