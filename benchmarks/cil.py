@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.metrics import summarize
+from benchmarks.metrics import METRIC_DEFINITIONS, summarize
 
 HERE = Path(__file__).parent
 TRAINED = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora")
@@ -37,7 +37,7 @@ def task_dirs(root: Path, split: str, n: int | None) -> list[Path]:
     return dirs[:n] if n else dirs
 
 
-def load_tests(test_dirs: list[Path], prep, classes_per_task: int | None):
+def load_tests(test_dirs: list[Path], prep, classes_per_task: int | None, images: int | None = None):
     from trainer.data import load_task_data, scan_image_folder
 
     out = []
@@ -45,6 +45,8 @@ def load_tests(test_dirs: list[Path], prep, classes_per_task: int | None):
         found = scan_image_folder(d)
         if classes_per_task:
             found = {c: found[c] for c in sorted(found)[:classes_per_task]}
+        if images:
+            found = {c: sorted(files)[:images] for c, files in found.items()}
         out.append(load_task_data(found, prep, train_view=False))
     return out
 
@@ -81,17 +83,19 @@ def run_trained(method: str, mcfg: dict, train_dirs, tests, checkpoint, tcfg, wo
     shutil.rmtree(store, ignore_errors=True)
     pipeline.init_store(store, method=mcfg, checkpoint=checkpoint)
     prep = Store(store).config().preprocessing
-    R, seconds, summaries = [], [], []
+    R, seconds, phases, summaries = [], [], [], []
     for i, d in enumerate(train_dirs):
         t0 = time.time()
         r = pipeline.add_task(store, d, TrainConfig(**tcfg), export=False, progress=False)
         seconds.append(time.time() - t0)
+        phases.append({"decode": r["decode_seconds"], "train": r["train_seconds"]})
         summaries.append(r["method_summary"])
         model = pipeline.load_merged_model(Store(store), r["version"]).to(device)
         labels = Store(store).manifest(r["version"]).labels
         R.append(evaluate_row(model, tests, labels, prep, device, i))
-        print(f"  {method} task {i}: {r['train_seconds']:.1f}s train, R row {[round(x, 3) for x in R[-1]]}", flush=True)
-    return {"R": R, "seconds_per_task": seconds, "method_summaries": summaries}
+        print(f"  {method} task {i}: {seconds[-1]:.1f}s ({r['decode_seconds']:.1f}s decode, "
+              f"{r['train_seconds']:.1f}s train), R row {[round(x, 3) for x in R[-1]]}", flush=True)
+    return {"R": R, "seconds_per_task": seconds, "seconds_by_phase": phases, "method_summaries": summaries}
 
 
 def run_joint(mcfg, train_dirs, tests, checkpoint, tcfg, work: Path, device) -> dict:
@@ -161,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=None, help="use only the first N tasks")
     ap.add_argument("--classes-per-task", type=int, default=None, help="reduced runs: first N classes per task")
     ap.add_argument("--train-images", type=int, default=None, help="reduced runs: first N train images per class")
+    ap.add_argument("--test-images", type=int, default=None, help="reduced runs: first N test images per class")
     ap.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    ap.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
     ap.add_argument("--config", type=Path, default=HERE / "cil_config.json")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--name", default="cil")
@@ -176,19 +182,25 @@ def main(argv: list[str] | None = None) -> int:
     tcfg = {**cfg["train"], "device": a.device}
     if a.epochs:
         tcfg["epochs"] = a.epochs
+    if a.batch_size:
+        tcfg["batch_size"] = a.batch_size
     device = resolve_device(a.device)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="cl-bench-"))
     prep = from_checkpoint(a.checkpoint)[2]
     train_src = task_dirs(a.tasks_root, "train", a.tasks)
     train_dirs = [limited_dir(d, work / "train" / d.name, a.classes_per_task, a.train_images) for d in train_src]
-    tests = load_tests(task_dirs(a.tasks_root, "test", a.tasks), prep, a.classes_per_task)
+    tests = load_tests(task_dirs(a.tasks_root, "test", a.tasks), prep, a.classes_per_task, a.test_images)
+    for m in cfg["methods"].values():  # InfLoRA's eps schedule runs over the tasks actually learned
+        if "expected_tasks" in m:
+            m["expected_tasks"] = len(train_dirs)
     counts = [len(t) for t in tests]
     a.out_dir.mkdir(parents=True, exist_ok=True)
     out_path = a.out_dir / f"{a.name}.json"
     result = {"name": a.name, "device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
               "tasks": len(train_dirs), "classes_per_task": [len(t.class_names) for t in tests], "test_images": counts,
-              "train": tcfg, "config_source": cfg.get("_source"), "seeds": a.seeds,
-              "metric_definitions": summarize.__module__, "runs": {}}
+              "train_images_per_class": a.train_images, "train": tcfg, "methods": cfg["methods"],
+              "config_source": cfg.get("_source"), "seeds": a.seeds,
+              "metric_definitions": METRIC_DEFINITIONS, "runs": {}}
     if out_path.exists():  # resume / merge runs of other seeds
         old = json.loads(out_path.read_text())
         if old.get("tasks") == result["tasks"]:

@@ -5,6 +5,14 @@ forgetting = mean over j < T-1 of max_{l < T-1} R[l][j] - R[T-1][j].
 """
 from __future__ import annotations
 
+METRIC_DEFINITIONS = {
+    "R[i][j]": "accuracy on task j's test images after learning task i (prediction over all classes seen so far)",
+    "A_i": "accuracy over all test images of the classes seen after task i",
+    "A_T": "A_i after the last task",
+    "A_avg": "mean over i of A_i",
+    "forgetting": "mean over j < T-1 of (max over l < T-1 of R[l][j]) - R[T-1][j]",
+}
+
 
 def summarize(R: list[list[float]], counts: list[int]) -> dict[str, float | list[float]]:
     T = len(R)

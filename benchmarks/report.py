@@ -19,7 +19,9 @@ def _mean_sd(xs):
 
 def table(result: dict) -> str:
     lines = [f"**{result['name']}** — device {result['device']}{' (' + result['gpu'] + ')' if result.get('gpu') else ''}, "
-             f"{result['tasks']} tasks, classes per task {result['classes_per_task']}, train budget "
+             f"{result['tasks']} tasks, classes per task {result['classes_per_task']}, "
+             f"train images per class {result.get('train_images_per_class') or 'all'}, test images per task "
+             f"{result['test_images']}, train budget "
              f"{result['train']['epochs']} epochs, batch {result['train']['batch_size']}, lr {result['train']['lr']}",
              "", "| method | seeds | A_T (final) | A_avg | forgetting | s / task | peak MB |", "|---|---|---|---|---|---|---|"]
     for method, runs in result["runs"].items():

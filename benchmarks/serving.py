@@ -1,6 +1,6 @@
 """Serving-cost benchmark: merged ONNX vs unmerged learner as tasks accumulate, end-to-end HTTP load, hot swap.
 
-    python -m benchmarks.serving --name serving-cpu            # tiny-ViT store + ViT-S/4 and ViT-B/16 rows
+    python -m benchmarks.serving --name serving-cpu            # ViT-tiny, ViT-S/4 and ViT-B/16 rows; ViT-S/4 over HTTP
     python -m benchmarks.serving --quick --name smoke          # seconds, for the test suite
 
 1. Inference cost against the number of learned tasks (1, 5, 10, 20): SD-LoRA branches (rank 10, q/v) are added
@@ -31,6 +31,17 @@ MODELS = {
     "vit-s4-32": ("vit_small_patch16_224", {"img_size": 32, "patch_size": 4}),
     "vit-b16-224": ("vit_base_patch16_224", {}),
 }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                import os
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return ""
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -124,7 +135,7 @@ def http_load(url: str, payload: bytes, concurrency: int, requests: int) -> dict
             "p50_ms": 1e3 * _percentile(lat, 50), "p95_ms": 1e3 * _percentile(lat, 95), "p99_ms": 1e3 * _percentile(lat, 99)}
 
 
-def end_to_end(quick: bool, requests: int) -> dict:
+def end_to_end(quick: bool, requests: int, model_key: str) -> dict:
     import httpx
 
     from cl_serve import pipeline, serve_cli
@@ -133,7 +144,7 @@ def end_to_end(quick: bool, requests: int) -> dict:
     from trainer.synthetic import class_names, write_image_folder
     from trainer.train import TrainConfig
 
-    name, kw = MODELS["vit-tiny-32"]
+    name, kw = MODELS[model_key]
     work = Path(tempfile.mkdtemp(prefix="cl-serving-"))
     store = work / "store"
     pipeline.init_store(store, method={"name": "sdlora"}, backbone=name, timm_kwargs=kw)
@@ -144,16 +155,11 @@ def end_to_end(quick: bool, requests: int) -> dict:
         pipeline.add_task(store, d, cfg, progress=False)
     image = next(dirs[0].rglob("*.png")).read_bytes()
     payload = json.dumps({"images": [base64.b64encode(image).decode()]}).encode()
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = serve_cli.free_port()
     serve_cli.start(str(store), port=port, num_cpus=2, poll_interval_s=0.2)
     url = f"http://127.0.0.1:{port}"
     try:
-        while httpx.get(url + "/healthz").status_code != 200:
-            time.sleep(0.2)
+        serve_cli.wait_until_healthy(url)
         loads = [http_load(url, payload, c, requests) for c in ((1, 8) if quick else (1, 8, 32))]
         for row in loads:
             print(json.dumps(row), flush=True)
@@ -179,13 +185,42 @@ def end_to_end(quick: bool, requests: int) -> dict:
                 if r.status_code == 200 and r.json()["model_version"] == target:
                     break
             swaps.append(time.perf_counter() - t)
-        out = {"loads": loads, "raw_onnx_img_s_batch32": raw_ips,
+        out = {"model": model_key, "loads": loads, "raw_onnx_img_s_batch32": raw_ips,
                "serving_overhead_ratio_at_max_concurrency": raw_ips / max(loads[-1]["req_s"], 1e-9),
                "swap_delays_s": swaps, "swap_errors": swap_errors, "poll_interval_s": 0.2}
         print(json.dumps({k: v for k, v in out.items() if k != "loads"}), flush=True)
         return out
     finally:
         serve_cli.stop()
+
+
+def to_markdown(result: dict) -> str:
+    """The serving result as the markdown tables the README links to."""
+    rows = result["cost_vs_tasks"]
+    big = next(k for k in rows[0] if k.startswith("merged_onnx_b") and k.endswith("_img_s"))
+    bb = big[len("merged_onnx_b"):-len("_img_s")]
+    lines = [f"**{result['name']}** — device {result['device']}" + (f" ({result['cpu']})" if result.get("cpu") else ""),
+             "", "Inference cost against learned tasks (SD-LoRA rank 10 on q/v per task; 10 classes per task):", "",
+             f"| model | tasks | unmerged torch b1 ms | merged ONNX b1 ms | unmerged torch b{bb} img/s | "
+             f"merged ONNX b{bb} img/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['tasks']} | {r['unmerged_torch_b1_ms']:.2f} | {r['merged_onnx_b1_ms']:.2f} | "
+                     f"{r[f'unmerged_torch_b{bb}_img_s']:.1f} | {r[big]:.1f} |")
+    h = result.get("http")
+    if h:
+        lines += ["", f"End-to-end `POST /classify` (one image per request, model {h.get('model', 'vit-tiny-32')}, "
+                      "one replica, local Ray Serve):", "",
+                  "| concurrency | requests | errors | req/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+        for r in h["loads"]:
+            lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['req_s']:.1f} | {r['p50_ms']:.1f} | "
+                         f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} |")
+        sw = h["swap_delays_s"]
+        lines += ["", f"Raw ONNX Runtime in-process, batch 32: {h['raw_onnx_img_s_batch32']:.1f} img/s; ratio raw / HTTP "
+                      f"at the highest concurrency: {h['serving_overhead_ratio_at_max_concurrency']:.2f}.",
+                  f"Hot swap over {len(sw)} swaps (store poll {h['poll_interval_s']} s): delay publish -> first answer "
+                  f"from the new version median {statistics.median(sw):.2f} s, max {max(sw):.2f} s; "
+                  f"{h['swap_errors']} failed requests."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,19 +230,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS))
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
-    ap.add_argument("--no-http", action="store_true")
+    ap.add_argument("--no-http", action="store_true", help="skip the end-to-end HTTP part (no Ray needed)")
+    ap.add_argument("--http-model", default=None, choices=sorted(MODELS),
+                    help="model behind the HTTP server (default vit-s4-32; vit-tiny-32 with --quick)")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     models = a.models or (["vit-tiny-32"] if a.quick else ["vit-tiny-32", "vit-s4-32", "vit-b16-224"])
     counts = (1, 2) if a.quick else (1, 5, 10, 20)
-    result = {"name": a.name, "device": "cuda" if torch.cuda.is_available() else "cpu", "cost_vs_tasks": []}
+    result = {"name": a.name, "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu": _cpu_name(),
+              "torch_threads": torch.get_num_threads(), "cost_vs_tasks": []}
     for mk in models:
-        tc = counts if mk != "vit-b16-224" else (1, 10)
+        tc = counts if mk != "vit-b16-224" or a.quick else (1, 20)  # ViT-B: the two ends only (CPU time)
         result["cost_vs_tasks"] += cost_vs_tasks(mk, tc, 3 if a.quick else 20, 8 if a.quick else 64)
     if not a.no_http:
-        result["http"] = end_to_end(a.quick, 40 if a.quick else a.requests)
+        http_model = a.http_model or ("vit-tiny-32" if a.quick else "vit-s4-32")
+        result["http"] = end_to_end(a.quick, 40 if a.quick else a.requests, http_model)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     (a.out_dir / f"{a.name}.json").write_text(json.dumps(result, indent=1))
+    (a.out_dir / f"{a.name}.md").write_text(to_markdown(result) + "\n")
     print(f"[serving] wrote {a.out_dir / (a.name + '.json')}")
     return 0
 

@@ -131,7 +131,9 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
             check_known_classes(test_found, known + sorted(found))
         device = resolve_device(train.device)
         log(f"decoding {sum(len(v) for v in found.values())} images of {len(found)} new classes from {data_dir}")
+        t_decode = time.time()
         data = load_task_data(found, prep, strict=strict)
+        decode_seconds = time.time() - t_decode
         for line in data.corrupt:
             log(f"skipped corrupt image {line}")
         learner = open_learner(store, parent).to_device(device)
@@ -171,7 +173,7 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
             raise
     return {"version": version, "parent": parent, "task": task_index, "classes_added": data.class_names,
             "total_classes": len(labels), "seconds": time.time() - t0, "train_seconds": summary["seconds"],
-            "metrics": metrics, "method_summary": summary["method"], "onnx": onnx_info, "device": str(device)}
+            "decode_seconds": decode_seconds, "metrics": metrics, "method_summary": summary["method"], "onnx": onnx_info, "device": str(device)}
 
 
 def _export(model, path: Path, prep: Preprocessing, labels: list[str], version: int, method: str,

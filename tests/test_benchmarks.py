@@ -34,12 +34,14 @@ def test_cil_benchmark_smoke(tmp_path, tasks):
     out = tmp_path / "results"
     assert cil.main(["--tasks-root", str(root), "--checkpoint", str(ckpt_dir / "model.safetensors"), "--epochs", "1",
                      "--methods", "inflora", "sdlora-kd", "joint", "simplecil", "--name", "smoke", "--out-dir", str(out),
-                     "--device", "cpu"]) == 0
+                     "--device", "cpu", "--test-images", "3"]) == 0
     res = json.loads((out / "smoke.json").read_text())
     for m in ("inflora", "sdlora-kd", "simplecil"):
         run = res["runs"][m]["0"]
         assert len(run["R"]) == 2 and len(run["R"][1]) == 2 and 0 <= run["A_T"] <= 1
     assert len(res["runs"]["joint"]["0"]["R"]) == 1
+    assert res["test_images"] == [3 * 3, 3 * 3] and "forgetting" in res["metric_definitions"]
+    assert res["methods"]["inflora"]["expected_tasks"] == 2  # the eps schedule follows the tasks actually run
     assert report.main(["smoke", str(out)]) == 0
     assert (out / "smoke-accuracy.png").stat().st_size > 0 and "| inflora |" in (out / "smoke.md").read_text()
 
@@ -50,3 +52,4 @@ def test_serving_benchmark_smoke(tmp_path):
     res = json.loads((tmp_path / "smoke.json").read_text())
     assert [r["tasks"] for r in res["cost_vs_tasks"]] == [1, 2]
     assert all(r["errors"] == 0 for r in res["http"]["loads"]) and res["http"]["swap_errors"] == 0
+    assert "| vit-tiny-32 | 2 |" in (tmp_path / "smoke.md").read_text()
