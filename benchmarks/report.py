@@ -35,7 +35,10 @@ def table(result: dict) -> str:
                      f"{max(r['peak_memory_mb'] for r in rs):.0f} |")
     lines += ["", "A_T: accuracy on all seen classes after the last task; A_avg: mean of A_i over tasks; forgetting: "
               "mean over old tasks of (best earlier accuracy − final accuracy); all in %. `joint` trains one task "
-              "holding every class (upper bound, final only); `simplecil` is nearest class mean on frozen features."]
+              "holding every class (upper bound, final only); `simplecil` is nearest class mean on frozen features. "
+              + ("peak MB: CUDA memory allocated at most during the method's run." if result["device"].startswith("cuda")
+                 else "peak MB: the benchmark process's peak resident memory so far (on CPU it cannot be reset "
+                      "between methods, so it is an upper bound for each).")]
     return "\n".join(lines)
 
 
@@ -55,6 +58,7 @@ def plots(result: dict, out: Path) -> list[Path]:
         curve = [100 * statistics.mean(r["A"][i] for r in rs) for i in range(len(rs[0]["A"]))]
         ax.plot(range(1, len(curve) + 1), curve, marker="o", label=method)
     ax.set(xlabel="tasks learned", ylabel="accuracy on all seen classes (%)", title=result["name"])
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     p = out / f"{result['name']}-accuracy.png"
@@ -66,11 +70,18 @@ def plots(result: dict, out: Path) -> list[Path]:
     if methods:
         fig, axes = plt.subplots(1, len(methods), figsize=(3 * len(methods), 3), squeeze=False)
         for ax, m in zip(axes[0], methods):
-            R = next(iter(result["runs"][m].values()))["R"]
-            T = len(R)
-            grid = [[R[i][j] * 100 if j <= i else float("nan") for j in range(T)] for i in range(T)]
+            Rs = [r["R"] for r in result["runs"][m].values()]
+            T = len(Rs[0])
+            grid = [[100 * statistics.mean(R[i][j] for R in Rs) if j <= i else float("nan") for j in range(T)]
+                    for i in range(T)]
             ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
-            ax.set(title=m, xlabel="task j", ylabel="after task i")
+            if T <= 10:
+                for i in range(T):
+                    for j in range(i + 1):
+                        ax.text(j, i, f"{grid[i][j]:.0f}", ha="center", va="center", fontsize=7,
+                                color="white" if grid[i][j] < 60 else "black")
+            ax.set(title=f"{m} (mean of {len(Rs)} seeds)" if len(Rs) > 1 else m, xlabel="task j", ylabel="after task i",
+                   xticks=range(T), yticks=range(T))
         p = out / f"{result['name']}-R.png"
         fig.tight_layout()
         fig.savefig(p, dpi=100)
