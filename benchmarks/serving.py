@@ -109,11 +109,9 @@ def http_load(url: str, payload: bytes, concurrency: int, requests: int) -> dict
     import httpx
 
     lat, errors, lock = [], [0], threading.Lock()
-    per = max(1, requests // concurrency)
-
-    def worker():
+    def worker(count: int):
         with httpx.Client(timeout=60) as c:
-            for _ in range(per):
+            for _ in range(count):
                 t = time.perf_counter()
                 try:
                     r = c.post(url + "/classify", content=payload, headers={"content-type": "application/json"})
@@ -125,7 +123,8 @@ def http_load(url: str, payload: bytes, concurrency: int, requests: int) -> dict
                     errors[0] += 0 if ok else 1
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    counts = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]  # exactly `requests`
+    threads = [threading.Thread(target=worker, args=(n,)) for n in counts]
     for t in threads:
         t.start()
     for t in threads:
