@@ -69,9 +69,9 @@ def pretrain_backbone(out_dir: Path, seconds: float, seed: int = 0) -> Path:
                                           "timm_kwargs": json.dumps(DEMO_VIT["timm_kwargs"])})
     card = {**DEMO_VIT, "mean": [0.5] * 3, "std": [0.5] * 3, "input_size": [3, 32, 32], "crop_pct": 1.0,
             "pretraining": f"{steps} steps (batch {bs}) on {PRETEXT_CLASSES} generated pretext classes, "
-                           f"{seconds:.0f}s on CPU", "final_loss": float(loss)}
+                           f"{seconds:.0f}s on CPU", "final_loss": float(loss.detach())}
     (out_dir / "card.json").write_text(json.dumps(card, indent=2))
-    print(f"[demo] pretrained the demo backbone: {steps} steps in {time.time() - t0:.0f}s, final loss {float(loss):.3f}")
+    print(f"[demo] pretrained the demo backbone: {steps} steps in {time.time() - t0:.0f}s, final loss {float(loss.detach()):.3f}")
     return ckpt
 
 
