@@ -173,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="cil")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (set it when several benchmark processes share one machine)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     from trainer.backbone import from_checkpoint
     from trainer.train import resolve_device
