@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.metrics import METRIC_DEFINITIONS, summarize
+from benchmarks.metrics import METRIC_DEFINITIONS, summarize, weighted_accuracy
 
 HERE = Path(__file__).parent
 TRAINED = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora")
@@ -63,23 +63,23 @@ def limited_dir(src: Path, dst: Path, classes: int | None, images: int | None) -
     return dst
 
 
-def evaluate_row(model, tests, labels, prep, device, upto: int) -> list[float]:
-    from trainer.train import predict
-
+def evaluate_row(predict_fn, tests, labels: list[str]) -> list[float]:
+    """Accuracy on each test set in `tests`; predict_fn maps uint8 images to indices into `labels`."""
     row = []
-    for t in tests[: upto + 1]:
+    for t in tests:
         target = torch.tensor([labels.index(t.class_names[int(y)]) for y in t.labels])
-        pred = predict(model, t.eval_u8, prep, 512, device)
-        row.append(float((pred == target).float().mean()))
+        row.append(float((predict_fn(t.eval_u8) == target).float().mean()))
     return row
 
 
-def run_trained(method: str, mcfg: dict, train_dirs, tests, checkpoint, tcfg, work: Path, device) -> dict:
+def run_trained(name: str, mcfg: dict, train_dirs, tests, checkpoint, tcfg, work: Path, device,
+                all_tests: bool = False) -> dict:
+    """`cl-serve init` + one `add-task` per directory; after task i, evaluate test sets 0..i (all with all_tests)."""
     from cl_serve import pipeline
     from cl_serve.store import Store
-    from trainer.train import TrainConfig
+    from trainer.train import TrainConfig, predict
 
-    store = work / f"store-{method}"
+    store = work / f"store-{name}"
     shutil.rmtree(store, ignore_errors=True)
     pipeline.init_store(store, method=mcfg, checkpoint=checkpoint)
     prep = Store(store).config().preprocessing
@@ -92,34 +92,22 @@ def run_trained(method: str, mcfg: dict, train_dirs, tests, checkpoint, tcfg, wo
         summaries.append(r["method_summary"])
         model = pipeline.load_merged_model(Store(store), r["version"]).to(device)
         labels = Store(store).manifest(r["version"]).labels
-        R.append(evaluate_row(model, tests, labels, prep, device, i))
-        print(f"  {method} task {i}: {seconds[-1]:.1f}s ({r['decode_seconds']:.1f}s decode, "
+        seen = tests if all_tests else tests[: i + 1]
+        R.append(evaluate_row(lambda u8: predict(model, u8, prep, 512, device), seen, labels))
+        print(f"  {name} task {i}: {seconds[-1]:.1f}s ({r['decode_seconds']:.1f}s decode, "
               f"{r['train_seconds']:.1f}s train), R row {[round(x, 3) for x in R[-1]]}", flush=True)
     return {"R": R, "seconds_per_task": seconds, "seconds_by_phase": phases, "method_summaries": summaries}
 
 
 def run_joint(mcfg, train_dirs, tests, checkpoint, tcfg, work: Path, device) -> dict:
-    """Upper bound: one task holding every class (same epochs over the union)."""
-    from cl_serve import pipeline
-    from cl_serve.store import Store
-    from trainer.train import TrainConfig
-
+    """Upper bound: one task holding every class (same epochs over the union), evaluated on every test set."""
     union = work / "joint-data"
     shutil.rmtree(union, ignore_errors=True)
     union.mkdir()
     for d in train_dirs:
         for c in d.iterdir():
             (union / c.name).symlink_to(c.resolve())
-    store = work / "store-joint"
-    shutil.rmtree(store, ignore_errors=True)
-    pipeline.init_store(store, method=mcfg, checkpoint=checkpoint)
-    t0 = time.time()
-    r = pipeline.add_task(store, union, TrainConfig(**tcfg), export=False, progress=False)
-    model = pipeline.load_merged_model(Store(store), r["version"]).to(device)
-    prep = Store(store).config().preprocessing
-    row = evaluate_row(model, tests, Store(store).manifest(r["version"]).labels, prep, device, len(tests) - 1)
-    print(f"  joint: {time.time() - t0:.1f}s, per-task {[round(x, 3) for x in row]}", flush=True)
-    return {"R": [row], "seconds_per_task": [time.time() - t0]}
+    return run_trained("joint", mcfg, [union], tests, checkpoint, tcfg, work, device, all_tests=True)
 
 
 @torch.no_grad()
@@ -145,12 +133,7 @@ def run_simplecil(train_dirs, tests, checkpoint, device, batch: int = 512) -> di
             means.append(torch.nn.functional.normalize(f[data.labels.to(device) == c].mean(0), dim=0))
             labels.append(data.class_names[c])
         proto = torch.stack(means)
-        row = []
-        for t in tests[: i + 1]:
-            pred = (feats(t.eval_u8) @ proto.T).argmax(1).cpu()
-            target = torch.tensor([labels.index(t.class_names[int(y)]) for y in t.labels])
-            row.append(float((pred == target).float().mean()))
-        R.append(row)
+        R.append(evaluate_row(lambda u8: (feats(u8) @ proto.T).argmax(1).cpu(), tests[: i + 1], labels))
         seconds.append(time.time() - t0)
     print(f"  simplecil: final row {[round(x, 3) for x in R[-1]]}", flush=True)
     return {"R": R, "seconds_per_task": seconds}
@@ -224,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                                   {**tcfg, "seed": seed}, work, device)
             run.update({"seed": seed, "seconds": time.time() - t0, "peak_memory_mb": peak_memory_mb(device)})
             if method == "joint":
-                run["A_T"] = sum(r * n for r, n in zip(run["R"][0], counts)) / sum(counts)
+                run["A_T"] = weighted_accuracy(run["R"][0], counts)
             else:
                 run.update(summarize(run["R"], counts))
             result["runs"].setdefault(method, {})[str(seed)] = run

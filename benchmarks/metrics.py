@@ -14,12 +14,15 @@ METRIC_DEFINITIONS = {
 }
 
 
+def weighted_accuracy(row: list[float], counts: list[int]) -> float:
+    """Accuracy over the union of test sets, from per-set accuracies and the sets' image counts."""
+    n = counts[: len(row)]
+    return sum(r * c for r, c in zip(row, n)) / sum(n)
+
+
 def summarize(R: list[list[float]], counts: list[int]) -> dict[str, float | list[float]]:
     T = len(R)
-    A = []
-    for i in range(T):
-        n = counts[: i + 1]
-        A.append(sum(R[i][j] * n[j] for j in range(i + 1)) / sum(n))
+    A = [weighted_accuracy(R[i], counts) for i in range(T)]
     forgetting = 0.0
     if T > 1:
         forgetting = sum(max(R[l][j] for l in range(j, T - 1)) - R[T - 1][j] for j in range(T - 1)) / (T - 1)

@@ -1,6 +1,6 @@
 """Plots and a markdown table from benchmarks/results/<name>.json (or several per-seed files merged).
 
-    python -m benchmarks.report c100-reduced-cpu-3t4c40i2e
+    python -m benchmarks.report c100-reduced-cpu-5t5c40i3e
 writes <name>-accuracy.png (A_i after each task, mean over seeds), <name>-R.png (R matrices) and <name>.md.
 """
 from __future__ import annotations
