@@ -22,6 +22,7 @@ from trainer import backbone as bb
 from trainer.data import TaskData, check_known_classes, check_new_classes, load_task_data, scan_image_folder
 from trainer.learner import Learner
 from trainer.merge import build_plain_model, merged_state_dict
+from trainer.heads import head_config_from_dict
 from trainer.methods import method_config_from_dict
 from trainer.train import TrainConfig, predict, resolve_device, train_task
 
@@ -38,21 +39,29 @@ def parse_method(method: dict[str, Any]):
         raise UserError(f"invalid method settings: {_validation_message(e)}") from None
 
 
-def init_store(root: str | Path, *, method: dict[str, Any], backbone: str | None = None,
-               checkpoint: str | Path | None = None, pretrained: bool = False,
+def parse_head(head: dict[str, Any] | None):
+    try:
+        return head_config_from_dict(head)
+    except ValidationError as e:
+        raise UserError(f"invalid head settings: {_validation_message(e)}") from None
+
+
+def init_store(root: str | Path, *, method: dict[str, Any], head: dict[str, Any] | None = None,
+               backbone: str | None = None, checkpoint: str | Path | None = None, pretrained: bool = False,
                timm_kwargs: dict[str, Any] | None = None) -> StoreConfig:
-    """Create a store: backbone weights + card under backbone/, store.json with method and preprocessing."""
+    """Create a store: backbone weights + card under backbone/, store.json with method, head and preprocessing."""
     store = Store(root)
     if store.exists():
         raise StoreError(f"{store.root} already holds a store (store.json exists); use another --store")
     mcfg = parse_method(method)
+    hcfg = parse_head(head)
     if (backbone is None) == (checkpoint is None):
         raise UserError("give exactly one of --backbone TIMM_NAME or --checkpoint FILE")
     if checkpoint is not None:
         spec, weights, prep, card = bb.from_checkpoint(checkpoint)
     else:
         spec, weights, prep, card = bb.from_timm(backbone, pretrained, timm_kwargs)
-    probe = Learner(spec, weights, mcfg)  # fails early if the targets do not fit this architecture
+    probe = Learner(spec, weights, mcfg, hcfg)  # fails early if the targets do not fit this architecture
     del probe
     with store.lock():
         store.backbone_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +73,7 @@ def init_store(root: str | Path, *, method: dict[str, Any], backbone: str | None
                 "timm_kwargs": spec.timm_kwargs, "source": spec.source, "preprocessing": prep.model_dump()}
         (store.backbone_dir / "card.json").write_text(json.dumps(card, indent=2, default=str))
         config = StoreConfig(backbone=spec.model_dump(), backbone_sha256=sha256_file(store.backbone_weights_path()),
-                             method=mcfg.model_dump(), preprocessing=prep)
+                             method=mcfg.model_dump(), head=hcfg.model_dump(), preprocessing=prep)
         store.create(config)
     return config
 
@@ -79,7 +88,8 @@ def open_learner(store: Store, version: int | None) -> Learner:
     """The learner state of `version` (None: a fresh learner with no task)."""
     spec, weights = _backbone(store)
     if version is None:
-        return Learner(spec, weights, parse_method(store.config().method))
+        cfg = store.config()
+        return Learner(spec, weights, parse_method(cfg.method), parse_head(cfg.head))
     store.manifest(version, verify=True)
     path = store.version_dir(version) / "learner.safetensors"
     from safetensors import safe_open
@@ -157,23 +167,27 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
             save_file(merged, str(writer.file("merged.safetensors")),
                       metadata={"timm_model": cfg.backbone["timm_model"],
                                 "timm_kwargs": json.dumps(cfg.backbone.get("timm_kwargs", {})),
-                                "labels": json.dumps(labels)})
+                                "labels": json.dumps(labels),
+                                "head": "linear" if "head.weight" in merged else "random-projection"})
             onnx_info = None
             if export:
                 onnx_info = _export(model, writer.file("model.onnx"), prep, labels, writer.version, cfg.method["name"])
             manifest = Manifest(version=writer.version, parent=parent, task_index=task_index, labels=labels,
-                                tasks=tasks, preprocessing=prep, method=cfg.method, backbone=cfg.backbone,
+                                tasks=tasks, preprocessing=prep, method=cfg.method, head=cfg.head,
+                                backbone=cfg.backbone,
                                 metrics=metrics, onnx=onnx_info, files={},
                                 training={**train.model_dump(), "device": str(device), "seconds": summary["seconds"],
                                           "train_images": summary["train_images"], "corrupt_skipped": len(data.corrupt),
-                                          "method_summary": summary["method"]})
+                                          "method_summary": summary["method"], "head_summary": summary["head"],
+                                          "head_state_bytes": learner.head.state_bytes()})
             version = store.publish(writer, manifest)
         except BaseException:
             writer.discard()
             raise
     return {"version": version, "parent": parent, "task": task_index, "classes_added": data.class_names,
             "total_classes": len(labels), "seconds": time.time() - t0, "train_seconds": summary["seconds"],
-            "decode_seconds": decode_seconds, "metrics": metrics, "method_summary": summary["method"], "onnx": onnx_info, "device": str(device)}
+            "decode_seconds": decode_seconds, "metrics": metrics, "method_summary": summary["method"],
+            "head_summary": summary["head"], "onnx": onnx_info, "device": str(device)}
 
 
 def _export(model, path: Path, prep: Preprocessing, labels: list[str], version: int, method: str,
@@ -244,7 +258,7 @@ def status(root: str | Path) -> dict[str, Any]:
         except StoreError as e:
             versions.append({"version": v, "error": str(e), "live": v == current})
     live = store.manifest(current, verify=False) if current is not None else None
-    return {"store": str(store.root), "method": cfg.method, "backbone": cfg.backbone,
+    return {"store": str(store.root), "method": cfg.method, "head": cfg.head, "backbone": cfg.backbone,
             "preprocessing": cfg.preprocessing.model_dump(), "current": current,
             "tasks": len(live.tasks) if live else 0, "classes": len(live.labels) if live else 0,
             "versions": versions}

@@ -1,6 +1,6 @@
 """The model store: the only hand-off between the trainer (any writer) and the server.
 
-    STORE/store.json                  format version, backbone spec, method + hyper-parameters, preprocessing
+    STORE/store.json                  format version, backbone spec, method + head + settings, preprocessing
     STORE/backbone/                   model.safetensors (base weights) and card.json
     STORE/versions/NNNN/              learner.safetensors, merged.safetensors, model.onnx, manifest.json
     STORE/CURRENT                     the live version id ("0003"), replaced atomically
@@ -73,6 +73,7 @@ class StoreConfig(BaseModel):
     backbone: dict[str, Any]  # trainer.backbone.BackboneSpec as a dict
     backbone_sha256: str
     method: dict[str, Any]  # the method config (name + hyper-parameters)
+    head: dict[str, Any] = Field(default_factory=lambda: {"name": "task-local"})  # the head strategy and settings
     preprocessing: Preprocessing
 
 
@@ -97,6 +98,7 @@ class Manifest(BaseModel):
     tasks: list[TaskRecord]
     preprocessing: Preprocessing
     method: dict[str, Any]
+    head: dict[str, Any] = Field(default_factory=lambda: {"name": "task-local"})
     backbone: dict[str, Any]
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)

@@ -32,8 +32,25 @@ def tasks(tmp_path_factory) -> list[dict]:
     return out
 
 
+@pytest.fixture(scope="session")
+def backbone():
+    """(spec, weights, preprocessing) of a randomly initialised tiny ViT, shared by the trainer-level tests."""
+    from trainer.backbone import from_timm
+
+    spec, weights, prep, _ = from_timm(TINY_MODEL, False, TINY)
+    return spec, weights, prep
+
+
+@pytest.fixture(scope="session")
+def datasets(tasks, backbone):
+    """The generated tasks' training data, decoded."""
+    from trainer.data import load_task_data, scan_image_folder
+
+    return [load_task_data(scan_image_folder(t["train"]), backbone[2]) for t in tasks]
+
+
 def method_dict(name: str, **kw) -> dict:
-    return {"name": name, "rank": 4, **kw}
+    return {"name": name, **({} if name == "none" else {"rank": 4}), **kw}
 
 
 def init_tiny_store(path: Path, method: str = "inflora", **kw) -> Path:

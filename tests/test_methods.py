@@ -3,27 +3,13 @@ magnitudes, KD folding and the RR rank schedule."""
 import pytest
 import torch
 
-from tests.conftest import TINY, TINY_MODEL, fast_train
-from trainer.backbone import from_timm
-from trainer.data import load_task_data, scan_image_folder
+from tests.conftest import fast_train
 from trainer.learner import Learner
 from trainer.merge import build_plain_model, merged_state_dict
 from trainer.methods import method_config_from_dict
 from trainer.train import eval_batches, train_task
 
 METHODS = ["inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora"]
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    spec, weights, prep, _ = from_timm(TINY_MODEL, False, TINY)
-    return spec, weights, prep
-
-
-@pytest.fixture(scope="module")
-def datasets(tasks, backbone):
-    prep = backbone[2]
-    return [load_task_data(scan_image_folder(t["train"]), prep) for t in tasks]
 
 
 def new_learner(backbone, name, **kw):
@@ -103,7 +89,7 @@ def test_sdlora_directions_are_unit_norm_and_only_new_branch_and_magnitudes_trai
     learned = m.magnitudes()
     assert any(abs(v - 1.0) > 1e-4 for v in learned.values())  # magnitudes were trained
     m.begin_task(2, lambda: {})
-    learner.add_head(["a", "b"])
+    learner.add_block(["a", "b"])
     trainable = set(map(id, m.trainable_parameters()))
     for _ in range(2):  # two steps: A's gradient is zero while B is still zero
         learner.zero_grad()
@@ -128,7 +114,7 @@ def test_sdlora_kd_folds_a_direction_in_the_span_and_keeps_one_outside(backbone,
     m = learner.method
     count_before = len(m.state_tensors())
     m.begin_task(1, lambda: {})
-    learner.add_head(["x", "y", "z"])
+    learner.add_block(["x", "y", "z"])
     with torch.no_grad():
         for k in m.cur_A:
             b0, a0 = m._dir(k, m.dirs[k][0])
@@ -144,6 +130,7 @@ def test_sdlora_kd_folds_a_direction_in_the_span_and_keeps_one_outside(backbone,
     assert summary["directions_folded"] == len(m.dirs) and summary["directions_kept"] == 0
     assert len(m.state_tensors()) == count_before  # one direction fewer than keeping it
     assert all(len(ids) == 1 for ids in m.dirs.values())
+    learner.finish_head(torch.randn(6, 32), torch.arange(6) % 3)
     # a direction outside the span is kept
     train_task(learner, datasets[2], prep, fast_train(), progress=False)
     assert all(len(ids) == 2 for ids in m.dirs.values())

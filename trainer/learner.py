@@ -1,34 +1,39 @@
-"""The learner: frozen timm ViT + a method's low-rank branches + one growing classifier head.
+"""The learner: frozen timm ViT + a method's low-rank branches + a classifier head over every seen class.
 
-The head holds one linear block per task (classes in label order); a task trains only its own block and its
-loss only sees its own logits; inference takes the argmax over all seen classes. `state()` / `from_state()`
-round-trip everything needed to learn the next task (learner.safetensors), the backbone weights excepted.
+While a task trains, the learner holds a plain linear *block* for that task's classes: the training loss only
+sees the block's logits (the adapter's signal, identical for every head). When the task ends, the head strategy
+(`trainer.heads`) takes the block and the features of the task's training images and updates the logits over
+all seen classes; inference takes the argmax of the head. `state()` / `from_state()` round-trip everything needed
+to learn the next task (learner.safetensors), the backbone weights excepted.
 """
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from trainer.backbone import BackboneSpec, load_backbone
+from trainer.heads import build_head, head_config_from_dict
 from trainer.methods import build_method, method_config_from_dict
 from trainer.sites import find_sites, wrap_sites
 
 
 class Learner(nn.Module):
-    def __init__(self, spec: BackboneSpec, backbone_weights: dict[str, torch.Tensor], method_config):
+    def __init__(self, spec: BackboneSpec, backbone_weights: dict[str, torch.Tensor], method_config,
+                 head_config=None):
         super().__init__()
         self.spec = spec
         self.method_config = method_config
+        self.head_config = head_config if head_config is not None else head_config_from_dict(None)
         self.backbone = load_backbone(spec, backbone_weights)
         self.sites = find_sites(self.backbone, method_config.targets)
         self.method = build_method(method_config, self.sites)
         self.wrappers = wrap_sites(self.backbone, self.sites, self.method.site_delta)
-        self.heads = nn.ModuleList()
+        self.head = build_head(self.head_config, self.backbone.num_features)
+        self.block: nn.Linear | None = None  # the current task's training block
         self.labels: list[str] = []
-        self.task_sizes: list[int] = []
         self.task_summaries: list[dict[str, Any]] = []
 
     # -- structure ---------------------------------------------------------------------------------------------
@@ -42,62 +47,82 @@ class Learner(nn.Module):
         return self
 
     @property
+    def task_sizes(self) -> list[int]:
+        return self.head.task_sizes
+
+    @property
     def num_tasks(self) -> int:
         return len(self.task_sizes)
 
-    def add_head(self, class_names: list[str]) -> nn.Linear:
-        head = nn.Linear(self.backbone.num_features, len(class_names)).to(self.device)
-        self.heads.append(head)
+    def add_block(self, class_names: list[str]) -> nn.Linear:
+        """Start a task: a fresh linear block for its classes (trained with the adapter, then given to the head)."""
+        if self.block is not None:
+            raise RuntimeError("a task is already in progress")
+        self.block = nn.Linear(self.backbone.num_features, len(class_names)).to(self.device)
         self.labels.extend(class_names)
-        self.task_sizes.append(len(class_names))
-        return head
+        return self.block
 
-    def task_slice(self, task: int) -> slice:
-        start = sum(self.task_sizes[:task])
-        return slice(start, start + self.task_sizes[task])
+    def finish_head(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        """End a task: the head learns the new classes from their features; the block is handed over."""
+        if self.block is None:
+            raise RuntimeError("no task in progress")
+        self.block.requires_grad_(False)
+        summary = self.head.end_task(features, labels, self.block)
+        self.block = None
+        return summary
 
     # -- forward -------------------------------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def block_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The current task's logits only (the training loss)."""
+        return self.block(self.features(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
-        return torch.cat([h(f) for h in self.heads], dim=1)
+        if self.block is None:
+            return self.head(f)
+        return torch.cat([self.head(f), self.block(f)], dim=1)
 
     @torch.no_grad()
-    def second_moments(self, batches) -> dict[str, torch.Tensor]:
-        """One pass of the current model over `batches` (normalised inputs): C = E[x x^T] at every site."""
-        for w in self.wrappers.values():
-            w.start_recording()
+    def feature_pass(self, batches: Iterable[torch.Tensor], moments: bool = False
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """One no-grad pass over `batches` (normalised inputs): the features (CPU, fp32) and, with `moments`,
+        C = E[x x^T] at every adapted site (InfLoRA's subspace design and memory)."""
+        if moments:
+            for w in self.wrappers.values():
+                w.start_recording()
+        feats = []
         try:
             for x in batches:
-                self.features(x)
+                feats.append(self.features(x).float().cpu())
         finally:
-            out = {k: w.stop_recording() for k, w in self.wrappers.items()}
-        return out
+            cs = {k: w.stop_recording() for k, w in self.wrappers.items()} if moments else None
+        return (torch.cat(feats) if feats else torch.zeros(0, self.backbone.num_features)), cs
+
+    def second_moments(self, batches) -> dict[str, torch.Tensor]:
+        return self.feature_pass(batches, moments=True)[1]
 
     # -- persistence --------------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        if self.block is not None:
+            raise RuntimeError("cannot save the learner in the middle of a task")
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.method.state_tensors().items()}
-        for i, h in enumerate(self.heads):
-            tensors[f"head.{i}.weight"] = h.weight.detach().cpu().contiguous()
-            tensors[f"head.{i}.bias"] = h.bias.detach().cpu().contiguous()
+        tensors.update(self.head.state_tensors())
         meta = {"labels": self.labels, "task_sizes": self.task_sizes, "method": self.method_config.model_dump(),
-                "tasks_done": self.method.tasks_done, "task_summaries": self.task_summaries}
+                "head": self.head_config.model_dump(), "tasks_done": self.method.tasks_done,
+                "task_summaries": self.task_summaries}
         return tensors, {"cl_serve_learner": json.dumps(meta)}
 
     @classmethod
     def from_state(cls, spec: BackboneSpec, backbone_weights, tensors: dict[str, torch.Tensor],
                    metadata: dict[str, str]) -> "Learner":
         meta = json.loads(metadata["cl_serve_learner"])
-        learner = cls(spec, backbone_weights, method_config_from_dict(meta["method"]))
+        learner = cls(spec, backbone_weights, method_config_from_dict(meta["method"]),
+                      head_config_from_dict(meta.get("head")))
         learner.method.load_state(tensors, meta["tasks_done"])
-        start = 0
-        for i, n in enumerate(meta["task_sizes"]):
-            head = learner.add_head(meta["labels"][start:start + n])
-            head.weight.data.copy_(tensors[f"head.{i}.weight"])
-            head.bias.data.copy_(tensors[f"head.{i}.bias"])
-            head.requires_grad_(False)
-            start += n
+        learner.head.load_state(tensors, meta["task_sizes"])
+        learner.labels = list(meta["labels"])
         learner.task_summaries = meta.get("task_summaries", [])
         return learner

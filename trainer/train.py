@@ -19,7 +19,12 @@ from trainer.learner import Learner
 
 
 class TrainConfig(BaseModel):
-    """Per-task optimisation budget (Adam with a cosine schedule, as in the InfLoRA recipe)."""
+    """Per-task optimisation budget and recipe (recorded in every version's manifest).
+
+    Defaults are InfLoRA's recipe shape (Adam, cosine schedule); SD-LoRA's official recipe is
+    `optimizer="sgd", momentum=0.9, schedule="constant", lr=8e-3`. `precision="bf16"` runs the training forward
+    under CPU/GPU autocast (faster where the CPU has bf16 units); feature passes, heads and merging stay fp32.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -27,6 +32,10 @@ class TrainConfig(BaseModel):
     lr: float = Field(5e-4, gt=0, le=1.0)
     batch_size: int = Field(64, ge=1, le=8192)
     weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    precision: Literal["fp32", "bf16"] = "fp32"
     min_crop_scale: float = Field(0.35, gt=0.0, le=1.0, description="random resized crop keeps >= this area")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -76,9 +85,22 @@ def predict(model, images_u8: torch.Tensor, p: Preprocessing, batch_size: int, d
     return torch.cat([model(x).argmax(1).cpu() for x in eval_batches(images_u8, p, batch_size, device)])
 
 
-def train_task(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainConfig, *,
-               progress: bool = True, desc: str = "") -> dict[str, Any]:
-    """Learn one task in place on `learner` (already on its device); returns the task summary."""
+def make_optimizer(params, cfg: TrainConfig, total_steps: int):
+    """The recipe's optimiser and its per-step schedule."""
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "constant":
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+
+
+def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainConfig, *,
+                  progress: bool = True, desc: str = "") -> tuple[dict[str, Any], torch.Tensor]:
+    """Learn one task's branches and training block in place (begin_task, training, end_task); returns the
+    summary and the features of the task's training images (eval view, final model) for the head."""
     device = learner.device
     task = learner.num_tasks
     torch.manual_seed(cfg.seed * 100_003 + task)
@@ -86,19 +108,29 @@ def train_task(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainCon
     t0 = time.time()
     eval_u8 = data.eval_u8.to(device)
 
+    def views():
+        return eval_batches(eval_u8, p, cfg.eval_batch_size, device)
+
+    passes: dict[str, torch.Tensor] = {}
+
     def moments():
-        return learner.second_moments(eval_batches(eval_u8, p, cfg.eval_batch_size, device))
+        feats, cs = learner.feature_pass(views(), moments=True)
+        passes["features"] = feats  # the last pass runs the final model: the head reuses its features
+        return cs
 
     learner.method.begin_task(task, moments)
-    head = learner.add_head(data.class_names)
-    params = learner.method.trainable_parameters() + list(head.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    passes.clear()
+    block = learner.add_block(data.class_names)
+    method_params = learner.method.trainable_parameters()
     n = len(data)
+    frozen = not method_params  # a frozen backbone: the features never change, so compute them once
+    if frozen:
+        passes["features"] = learner.feature_pass(views())[0]
+        cached = passes["features"].to(device)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    opt, sched = make_optimizer(method_params + list(block.parameters()), cfg, total)
     train_u8, labels = data.train_u8.to(device), data.labels.to(device)
-    sl = learner.task_slice(task)
     learner.eval()  # frozen backbone: no dropout / drop-path while adapting
     bar = tqdm(total=total, desc=desc or f"task {task}", disable=not progress, unit="step", leave=False, mininterval=1.0)
     loss_sum, correct, seen = 0.0, 0, 0
@@ -108,9 +140,13 @@ def train_task(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainCon
             loss_sum, correct, seen = 0.0, 0, 0
             for i in range(0, n, cfg.batch_size):
                 idx = order[i:i + cfg.batch_size]
-                x = normalize(augment(train_u8[idx], p.input_size, cfg.min_crop_scale, gen), p)
                 y = labels[idx]
-                logits = learner(x)[:, sl]  # a task trains only its own classes' logits
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    if frozen:
+                        logits = block(cached[idx]).float()
+                    else:
+                        x = normalize(augment(train_u8[idx], p.input_size, cfg.min_crop_scale, gen), p)
+                        logits = learner.block_logits(x).float()  # a task trains only its own classes' logits
                 loss = F.cross_entropy(logits, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -123,10 +159,22 @@ def train_task(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainCon
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
     finally:
         bar.close()
-    head.requires_grad_(False)
+    block.requires_grad_(False)
     summary = learner.method.end_task(task, moments)
+    features = passes["features"] if "features" in passes else learner.feature_pass(views())[0]
     out = {"task": task, "classes": data.class_names, "train_images": n, "epochs": cfg.epochs,
            "final_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
            "seconds": time.time() - t0, "method": summary}
+    return out, features
+
+
+def train_task(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainConfig, *,
+               progress: bool = True, desc: str = "") -> dict[str, Any]:
+    """Learn one task in place on `learner` (already on its device): branches, then the head; returns the summary."""
+    out, features = train_adapter(learner, data, p, cfg, progress=progress, desc=desc)
+    t0 = time.time()
+    out["head"] = learner.finish_head(features, data.labels)
+    out["head_seconds"] = time.time() - t0
+    out["seconds"] += out["head_seconds"]
     learner.task_summaries.append({k: v for k, v in out.items() if k != "classes"})
     return out

@@ -9,9 +9,10 @@ def build_method(config: MethodConfig, sites) -> Method:
     """The Method object for a validated config (the only place that maps names to classes)."""
     from trainer.methods.inflora import InfLoRA
     from trainer.methods.sdlora import SDLoRA
+    from trainer.methods.frozen import Frozen
     from trainer.methods.seqlora import SeqLoRA
 
-    cls = {"inflora": InfLoRA, "sdlora": SDLoRA, "seq-lora": SeqLoRA}[config.family]
+    cls = {"inflora": InfLoRA, "sdlora": SDLoRA, "seq-lora": SeqLoRA, "none": Frozen}[config.family]
     return cls(config, sites)
 
 

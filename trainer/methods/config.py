@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 from trainer.sites import TARGETS
 
-METHOD_NAMES = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora")
+METHOD_NAMES = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora", "none")
 
 
 class _Common(BaseModel):
@@ -57,6 +57,9 @@ class SDLoRAConfig(_Common):
     alpha_init: float = Field(1.0, description="initial magnitude of a new direction")
     rank_schedule: list[RankStep] | None = Field(None, description="SD-LoRA-RR: rank by task (default 10/8/6)")
     kd_tau: float = Field(9e-4, ge=0.0, description="SD-LoRA-KD: fold a direction whose LS residual is <= tau")
+    magnitudes: Literal["per-layer", "per-task"] = Field(
+        "per-layer", description="per-layer: one alpha per (layer, target, task); per-task: one alpha per task shared "
+                                 "by every layer and target (the official code)")
 
     @model_validator(mode="after")
     def _schedule(self) -> "SDLoRAConfig":
@@ -95,7 +98,19 @@ class SeqLoRAConfig(_Common):
         return "seq-lora"
 
 
-MethodConfig = Annotated[Union[InfLoRAConfig, SDLoRAConfig, SeqLoRAConfig], Field(discriminator="name")]
+class NoneConfig(BaseModel):
+    """No branches: the frozen backbone alone, so that a head by itself is a first-class baseline."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["none"] = "none"
+    targets: list[str] = Field(default_factory=list, max_length=0)
+
+    @property
+    def family(self) -> str:
+        return "none"
+
+
+MethodConfig = Annotated[Union[InfLoRAConfig, SDLoRAConfig, SeqLoRAConfig, NoneConfig], Field(discriminator="name")]
 _ADAPTER = TypeAdapter(MethodConfig)
 
 

@@ -1,0 +1,108 @@
+"""`analytic` head (RanPAC, NeurIPS 2023): a closed-form ridge classifier over every task's features.
+
+h = ReLU(f W_rand) with a fixed seeded Gaussian W_rand (d x M), or h = f when M = 0. The head keeps the streaming
+sums G = sum h h^T (M x M) and Q = sum h y^T (M x C, y one-hot) over every task's training features (float64), and
+after each task sets W = (G + lambda I)^-1 Q. lambda is searched, as in the official code, over 10^-8..10^8 by
+fitting on the first 80 % of a seeded shuffle of the *current task's* features and taking the lowest mean squared
+error on the other 20 % (never test data). On a frozen backbone the head after T tasks is the ridge classifier
+fitted on all T tasks at once. The merged model's head is two layers for M > 0 (Linear(d, M, no bias), ReLU,
+Linear(M, C, no bias)) and one plain Linear (zero bias) for M = 0.
+
+State: W_rand (4 d M bytes) and G (8 M^2 bytes) are fixed-size; each class adds one column of Q (8 M bytes) and one
+row of W (4 M bytes).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.heads.base import Head, linear
+
+
+class AnalyticHead(Head):
+    def __init__(self, config, dim: int):
+        super().__init__(config, dim)
+        m = config.projection
+        width = m if m > 0 else dim
+        gen = torch.Generator().manual_seed(config.seed)
+        self.register_buffer("w_rand", torch.randn(dim, m, generator=gen) if m > 0 else torch.zeros(dim, 0))
+        self.register_buffer("G", torch.zeros(width, width, dtype=torch.float64))
+        self.register_buffer("Q", torch.zeros(width, 0, dtype=torch.float64))
+        self.register_buffer("weight", torch.zeros(0, width))
+        self.ridge: float | None = None
+
+    @property
+    def width(self) -> int:
+        return self.G.shape[0]
+
+    def expand(self, features: torch.Tensor) -> torch.Tensor:
+        """h: the random-feature expansion the ridge regression runs on."""
+        if self.config.projection == 0:
+            return features
+        return F.relu(features @ self.w_rand.to(features.dtype))
+
+    def choose_ridge(self, h: torch.Tensor, y: torch.Tensor) -> float:
+        """RanPAC's lambda search on the current task's data: fit on 80 %, lowest MSE on the held-out 20 %."""
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed * 104_729 + len(self.task_sizes))
+        order = torch.randperm(h.shape[0], generator=gen)
+        h, y = h[order], y[order]
+        n_fit = int(h.shape[0] * (1 - cfg.val_fraction))
+        if n_fit < 1 or n_fit >= h.shape[0]:
+            raise ValueError("the analytic head needs at least 2 training images to choose its ridge parameter")
+        # With h_fit = U S V^T (thin SVD): (h_fit^T h_fit + lam I)^-1 = V diag(1 / (s^2 + lam)) V^T + (I - V V^T) / lam,
+        # so every lam costs two small products instead of an M x M solve.
+        _, sv, vt = torch.linalg.svd(h[:n_fit], full_matrices=False)
+        q = h[:n_fit].T @ y[:n_fit]
+        hv = h[n_fit:]
+        a, vq, hq = hv @ vt.T, vt @ q, hv @ q
+        best, best_loss = None, float("inf")
+        for e in range(cfg.ridge_min_exp, cfg.ridge_max_exp + 1):
+            lam = 10.0 ** e
+            pred = a @ (vq / (sv ** 2 + lam).unsqueeze(1)) + (hq - a @ vq) / lam
+            loss = float(((pred - y[n_fit:]) ** 2).mean())
+            if loss < best_loss:
+                best, best_loss = lam, loss
+        return best
+
+    def end_task(self, features: torch.Tensor, labels: torch.Tensor, block: nn.Linear) -> dict[str, Any]:
+        n_new = self._check(features, labels, block)
+        h = self.expand(features.detach().double().cpu())
+        y = F.one_hot(labels.cpu(), n_new).double()
+        self.G = self.G + h.T @ h
+        self.Q = torch.cat([self.Q, h.T @ y], dim=1)
+        self.task_sizes.append(n_new)
+        self.ridge = self.choose_ridge(h, y)
+        self.solve(self.ridge)
+        return {"ridge": self.ridge}
+
+    def solve(self, ridge: float) -> None:
+        eye = torch.eye(self.width, dtype=torch.float64)
+        self.weight = torch.linalg.solve(self.G + ridge * eye, self.Q).T.float().contiguous()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.expand(features) @ self.weight.T
+
+    def plain_module(self) -> nn.Module:
+        out = linear(self.weight.float().cpu(), None if self.config.projection else torch.zeros(self.weight.shape[0]))
+        if self.config.projection == 0:
+            return out
+        return nn.Sequential(linear(self.w_rand.T.float().cpu(), None), nn.ReLU(), out)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        ridge = torch.tensor([self.ridge if self.ridge is not None else float("nan")], dtype=torch.float64)
+        return {"w_rand": self.w_rand, "G": self.G, "Q": self.Q, "weight": self.weight, "ridge": ridge}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors["G"].shape != self.G.shape:
+            raise ValueError(f"analytic head state has width {tensors['G'].shape[0]}, the config says {self.width}")
+        self.w_rand, self.G, self.Q = tensors["w_rand"].float(), tensors["G"].double(), tensors["Q"].double()
+        self.weight = tensors["weight"].float()
+        r = float(tensors["ridge"][0])
+        self.ridge = None if r != r else r
+
+    def per_class_bytes(self) -> int:
+        return 8 * self.width + 4 * self.width
