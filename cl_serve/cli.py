@@ -12,8 +12,11 @@ import os
 import sys
 from typing import Any
 
+from cl_serve.demo import PRETRAIN_STEPS
+
 DEFAULT_STORE = os.environ.get("CL_SERVE_STORE", "./cl-store")
-METHODS = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora")
+METHODS = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora", "none")
+HEADS = ("task-local", "aligned", "analytic")
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -53,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-schedule", type=_rank_schedule, help="SD-LoRA-RR: FROM_TASK:RANK,... (default 1:10,5:8,9:6)")
     p.add_argument("--kd-tau", type=float, help="SD-LoRA-KD: residual threshold for folding (default 9e-4)")
     p.add_argument("--alpha-init", type=float, help="SD-LoRA: initial magnitude of a new direction (default 1)")
+    p.add_argument("--magnitudes", choices=("per-layer", "per-task"),
+                   help="SD-LoRA: one magnitude per (layer, target) or one per task shared by all layers")
+    p.add_argument("--head", choices=HEADS, default="analytic",
+                   help="classifier head (default analytic: RanPAC ridge over random features, best in the CIL "
+                        "benchmark); aligned (classifier alignment from stored class Gaussians); task-local (one "
+                        "block per task, the papers' default, forgets most)")
+    p.add_argument("--cov", dest="covariance", choices=("full", "lowrank"),
+                   help="aligned head: class covariance form (default lowrank)")
+    p.add_argument("--cov-rank", type=int, help="aligned head: rank of the low-rank covariance (default 16)")
+    p.add_argument("--projection", type=int, help="analytic head: random projection width M, 0 = plain ridge")
 
     p = sub.add_parser("add-task", help="learn the classes of an ImageFolder directory and publish a new version")
     _store_arg(p)
@@ -62,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                   help="adam (InfLoRA's recipe) or sgd with momentum 0.9 (SD-LoRA's: --lr 8e-3 --schedule constant)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="autocast of the training forward (bf16 is faster on CPUs and GPUs with bf16 units)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--strict", action="store_true", help="any corrupt image is an error (default: skip and report)")
@@ -107,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline CPU demo: self-pretrained tiny ViT, three tasks, per-task accuracy")
     p.add_argument("--workdir", default="demo-run")
-    p.add_argument("--method", choices=METHODS, default="inflora")
-    p.add_argument("--pretrain-seconds", type=float, default=50.0)
+    p.add_argument("--method", choices=METHODS, default="none",
+                   help="adapter method (default none: the frozen backbone, best in the CPU benchmark)")
+    p.add_argument("--head", choices=HEADS, default="analytic")
+    p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS,
+                   help="optimiser steps of the demo backbone's pretraining (bounded by steps, not time)")
     p.add_argument("--no-serve", action="store_true", help="skip the serving part of the demo")
 
     p = sub.add_parser("bench", help="benchmarks: `cl-serve bench cil ...` or `cl-serve bench serving ...`")
@@ -122,8 +143,18 @@ def _method_dict(a: argparse.Namespace) -> dict[str, Any]:
     for key in ("rank", "eps0", "expected_tasks", "kd_tau", "alpha_init", "rank_schedule"):
         if getattr(a, key) is not None:
             d[key] = getattr(a, key)
+    if a.magnitudes is not None:
+        d["magnitudes"] = a.magnitudes
     if a.targets:
         d["targets"] = [t.strip() for t in a.targets.split(",") if t.strip()]
+    return d
+
+
+def _head_dict(a: argparse.Namespace) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": a.head}
+    for key in ("covariance", "cov_rank", "projection"):
+        if getattr(a, key) is not None:
+            d[key] = getattr(a, key)
     return d
 
 
@@ -136,10 +167,10 @@ def run(a: argparse.Namespace) -> int:
         from cl_serve import pipeline
 
     if a.command == "init":
-        cfg = pipeline.init_store(a.store, method=_method_dict(a), backbone=a.backbone, checkpoint=a.checkpoint,
-                                  pretrained=a.pretrained, timm_kwargs=a.timm_kwargs)
+        cfg = pipeline.init_store(a.store, method=_method_dict(a), head=_head_dict(a), backbone=a.backbone,
+                                  checkpoint=a.checkpoint, pretrained=a.pretrained, timm_kwargs=a.timm_kwargs)
         print(f"created store {a.store}: {cfg.backbone['timm_model']} ({cfg.backbone['source']}), "
-              f"method {cfg.method['name']}, input {cfg.preprocessing.input_size}px")
+              f"method {cfg.method['name']}, head {cfg.head['name']}, input {cfg.preprocessing.input_size}px")
     elif a.command == "add-task":
         from trainer.train import TrainConfig
         from pydantic import ValidationError
@@ -147,6 +178,7 @@ def run(a: argparse.Namespace) -> int:
 
         try:
             tc = TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, weight_decay=a.weight_decay,
+                             optimizer=a.optimizer, schedule=a.schedule, precision=a.precision,
                              seed=a.seed, device=a.device)
         except ValidationError as e:
             raise UserError(f"invalid training settings: {pipeline._validation_message(e)}") from None
@@ -184,6 +216,7 @@ def run(a: argparse.Namespace) -> int:
             print(f"store {r['store']}\n  backbone {r['backbone']['timm_model']} {r['backbone'].get('timm_kwargs', {})}"
                   f" ({r['backbone']['source']})\n  method {m['name']}: "
                   + ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")
+                  + f"\n  head {r['head']['name']}: " + ", ".join(f"{k}={v}" for k, v in r["head"].items() if k != "name")
                   + f"\n  live version {r['current']}: {r['tasks']} tasks, {r['classes']} classes")
             for v in r["versions"]:
                 if "error" in v:
@@ -210,7 +243,7 @@ def run(a: argparse.Namespace) -> int:
     elif a.command == "demo":
         from cl_serve.demo import run_demo
 
-        run_demo(a.workdir, method=a.method, pretrain_seconds=a.pretrain_seconds, serve=not a.no_serve)
+        run_demo(a.workdir, method=a.method, head=a.head, pretrain_steps=a.pretrain_steps, serve=not a.no_serve)
     elif a.command == "bench":
         import importlib
 
