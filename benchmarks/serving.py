@@ -72,11 +72,12 @@ def cost_vs_tasks(model_key: str, task_counts, repeats: int, big_batch: int) -> 
     for n in task_counts:
         while done < n:
             learner.method.begin_task(done, lambda: {})
-            learner.add_head([f"c{done}-{i}" for i in range(10)])
+            learner.add_block([f"c{done}-{i}" for i in range(10)])
             with torch.no_grad():
                 for p in learner.method.cur_B.values():
                     p.normal_(0, 0.01)
             learner.method.end_task(done, lambda: {})
+            learner.finish_head(torch.randn(20, learner.backbone.num_features), torch.arange(20) % 10)
             done += 1
         learner.eval()
         merged = build_plain_model(spec, merged_state_dict(learner))

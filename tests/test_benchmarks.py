@@ -1,6 +1,7 @@
 """Smoke runs of both benchmarks on tiny generated data: the harness runs end to end and its numbers add up."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -31,19 +32,32 @@ def test_cil_benchmark_smoke(tmp_path, tasks):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt_dir / "model.safetensors"))
     (ckpt_dir / "card.json").write_text(json.dumps({"timm_model": TINY_MODEL, "timm_kwargs": TINY,
                                                     "mean": [0.5] * 3, "std": [0.5] * 3, "input_size": [3, 32, 32]}))
+    config = json.loads((Path(cil.__file__).parent / "cil_config.json").read_text())
+    config["frozen_heads"] = {"analytic-M0": {"name": "analytic", "projection": 0}}  # keep the smoke run small
+    (tmp_path / "config.json").write_text(json.dumps(config))
     out = tmp_path / "results"
-    assert cil.main(["--tasks-root", str(root), "--checkpoint", str(ckpt_dir / "model.safetensors"), "--epochs", "1",
-                     "--methods", "inflora", "sdlora-kd", "joint", "simplecil", "--name", "smoke", "--out-dir", str(out),
-                     "--device", "cpu", "--test-images", "3"]) == 0
+    args = ["--tasks-root", str(root), "--checkpoint", str(ckpt_dir / "model.safetensors"), "--epochs", "1",
+            "--runs", "none", "inflora", "sdlora-kd", "joint", "--heads", "task-local", "analytic", "--refit", "inflora",
+            "--config", str(tmp_path / "config.json"), "--name", "smoke", "--out-dir", str(out), "--device", "cpu",
+            "--test-images", "3"]
+    assert cil.main(args) == 0
     res = json.loads((out / "smoke.json").read_text())
-    for m in ("inflora", "sdlora-kd", "simplecil"):
+    for m in ("none", "inflora", "sdlora-kd"):
         run = res["runs"][m]["0"]
-        assert len(run["R"]) == 2 and len(run["R"][1]) == 2 and 0 <= run["A_T"] <= 1
-    assert len(res["runs"]["joint"]["0"]["R"]) == 1
+        for h, R in run["R"].items():
+            assert len(R) == 2 and len(R[1]) == 2 and 0 <= run["metrics"][h]["A_T"] <= 1, (m, h)
+    assert set(res["runs"]["none"]["0"]["metrics"]) == {"task-local", "analytic", "analytic-M0", "simplecil"}
+    assert set(res["runs"]["inflora"]["0"]["metrics"]) == {"task-local", "analytic"}
+    assert set(res["runs"]["inflora"]["0"]["refit_A_T"]) == {"analytic"}
+    assert len(res["runs"]["joint"]["0"]["R"]["analytic"]) == 1 and len(res["runs"]["joint"]["0"]["R"]["analytic"][0]) == 2
     assert res["test_images"] == [3 * 3, 3 * 3] and "forgetting" in res["metric_definitions"]
     assert res["methods"]["inflora"]["expected_tasks"] == 2  # the eps schedule follows the tasks actually run
+    # a second invocation resumes: every finished run is kept, nothing is retrained
+    before = (out / "smoke.json").read_text()
+    assert cil.main(args) == 0 and json.loads((out / "smoke.json").read_text())["runs"] == json.loads(before)["runs"]
     assert report.main(["smoke", str(out)]) == 0
-    assert (out / "smoke-accuracy.png").stat().st_size > 0 and "| inflora |" in (out / "smoke.md").read_text()
+    md = (out / "smoke.md").read_text()
+    assert (out / "smoke-accuracy.png").stat().st_size > 0 and "| inflora | analytic |" in md and "| none | simplecil |" in md
 
 
 @pytest.mark.serving
