@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-schedule", type=_rank_schedule, help="SD-LoRA-RR: FROM_TASK:RANK,... (default 1:10,5:8,9:6)")
     p.add_argument("--kd-tau", type=float, help="SD-LoRA-KD: residual threshold for folding (default 9e-4)")
     p.add_argument("--alpha-init", type=float, help="SD-LoRA: initial magnitude of a new direction (default 1)")
-    p.add_argument("--magnitudes", choices=("per-layer", "per-task"),
-                   help="SD-LoRA: one magnitude per (layer, target) or one per task shared by all layers")
+    p.add_argument("--magnitudes", choices=("per-layer", "per-task"), default="per-task",
+                   help="SD-LoRA: one magnitude per task shared by all layers (default, as the official code; the "
+                        "better one in the CIL benchmark) or one per (layer, target)")
     p.add_argument("--head", choices=HEADS, default="analytic",
                    help="classifier head (default analytic: RanPAC ridge over random features, best in the CIL "
                         "benchmark); aligned (classifier alignment from stored class Gaussians); task-local (one "
@@ -143,7 +144,7 @@ def _method_dict(a: argparse.Namespace) -> dict[str, Any]:
     for key in ("rank", "eps0", "expected_tasks", "kd_tau", "alpha_init", "rank_schedule"):
         if getattr(a, key) is not None:
             d[key] = getattr(a, key)
-    if a.magnitudes is not None:
+    if a.method.startswith("sdlora"):
         d["magnitudes"] = a.magnitudes
     if a.targets:
         d["targets"] = [t.strip() for t in a.targets.split(",") if t.strip()]

@@ -59,7 +59,9 @@ class SDLoRAConfig(_Common):
     kd_tau: float = Field(9e-4, ge=0.0, description="SD-LoRA-KD: fold a direction whose LS residual is <= tau")
     magnitudes: Literal["per-layer", "per-task"] = Field(
         "per-layer", description="per-layer: one alpha per (layer, target, task); per-task: one alpha per task shared "
-                                 "by every layer and target (the official code)")
+                                 "by every layer and target (the official code). The CLI's default is per-task (the "
+                                 "better one in the CIL benchmark); the field's default stays per-layer because a "
+                                 "store.json written before the option existed was per-layer.")
 
     @model_validator(mode="after")
     def _schedule(self) -> "SDLoRAConfig":
