@@ -193,7 +193,8 @@ def run(a: argparse.Namespace) -> int:
                   f"+{len(r['classes_added'])} classes ({', '.join(r['classes_added'][:8])}"
                   f"{', ...' if len(r['classes_added']) > 8 else ''}), {r['total_classes']} in all; "
                   f"{r['train_seconds']:.1f}s training on {r['device']}, {r['seconds']:.1f}s total")
-            print(f"  train accuracy {r['metrics']['train_accuracy']:.3f}; method: {json.dumps(r['method_summary'])[:300]}")
+            print(f"  train accuracy {r['metrics']['train_accuracy']:.3f}; method: {json.dumps(r['method_summary'])[:300]}"
+                  f"; head: {json.dumps(r['head_summary'])[:200]}")
             if r["onnx"]:
                 print(f"  model.onnx parity max |diff| {r['onnx']['parity_max_abs_diff']:.2e}")
             if "test" in r["metrics"]:
