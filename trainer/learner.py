@@ -101,9 +101,6 @@ class Learner(nn.Module):
             cs = {k: w.stop_recording() for k, w in self.wrappers.items()} if moments else None
         return (torch.cat(feats) if feats else torch.zeros(0, self.backbone.num_features)), cs
 
-    def second_moments(self, batches) -> dict[str, torch.Tensor]:
-        return self.feature_pass(batches, moments=True)[1]
-
     # -- persistence --------------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if self.block is not None:
