@@ -47,7 +47,8 @@ class Preprocessing(BaseModel):
 
 def resize_and_crop(img: Image.Image, size: int, crop: int, interpolation: str) -> Image.Image:
     """RGB image, shorter side resized to `size`, then the centre `crop` x `crop` square."""
-    img = img.convert("RGB")
+    if img.mode != "RGB":  # convert() always copies: a second full-size buffer for an RGB image
+        img = img.convert("RGB")
     w, h = img.size
     if min(w, h) != size:
         if w <= h:

@@ -7,18 +7,20 @@ evaluation view (`exports.preprocessing.eval_crop`, exactly what the server feed
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-
+from exports.image_decode import ImageLimits, ImageRejected, open_bounded
 from exports.preprocessing import Preprocessing, eval_crop, resize_and_crop, to_uint8_chw
 from trainer.errors import DataError
 
+TRAIN_IMAGE_LIMITS = ImageLimits()  # the server's defaults: what could not be served is not trained on either
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -37,22 +39,49 @@ class TaskData:
 
 
 def scan_image_folder(root: str | Path) -> dict[str, list[Path]]:
-    """{class name: image files}, sorted; raises DataError for a missing, empty or class-less directory."""
+    """{class name: image files}, sorted; raises DataError for a missing, empty or class-less directory, and for
+    entries that cannot be read (a class folder that is a symlink loop or dangling link, an unreadable folder)
+    instead of silently dropping them. Symlinked class folders are followed; links inside a class folder are not
+    followed into directories (image files that are links are read, and reported as corrupt if broken)."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"data directory {root} does not exist")
     if not root.is_dir():
         raise DataError(f"{root} is not a directory (expected one sub-folder per class)")
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"{root} has no class sub-folders (expected ImageFolder layout: {root}/<class>/<image>)")
+    problems: list[str] = []
+    try:
+        entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"cannot list {root}: {e.strerror or e}") from None
+    classes = []
+    for p in entries:
+        try:
+            if stat.S_ISDIR(p.stat().st_mode):
+                classes.append(p)
+        except OSError as e:
+            kind = "symlink loop" if e.errno == errno.ELOOP else "dangling symlink" if p.is_symlink() else "unreadable"
+            problems.append(f"{p.name} ({kind}: {e.strerror})")
     found, empty = {}, []
     for c in classes:
-        files = sorted(f for f in c.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        files: list[Path] = []
+
+        def walk_error(e: OSError) -> None:
+            problems.append(f"{Path(e.filename).relative_to(root) if e.filename else c.name} "
+                            f"(unreadable: {e.strerror})")
+
+        for dirpath, dirnames, filenames in os.walk(c, onerror=walk_error):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [Path(dirpath) / f for f in filenames
+                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
         if files:
-            found[c.name] = files
+            found[c.name] = sorted(files)
         else:
             empty.append(c.name)
+    if problems:
+        raise DataError(f"{len(problems)} unreadable entr{'y' if len(problems) == 1 else 'ies'} in {root}: "
+                        + ", ".join(problems[:10]))
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders (expected ImageFolder layout: {root}/<class>/<image>)")
     if empty:
         raise DataError(f"class folder(s) without images in {root}: {', '.join(empty)}")
     return found
@@ -74,11 +103,9 @@ def check_known_classes(found: dict[str, list[Path]], known_labels: list[str]) -
 
 def _decode(path: Path, p: Preprocessing, train_view: bool):
     try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        return None, f"{path}: {type(e).__name__}: {e}"
+        rgb = open_bounded(path, TRAIN_IMAGE_LIMITS, min_side=p.scale_size)
+    except ImageRejected as e:
+        return None, f"{path}: {e.message}"
     ev = eval_crop(rgb, p)
     tr = to_uint8_chw(resize_and_crop(rgb, p.scale_size, p.scale_size, p.interpolation)) if train_view else None
     return (tr, ev), None

@@ -1,0 +1,97 @@
+"""Bounded image decoding, shared by the trainer (task folders) and the server (request bodies).
+
+Hostile files cost little: the header is read first and the image is refused before any pixel is allocated when
+its width, height, pixel count or aspect ratio is over the limits (a 140-byte PNG can declare 500000 x 1 pixels,
+and resizing such a strip to the model's shorter side would allocate gigabytes); JPEGs are decoded at reduced
+size (`Image.draft`, DCT scaling) when the model needs far fewer pixels; truncated and corrupt files are refused.
+Every refusal is an `ImageRejected` with an HTTP-like status: 400 corrupt, 413 too large, 415 not an image.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "MPO"}
+
+
+class ImageRejected(ValueError):
+    """An image that is refused; `status` is 400 (corrupt), 413 (too large) or 415 (not a supported image)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class ImageLimits(BaseModel):
+    """What one image may declare before it is decoded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_pixels: int = Field(40_000_000, gt=0, description="width x height, as declared by the header")
+    max_side: int = Field(20_000, gt=0, description="largest width or height")
+    max_aspect: float = Field(50.0, ge=1.0, description="longer side / shorter side")
+    max_file_bytes: int = Field(200 * 1024 * 1024, gt=0, description="largest encoded file read from disk")
+
+
+def open_bounded(source: bytes | str | Path, limits: ImageLimits, min_side: int = 0,
+                 pixel_budget: int | None = None) -> Image.Image:
+    """Decode one image to RGB within `limits`; raises ImageRejected.
+
+    `min_side`: the smallest shorter side the caller needs (JPEGs are decoded at the largest DCT reduction that
+    keeps it). `pixel_budget`: the most pixels this decode may allocate (a request's remaining budget).
+    """
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageRejected(400, "empty image")
+        fp = io.BytesIO(source)
+    else:
+        try:
+            with open(source, "rb") as f:
+                fp = io.BytesIO(f.read(limits.max_file_bytes + 1))
+        except OSError as e:
+            raise ImageRejected(400, f"unreadable file: {e.strerror or e}") from None
+        if len(fp.getbuffer()) > limits.max_file_bytes:
+            raise ImageRejected(413, f"file is over {limits.max_file_bytes} bytes")
+        if not len(fp.getbuffer()):
+            raise ImageRejected(400, "empty file")
+    try:
+        im = Image.open(fp)
+    except Image.DecompressionBombError:
+        raise ImageRejected(413, f"image has too many pixels (limit {limits.max_pixels})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        raise ImageRejected(415, "not a decodable image (supported: JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+    try:
+        return _decode_opened(im, limits, min_side, pixel_budget)
+    finally:
+        im.close()
+
+
+def _decode_opened(im: Image.Image, limits: ImageLimits, min_side: int, pixel_budget: int | None) -> Image.Image:
+    if im.format not in ALLOWED_FORMATS:
+        raise ImageRejected(415, f"unsupported image type {im.format}")
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise ImageRejected(400, "image has no pixels")
+    if w * h > limits.max_pixels:
+        raise ImageRejected(413, f"image is {w}x{h} = {w * h} pixels; the limit is {limits.max_pixels}")
+    if max(w, h) > limits.max_side:
+        raise ImageRejected(413, f"image is {w}x{h}; the largest side allowed is {limits.max_side}")
+    if max(w, h) / min(w, h) > limits.max_aspect:
+        raise ImageRejected(413, f"image is {w}x{h}: aspect ratio {max(w, h) / min(w, h):.0f}:1 is over the "
+                                 f"limit of {limits.max_aspect:g}:1")
+    if im.format in ("JPEG", "MPO") and min_side > 0:
+        im.draft("RGB", (min_side, min_side))  # decode at 1/2, 1/4 or 1/8 size when that still covers min_side
+    dw, dh = im.size
+    if pixel_budget is not None and dw * dh > pixel_budget:
+        raise ImageRejected(413, f"the images of this request decode to more pixels than allowed; "
+                                 f"send fewer or smaller images")
+    try:
+        im.load()
+        return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise ImageRejected(400, f"truncated or corrupt image: {e}") from None
+    except MemoryError:
+        raise ImageRejected(413, "image is too large to decode") from None
