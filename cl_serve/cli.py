@@ -94,14 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="default: the live version")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("status", help="versions, tasks, classes, method and backbone of a store")
+    p = sub.add_parser("status", help="versions (verified), what a server would serve, method and backbone; "
+                       "exit 2 when the live version or CURRENT is broken")
     _store_arg(p)
+    p.add_argument("--fast", action="store_true", help="read the manifests only; do not verify file hashes")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("export", help="re-export a version's merged weights to ONNX (parity-checked)")
     _store_arg(p)
     p.add_argument("--version", type=int, help="default: the live version")
-    p.add_argument("--fp16", action="store_true", help="write model.fp16.onnx for GPUs instead")
+    p.add_argument("--fp16", action="store_true", help="attach a half-precision ONNX file for GPUs (served in "
+                   "preference to the fp32 one on a CUDA provider)")
+    p.add_argument("--opset", type=int, choices=range(17, 22), metavar="{17..21}",
+                   help="ONNX opset (default 18); the version's file is replaced atomically, never in place")
 
     p = sub.add_parser("rollback", help="make an earlier version live again (servers swap to it)")
     _store_arg(p)
@@ -118,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between checks of the store's CURRENT")
     p.add_argument("--max-request-mb", type=float, default=20.0)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")
+    p.add_argument("--auth-token", default=None, metavar="TOKEN",
+                   help="require `Authorization: Bearer TOKEN` on every route but /healthz "
+                        "(default: $CL_SERVE_AUTH_TOKEN; unset = no token). Prefer the variable: argv is visible to ps")
 
     p = sub.add_parser("classify", help="send images to a running server and print its predictions")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -134,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="skip the serving part of the demo")
 
     p = sub.add_parser("bench", help="benchmarks: `cl-serve bench cil ...` or `cl-serve bench serving ...`")
-    p.add_argument("which", choices=("cil", "serving"))
+    p.add_argument("which", choices=("cil", "serving", "hostile"))
     p.add_argument("args", nargs=argparse.REMAINDER)
     return ap
 
@@ -159,11 +167,48 @@ def _head_dict(a: argparse.Namespace) -> dict[str, Any]:
     return d
 
 
+def _print_status(r: dict[str, Any]) -> None:
+    m = r["method"]
+    print(f"store {r['store']}\n  backbone {r['backbone']['timm_model']} {r['backbone'].get('timm_kwargs', {})}"
+          f" ({r['backbone']['source']})\n  method {m['name']}: "
+          + ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")
+          + f"\n  head {r['head']['name']}: " + ", ".join(f"{k}={v}" for k, v in r["head"].items() if k != "name"))
+    if r["current_error"]:
+        print(f"  CURRENT: {r['current_error']}")
+    else:
+        print(f"  live version {r['current']}: {r['tasks']} tasks, {r['classes']} classes")
+    s = r["serving"]
+    print(f"  a server would serve: version {s['version']}" if s["version"] is not None
+          else f"  a server would serve: nothing new ({s['reason']})")
+    print("  files verified (sha256)" if r["verified"] else "  files NOT verified (--fast): manifests read only")
+    for v in r["versions"]:
+        mark = "*" if v["live"] else " "
+        if v["state"] == "broken":
+            print(f"  {mark} {v['version']:4d}  BROKEN: {v['error']}")
+            continue
+        acc = f"test acc {v['test_accuracy']:.3f}" if v["test_accuracy"] is not None else ""
+        onnx = "" if v["onnx"] else "  (no ONNX: not servable)"
+        print(f"  {mark} {v['version']:4d}  task {v['task']}  +{v['new_classes']} -> {v['classes']} classes  "
+              f"{v['created_at']}  {acc}{onnx}")
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
 def run(a: argparse.Namespace) -> int:
+    """Writers take the store lock first, before torch is imported: a second writer is refused at once."""
+    from cl_serve.store import LOCK_HINTS, Store
+
+    if a.command not in LOCK_HINTS:
+        return _run(a)
+    store = Store(a.store)
+    store.config()  # a missing or broken store is reported before anything else
+    with store.lock(wait=getattr(a, "wait", False), hint=LOCK_HINTS[a.command]):
+        return _run(a)
+
+
+def _run(a: argparse.Namespace) -> int:
     if a.command in ("init", "add-task", "evaluate", "export", "rollback", "status"):
         from cl_serve import pipeline
 
@@ -210,25 +255,16 @@ def run(a: argparse.Namespace) -> int:
             for p in r["per_task"]:
                 print(f"  task {p['task']}: {p['accuracy']:.4f} ({p['images']} images)")
     elif a.command == "status":
-        r = pipeline.status(a.store)
+        r = pipeline.status(a.store, fast=a.fast)
         if a.json:
             _print_json(r)
         else:
-            m = r["method"]
-            print(f"store {r['store']}\n  backbone {r['backbone']['timm_model']} {r['backbone'].get('timm_kwargs', {})}"
-                  f" ({r['backbone']['source']})\n  method {m['name']}: "
-                  + ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")
-                  + f"\n  head {r['head']['name']}: " + ", ".join(f"{k}={v}" for k, v in r["head"].items() if k != "name")
-                  + f"\n  live version {r['current']}: {r['tasks']} tasks, {r['classes']} classes")
-            for v in r["versions"]:
-                if "error" in v:
-                    print(f"  {'*' if v['live'] else ' '} {v['version']:4d}  BROKEN: {v['error']}")
-                    continue
-                acc = f"test acc {v['test_accuracy']:.3f}" if v["test_accuracy"] is not None else ""
-                print(f"  {'*' if v['live'] else ' '} {v['version']:4d}  task {v['task']}  +{v['new_classes']} "
-                      f"-> {v['classes']} classes  {v['created_at']}  {acc}")
+            _print_status(r)
+        if not r["healthy"]:
+            print(f"cl-serve status: error: {r['current_error'] or r['serving']['reason']}", file=sys.stderr)
+            return 2
     elif a.command == "export":
-        r = pipeline.export_version(a.store, a.version, fp16=a.fp16)
+        r = pipeline.export_version(a.store, a.version, fp16=a.fp16, opset=a.opset)
         print(f"exported version {r['version']} to {r['file']} (opset {r['opset']}, {r['dtype']}, "
               f"parity {r['parity_max_abs_diff']:.2e})")
     elif a.command == "rollback":

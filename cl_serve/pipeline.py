@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from cl_serve.errors import StoreError, UserError
-from cl_serve.store import Manifest, Store, StoreConfig, TaskRecord, sha256_file
+from cl_serve.store import LOCK_HINTS, Manifest, Store, atomic_write_text, StoreConfig, TaskRecord, sha256_file
 from exports.preprocessing import Preprocessing
 from trainer import backbone as bb
 from trainer.data import TaskData, check_known_classes, check_new_classes, load_task_data, scan_image_folder
@@ -71,7 +72,7 @@ def init_store(root: str | Path, *, method: dict[str, Any], head: dict[str, Any]
         tmp.replace(store.backbone_weights_path())
         card = {**{k: v for k, v in card.items() if k != "classes"}, "timm_model": spec.timm_model,
                 "timm_kwargs": spec.timm_kwargs, "source": spec.source, "preprocessing": prep.model_dump()}
-        (store.backbone_dir / "card.json").write_text(json.dumps(card, indent=2, default=str))
+        atomic_write_text(store.backbone_dir / "card.json", json.dumps(card, indent=2, default=str))
         config = StoreConfig(backbone=spec.model_dump(), backbone_sha256=sha256_file(store.backbone_weights_path()),
                              method=mcfg.model_dump(), head=hcfg.model_dump(), preprocessing=prep)
         store.create(config)
@@ -171,7 +172,8 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
                                 "head": "linear" if "head.weight" in merged else "random-projection"})
             onnx_info = None
             if export:
-                onnx_info = _export(model, writer.file("model.onnx"), prep, labels, writer.version, cfg.method["name"])
+                onnx_info = {**_export(model, writer.file("model.onnx"), prep, labels, writer.version,
+                                       cfg.method["name"]), "file": "model.onnx"}
             manifest = Manifest(version=writer.version, parent=parent, task_index=task_index, labels=labels,
                                 tasks=tasks, preprocessing=prep, method=cfg.method, head=cfg.head,
                                 backbone=cfg.backbone,
@@ -191,30 +193,33 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
 
 
 def _export(model, path: Path, prep: Preprocessing, labels: list[str], version: int, method: str,
-            fp16: bool = False) -> dict[str, Any]:
-    from exports.onnx_export import export_onnx
+            fp16: bool = False, opset: int | None = None) -> dict[str, Any]:
+    from exports.onnx_export import OPSET, export_onnx
     from exports.parity import check_parity
 
-    info = export_onnx(model, path, preprocessing=prep, labels=labels, fp16=fp16,
+    info = export_onnx(model, path, preprocessing=prep, labels=labels, fp16=fp16, opset=opset or OPSET,
                        metadata={"version": str(version), "method": method})
     info["parity_max_abs_diff"] = check_parity(model, path, prep.input_size, fp16=fp16)
     return info
 
 
-def export_version(root: str | Path, version: int | None = None, *, fp16: bool = False) -> dict[str, Any]:
-    """Re-export a version's ONNX from its merged weights (parity-checked); fp16 goes to model.fp16.onnx."""
+def export_version(root: str | Path, version: int | None = None, *, fp16: bool = False,
+                   opset: int | None = None) -> dict[str, Any]:
+    """Re-export a version's ONNX from its merged weights (parity-checked). The version's files are never
+    rewritten in place: the new file gets a new name and the manifest switches to it atomically
+    (`Store.switch_onnx`); identical bytes change nothing. fp16 attaches a half-precision file for GPUs next to
+    the fp32 one; `opset` picks another ONNX opset (e.g. for an older runtime)."""
     store = Store(root)
-    with store.lock():
+    with store.lock(hint=LOCK_HINTS["export"]):
         v = version if version is not None else store.current()
         if v is None:
             raise StoreError("the store has no version yet")
         m = store.manifest(v, verify=True)
         model = load_merged_model(store, v)
-        name = "model.fp16.onnx" if fp16 else "model.onnx"
-        tmp = store.version_dir(v) / f".{name}.tmp"
+        tmp = store.version_dir(v) / f".model.export.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            info = _export(model, tmp, m.preprocessing, m.labels, v, m.method["name"], fp16=fp16)
-            store.replace_file(v, name, tmp, None if fp16 else {"onnx": info})
+            info = _export(model, tmp, m.preprocessing, m.labels, v, m.method["name"], fp16=fp16, opset=opset)
+            name = store.switch_onnx(v, tmp, info, fp16=fp16)
         finally:
             tmp.unlink(missing_ok=True)
     return {"version": v, "file": str(store.version_dir(v) / name), **info}
@@ -235,7 +240,7 @@ def evaluate(root: str | Path, data_dir: str | Path, version: int | None = None,
 
 
 def rollback(root: str | Path, version: int, wait: bool = False) -> int:
-    """Point CURRENT at an existing (verified) version; the server swaps to it."""
+    """Point CURRENT at an existing (verified) version; the server swaps to it. Also repairs a broken CURRENT."""
     store = Store(root)
     store.config()
     with store.lock(wait=wait):
@@ -243,22 +248,49 @@ def rollback(root: str | Path, version: int, wait: bool = False) -> int:
     return version
 
 
-def status(root: str | Path) -> dict[str, Any]:
+def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
+    """What the store holds and what a server started on it would serve.
+
+    Every version is verified (sha256 of each listed file; `fast` reads the manifests only and says so). A
+    version is `ok`, or `broken` with the reason; `serving` is the version a server would load (the live one, if it
+    verifies and has an ONNX file), or None with the reason and the fix; `healthy` is False when it is None while
+    versions exist or when CURRENT itself is broken.
+    """
     store = Store(root)
     cfg = store.config()
-    current = store.current()
-    versions = []
+    try:
+        current, current_error = store.current(), None
+    except StoreError as e:
+        current, current_error = None, str(e)
+    versions, by_version = [], {}
     for v in store.versions():
+        row: dict[str, Any] = {"version": v, "live": v == current}
         try:
-            m = store.manifest(v, verify=False)
-            versions.append({"version": v, "parent": m.parent, "task": m.task_index, "classes": len(m.labels),
-                             "new_classes": len(m.tasks[-1].labels) if m.tasks else 0, "created_at": m.created_at,
-                             "test_accuracy": (m.metrics.get("test") or {}).get("accuracy"),
-                             "onnx": m.onnx is not None, "live": v == current})
+            m = store.manifest(v, verify=not fast)
+            row.update({"parent": m.parent, "task": m.task_index, "classes": len(m.labels),
+                        "new_classes": len(m.tasks[-1].labels) if m.tasks else 0, "created_at": m.created_at,
+                        "test_accuracy": (m.metrics.get("test") or {}).get("accuracy"),
+                        "onnx": m.onnx_file() is not None, "state": "ok" if not fast else "not verified"})
+            by_version[v] = m
         except StoreError as e:
-            versions.append({"version": v, "error": str(e), "live": v == current})
-    live = store.manifest(current, verify=False) if current is not None else None
+            row.update({"state": "broken", "error": str(e)})
+        versions.append(row)
+    live = by_version.get(current)
+    serving: dict[str, Any] = {"version": None}
+    if current_error:
+        serving["reason"] = current_error
+    elif current is None:
+        serving["reason"] = "no version is live yet: publish one with `cl-serve add-task`"
+    elif live is None:
+        serving["reason"] = f"live version {current} is broken: a server refuses it; {store.fix_hint()}"
+    elif live.onnx_file() is None:
+        serving["reason"] = (f"live version {current} has no ONNX file (published with --no-export); "
+                             f"run `cl-serve export --store {store.root} --version {current}`")
+    else:
+        serving = {"version": current}
+    healthy = current_error is None and (serving["version"] is not None or not versions)
     return {"store": str(store.root), "method": cfg.method, "head": cfg.head, "backbone": cfg.backbone,
-            "preprocessing": cfg.preprocessing.model_dump(), "current": current,
+            "preprocessing": cfg.preprocessing.model_dump(), "current": current, "current_error": current_error,
+            "verified": not fast, "serving": serving, "healthy": healthy,
             "tasks": len(live.tasks) if live else 0, "classes": len(live.labels) if live else 0,
             "versions": versions}

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import time
 import uuid
@@ -24,13 +25,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cl_serve.errors import StoreError
 from exports.preprocessing import Preprocessing
 
 FORMAT_VERSION = 1
 VERSION_FILES = ("learner.safetensors", "merged.safetensors", "model.onnx")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a file name inside a version directory, nothing else
+# What the user of each writing command can do when another writer holds the store's lock.
+LOCK_HINTS = {"add-task": "retry later or pass --wait", "rollback": "retry later or pass --wait",
+              "export": "retry when it has finished (`cl-serve status` shows the store)"}
+CURRENT_FORMAT = re.compile(rb"[0-9]{1,9}\n?")  # CURRENT: ASCII digits, one optional newline
 
 
 def utc_now() -> str:
@@ -102,8 +108,31 @@ class Manifest(BaseModel):
     backbone: dict[str, Any]
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
-    onnx: dict[str, Any] | None = None
+    onnx: dict[str, Any] | None = None  # export info; "file" names the ONNX file (default model.onnx)
+    onnx_fp16: dict[str, Any] | None = None  # the same for the fp16 export, when there is one
     files: dict[str, str]  # file name -> sha256
+
+    @field_validator("files")
+    @classmethod
+    def _plain_names(cls, files: dict[str, str]) -> dict[str, str]:
+        bad = [n for n in files if not PLAIN_NAME.fullmatch(n) or n == "manifest.json"]
+        if bad:
+            raise ValueError(f"file names must be plain names inside the version directory, got {bad[:3]}")
+        return files
+
+    def onnx_file(self, fp16: bool = False) -> str | None:
+        """The version's ONNX file name (fp16: the half-precision one), or None when it has none."""
+        info = self.onnx_fp16 if fp16 else self.onnx
+        name = (info or {}).get("file", "model.fp16.onnx" if fp16 else "model.onnx")
+        return name if name in self.files else None
+
+
+def describe_error(e: Exception) -> str:
+    """One line for a user: a validation error's first field and message, else the exception's first line."""
+    if isinstance(e, ValidationError) and e.errors():
+        err = e.errors()[0]
+        return f"{'.'.join(str(x) for x in err['loc']) or 'value'}: {err['msg']}"
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def fault_point(name: str) -> None:
@@ -159,7 +188,7 @@ class Store:
         try:
             cfg = StoreConfig.model_validate_json(self.config_path.read_text())
         except (ValidationError, ValueError, OSError) as e:
-            raise StoreError(f"broken store: {self.config_path} is unreadable: {str(e).splitlines()[0]}") from e
+            raise StoreError(f"broken store: {self.config_path} is unreadable: {describe_error(e)}") from e
         if cfg.format_version != FORMAT_VERSION:
             raise StoreError(f"store format {cfg.format_version} is not supported (this cl-serve reads {FORMAT_VERSION})")
         return cfg
@@ -178,7 +207,8 @@ class Store:
     def versions(self) -> list[int]:
         if not self.versions_dir.is_dir():
             return []
-        return sorted(int(p.name) for p in self.versions_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        return sorted(int(p.name) for p in self.versions_dir.iterdir()
+                      if re.fullmatch(r"[0-9]{1,9}", p.name) and p.is_dir())
 
     def version_dir(self, v: int) -> Path:
         return self.versions_dir / vname(v)
@@ -186,15 +216,35 @@ class Store:
     def current(self) -> int | None:
         """The live version, or None before the first one; a CURRENT naming a missing version is an error."""
         try:
-            text = self.current_path.read_text().strip()
+            raw = self.current_path.read_bytes()[:64]
         except FileNotFoundError:
             return None
-        if not text.isdigit():
-            raise StoreError(f"broken store: CURRENT holds {text!r}, not a version number")
-        v = int(text)
+        except OSError as e:
+            raise StoreError(f"broken store: {self.current_path} is unreadable ({e.strerror}); "
+                             f"{self.fix_hint()}") from None
+        if not CURRENT_FORMAT.fullmatch(raw):
+            raise StoreError(f"broken store: CURRENT holds {raw[:20]!r}, not a version number; {self.fix_hint()}")
+        v = int(raw)
         if not self.version_dir(v).is_dir():
-            raise StoreError(f"broken store: CURRENT names version {v}, which does not exist")
+            raise StoreError(f"broken store: CURRENT names version {v}, which does not exist; {self.fix_hint()}")
         return v
+
+    def fix_hint(self) -> str:
+        """How to repair a broken CURRENT: roll back to the newest version that verifies."""
+        good = self.latest_valid()
+        if good is None:
+            return "no version verifies: publish one with `cl-serve add-task`"
+        return f"make a version live with `cl-serve rollback --store {self.root} --version {good}`"
+
+    def latest_valid(self) -> int | None:
+        """The newest version whose manifest and files verify (None if none does)."""
+        for v in reversed(self.versions()):
+            try:
+                self.manifest(v, verify=True)
+                return v
+            except StoreError:
+                continue
+        return None
 
     def manifest(self, v: int, verify: bool = True) -> Manifest:
         """A version's manifest; with verify, every listed file's sha256 is checked."""
@@ -205,8 +255,10 @@ class Store:
         try:
             m = Manifest.model_validate_json((d / "manifest.json").read_text())
         except (ValidationError, ValueError, OSError) as e:
-            raise StoreError(f"broken version {v}: manifest.json unreadable: {str(e).splitlines()[0]}") from e
+            raise StoreError(f"broken version {v}: manifest.json unreadable: {describe_error(e)}") from e
         if verify:
+            if not m.files:
+                raise StoreError(f"broken version {v}: manifest.json lists no files")
             for name, digest in m.files.items():
                 p = d / name
                 if not p.is_file():
@@ -216,9 +268,24 @@ class Store:
         return m
 
     # -- writing -----------------------------------------------------------------------------------------------
+    _held: dict[str, int] = {}  # lock files this process holds -> nesting depth (the lock is re-entrant)
+
     @contextlib.contextmanager
-    def lock(self, wait: bool = False, timeout: float | None = None) -> Iterator[None]:
-        """Exclusive writer lock; fails at once (or waits with `wait`) when another writer holds it."""
+    def lock(self, wait: bool = False, timeout: float | None = None,
+             hint: str = "retry later or pass --wait") -> Iterator[None]:
+        """Exclusive writer lock; fails at once (or waits with `wait`) when another writer holds it.
+
+        Re-entrant within one process (the CLI takes it before importing torch; the pipeline takes it again).
+        `hint` ends the "locked" message: what the command's user can do about it.
+        """
+        key = os.path.abspath(self.lock_path)
+        if key in Store._held:
+            Store._held[key] += 1
+            try:
+                yield
+            finally:
+                Store._held[key] -= 1
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -232,22 +299,51 @@ class Store:
                         raise
                     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                     if not wait or (deadline is not None and time.monotonic() > deadline):
-                        raise StoreError(f"store {self.root} is locked by another writer ({holder}); "
-                                         "retry later or pass --wait") from None
+                        raise StoreError(f"store {self.root} is locked by another writer ({holder}); {hint}") from None
                     time.sleep(0.2)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} since {utc_now()}".encode(), 0)
-            self._clean_stale_temporaries()
+            Store._held[key] = 1
+            self.clean_stale_temporaries()
             yield
         finally:
+            Store._held.pop(key, None)
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
             os.close(fd)  # closing releases the flock
 
-    def _clean_stale_temporaries(self) -> None:
+    def clean_stale_temporaries(self) -> list[str]:
+        """Remove what crashed writers left (called under the lock): unfinished version directories, temporary
+        files (`.NAME.*.tmp`, `.NAME.tmp.partial`) in the store root, backbone/ and every version, and ONNX files a manifest no longer lists
+        (a re-export killed after its manifest switch). Returns what was removed."""
+        removed: list[str] = []
+
+        def rm(p: Path) -> None:
+            removed.append(str(p.relative_to(self.root)))
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+        dirs = [self.root, self.backbone_dir]
         if self.versions_dir.is_dir():
             for p in self.versions_dir.glob(".tmp-*"):
-                shutil.rmtree(p, ignore_errors=True)
+                rm(p)
+            dirs += [self.version_dir(v) for v in self.versions()]
+        for d in dirs:
+            if d.is_dir():
+                for p in d.glob(".*.tmp*"):  # also an exporter's `.X.tmp.partial` files
+                    rm(p)
+        for v in self.versions():
+            try:
+                listed = set(self.manifest(v, verify=False).files)
+            except StoreError:
+                continue  # a broken version is left as it is, for a person to look at
+            for p in self.version_dir(v).glob("model*.onnx"):
+                if p.name not in listed:
+                    rm(p)
+        return removed
 
     def new_version(self) -> VersionWriter:
         existing = self.versions()
@@ -282,12 +378,36 @@ class Store:
         self.manifest(v, verify=True)
         atomic_write_text(self.current_path, vname(v) + "\n")
 
-    def replace_file(self, v: int, name: str, source: Path, manifest_update: dict[str, Any] | None = None) -> None:
-        """Swap one file of an existing version (re-export), keeping manifest and sha256 consistent."""
+    def switch_onnx(self, v: int, source: Path, info: dict[str, Any], fp16: bool = False) -> str:
+        """Attach a re-exported ONNX file to version `v` without ever rewriting a file in place.
+
+        The new bytes get a new, content-addressed name; then manifest.json is replaced atomically (it is the one
+        switch: before it the old file is served, after it the new one, and both manifests verify); only then is
+        the old file removed. A crash at any point leaves the version verifiable; a leftover unlisted file is
+        removed by the next writer. Returns the new file name (unchanged when the bytes are identical).
+        """
         d = self.version_dir(v)
         m = self.manifest(v, verify=True)
+        digest = sha256_file(source)
+        old = m.onnx_file(fp16)
+        if old is not None and m.files[old] == digest:
+            source.unlink()
+            return old
+        name = f"model{'.fp16' if fp16 else ''}.{digest[:12]}.onnx"
+        os.chmod(source, 0o644)
+        with open(source, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(source, d / name)
-        files = {**m.files, name: sha256_file(d / name)}
-        m = m.model_copy(update={**(manifest_update or {}), "files": files})
+        _fsync_dir(d)
+        fault_point("export-before-manifest")
+        files = {k: h for k, h in m.files.items() if k != old}
+        files[name] = digest
+        key = "onnx_fp16" if fp16 else "onnx"
+        m = m.model_copy(update={key: {**info, "file": name}, "files": files})
         atomic_write_text(d / "manifest.json", m.model_dump_json(indent=2))
-
+        fault_point("export-before-cleanup")
+        if old is not None and old != name:
+            with contextlib.suppress(FileNotFoundError):
+                (d / old).unlink()
+            _fsync_dir(d)
+        return name

@@ -23,7 +23,7 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, *, preprocessing: Preprocessing, labels: list[str],
-                metadata: dict[str, Any] | None = None, fp16: bool = False) -> dict[str, Any]:
+                metadata: dict[str, Any] | None = None, fp16: bool = False, opset: int = OPSET) -> dict[str, Any]:
     """Write `path`; returns the export info recorded in the manifest (opset, dtype, input/output names)."""
     import onnx
 
@@ -37,12 +37,12 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, preprocessing: Prep
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({0: batch},), opset_version=OPSET,
+        program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({0: batch},), opset_version=opset,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)
     program.save(str(path) + ".partial")
     proto = onnx.load(str(path) + ".partial")
     meta = {"cl_serve.labels": json.dumps(labels), "cl_serve.preprocessing": preprocessing.model_dump_json(),
-            "cl_serve.opset": str(OPSET), "cl_serve.dtype": "float16" if fp16 else "float32"}
+            "cl_serve.opset": str(opset), "cl_serve.dtype": "float16" if fp16 else "float32"}
     for k, v in (metadata or {}).items():
         meta[f"cl_serve.{k}"] = v if isinstance(v, str) else json.dumps(v)
     del proto.metadata_props[:]
@@ -53,7 +53,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, preprocessing: Prep
     os.replace(str(path) + ".partial", path)
     for leftover in path.parent.glob(path.name + ".partial*"):
         leftover.unlink()
-    return {"opset": OPSET, "dtype": meta["cl_serve.dtype"], "input": INPUT_NAME, "output": OUTPUT_NAME,
+    return {"opset": opset, "dtype": meta["cl_serve.dtype"], "input": INPUT_NAME, "output": OUTPUT_NAME,
             "dynamic_batch": True}
 
 
