@@ -8,7 +8,6 @@ serving, and `status()` says why.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -18,14 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-
 from cl_serve.errors import StoreError
 from cl_serve.store import Store
+from exports.image_decode import ImageLimits, ImageRejected, open_bounded
 from exports.preprocessing import Preprocessing, preprocess_image
 
 log = logging.getLogger("cl_serve")
-ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "MPO"}
 
 
 class BadInput(Exception):
@@ -57,6 +54,7 @@ class LoadedModel:
     manifest: dict[str, Any]
     session: Any
     input_name: str
+    onnx_file: str = "model.onnx"
     loaded_at: float = field(default_factory=time.time)
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -68,30 +66,43 @@ class LoadedModel:
                 "tasks": [{"index": t["index"], "labels": t["labels"], "version": t["version"]} for t in m["tasks"]],
                 "method": m["method"], "backbone": m["backbone"], "preprocessing": self.preprocessing.model_dump(),
                 "metrics": m["metrics"], "created_at": m["created_at"], "onnx": m["onnx"],
-                "providers": self.session.get_providers()}
+                "onnx_file": self.onnx_file, "providers": self.session.get_providers()}
 
 
 def load_version(store: Store, version: int, intra_op_threads: int | None = None) -> LoadedModel:
-    """Verify and load one version; raises StoreError with the reason when it cannot be served."""
+    """Verify and load one version; raises StoreError with the reason when it cannot be served.
+
+    On a GPU provider the version's fp16 file is preferred when it has one; `LoadedModel.info()` reports the file
+    and the providers actually used.
+    """
     import onnxruntime as ort
 
     m = store.manifest(version, verify=True)
-    if "model.onnx" not in m.files:
-        raise StoreError(f"version {version} has no model.onnx (published with --no-export); "
+    providers = onnx_providers()
+    name = m.onnx_file()
+    if providers[0] != "CPUExecutionProvider" and m.onnx_file(fp16=True):
+        name = m.onnx_file(fp16=True)
+    if name is None:
+        raise StoreError(f"version {version} has no ONNX file (published with --no-export); "
                          f"run `cl-serve export --version {version}`")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
     try:
-        sess = ort.InferenceSession(str(store.version_dir(version) / "model.onnx"), opts, providers=onnx_providers())
+        sess = ort.InferenceSession(str(store.version_dir(version) / name), opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types
-        raise StoreError(f"version {version}: ONNX Runtime cannot load model.onnx: {e}") from e
+        raise StoreError(f"version {version}: ONNX Runtime cannot load {name}: {e}") from e
     meta = sess.get_modelmeta().custom_metadata_map
-    if json.loads(meta.get("cl_serve.labels", "null")) != m.labels:
-        raise StoreError(f"version {version}: labels in model.onnx do not match manifest.json")
+    try:
+        labels = json.loads(meta.get("cl_serve.labels", "null"))
+    except ValueError:
+        labels = None
+    if labels != m.labels:
+        raise StoreError(f"version {version}: labels in {name} do not match manifest.json")
     p = m.preprocessing
-    model = LoadedModel(version, list(m.labels), p, json.loads(m.model_dump_json()), sess, sess.get_inputs()[0].name)
+    model = LoadedModel(version, list(m.labels), p, json.loads(m.model_dump_json()), sess, sess.get_inputs()[0].name,
+                        onnx_file=name)
     warm = model.run(np.zeros((2, 3, p.input_size, p.input_size), np.float32))  # warm-up, and a sanity check
     if warm.shape != (2, len(m.labels)) or not np.isfinite(warm).all():
         raise StoreError(f"version {version}: warm-up output {warm.shape} is not (2, {len(m.labels)}) finite logits")
@@ -109,6 +120,8 @@ class ModelWatcher:
         self.pinned: int | None = None
         self.last_error: str | None = None
         self.refused: dict[int, str] = {}
+        self.store_error: str | None = None  # CURRENT unreadable or broken (the reason includes the fix)
+        self.fix_hint: str | None = None  # computed once per refusal: which version to roll back to
         self._refused_stamp: dict[int, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -140,8 +153,9 @@ class ModelWatcher:
         try:
             want = self.wanted_version()
         except StoreError as e:
-            self.last_error = str(e)
+            self.last_error = self.store_error = str(e)
             return
+        self.store_error = None
         if want is None or (self.model is not None and self.model.version == want):
             return
         self.load(want)
@@ -160,6 +174,7 @@ class ModelWatcher:
                 self.refused[version] = str(e)
                 self._refused_stamp[version] = stamp
                 self.last_error = f"refused version {version}: {e}"
+                self.fix_hint = self.store.fix_hint()
                 log.warning(self.last_error)
                 return False
             self.model = new  # the swap: one reference assignment; in-flight batches keep the old object
@@ -168,46 +183,52 @@ class ModelWatcher:
             log.info("serving version %d", version)
             return True
 
+    def unavailable_reason(self) -> str | None:
+        """Why nothing is served (None when a model is): what a request or /healthz tells the operator."""
+        if self.model is not None:
+            return None
+        if self.store_error:
+            return self.store_error
+        want = self.pinned if self.pinned is not None else None
+        if want is None:
+            try:
+                want = self.store.current()
+            except StoreError as e:
+                return str(e)
+        if want is None:
+            return "no model version is live yet: publish one with `cl-serve add-task`"
+        if want in self.refused:
+            return f"live version {want} cannot be served ({self.refused[want]}); {self.fix_hint}"
+        return f"version {want} is loading"
+
     def status(self) -> dict[str, Any]:
         m = self.model
+        live: Any
         try:
             live = self.store.current()
         except StoreError as e:
-            live = f"unreadable: {e}"
+            live = None
+            self.store_error = str(e)
         return {"ready": m is not None, "version": m.version if m else None, "store_current": live,
+                "store_error": self.store_error, "reason": self.unavailable_reason(),
                 "pinned": self.pinned, "last_error": self.last_error,
                 "refused_versions": {str(k): v for k, v in self.refused.items()}, "swaps": self.swaps,
+                "onnx_file": m.onnx_file if m else None, "providers": m.session.get_providers() if m else None,
                 "watcher_alive": self.alive}
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB image, or BadInput: empty (400), not an image / unsupported (415), too large (413),
-    truncated or corrupt (400)."""
-    if not data:
-        raise BadInput(400, "empty image")
-    try:
-        im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise BadInput(413, f"image has too many pixels (limit {max_pixels})") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise BadInput(415, "not a decodable image (supported: JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
-    if im.format not in ALLOWED_FORMATS:
-        raise BadInput(415, f"unsupported image type {im.format}")
-    w, h = im.size
-    if w * h > max_pixels:
-        raise BadInput(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
-    if w < 1 or h < 1:
-        raise BadInput(400, "image has no pixels")
-    try:
-        im.load()
-        return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadInput(400, f"truncated or corrupt image: {e}") from None
-
-
-def prepare_batch(blobs: list[bytes], p: Preprocessing, max_pixels: int) -> np.ndarray:
-    """Decode and preprocess every image of a request: float32 (n, 3, H, W)."""
-    return np.stack([preprocess_image(decode_image(b, max_pixels), p) for b in blobs])
+def prepare_batch(blobs: list[bytes], p: Preprocessing, limits: ImageLimits, max_request_pixels: int) -> np.ndarray:
+    """Decode (bounded, see exports.image_decode) and preprocess every image of a request: float32 (n, 3, H, W).
+    The request's images together may decode to at most `max_request_pixels` pixels."""
+    out, budget = [], max_request_pixels
+    for i, b in enumerate(blobs):
+        try:
+            img = open_bounded(b, limits, min_side=p.scale_size, pixel_budget=budget)
+        except ImageRejected as e:
+            raise BadInput(e.status, f"image {i}: {e.message}" if len(blobs) > 1 else e.message) from None
+        budget -= img.size[0] * img.size[1]
+        out.append(preprocess_image(img, p))
+    return np.stack(out)
 
 
 def top_k_predictions(logits: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:

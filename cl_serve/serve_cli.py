@@ -1,6 +1,12 @@
-"""`cl-serve serve`: start a local Ray instance and the Serve application, block until Ctrl-C, stop cleanly."""
+"""`cl-serve serve`: start a local Ray instance and the Serve application, block until Ctrl-C, stop cleanly.
+
+The local Ray instance is private to this machine: no dashboard (no job-submission API), and every Ray port
+(GCS, raylet, workers, Serve controller, replicas, agents) on 127.0.0.1 (see cl_serve.loopback); only the HTTP
+proxy listens on `--host`.
+"""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -8,11 +14,12 @@ import time
 import urllib.request
 
 from cl_serve.errors import UserError
+from cl_serve.loopback import use_loopback_ray
 from cl_serve.store import Store
 
 
 def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None, **app_kwargs):
-    """Start Ray + Serve on host:port with the classifier application; returns when it is deployed."""
+    """Start a private local Ray + Serve on host:port with the classifier application; returns when deployed."""
     import ray
     from ray import serve
 
@@ -20,6 +27,7 @@ def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
 
     Store(store).config()  # a missing or broken store is a clear error before Ray starts
     if not ray.is_initialized():
+        use_loopback_ray()
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(store, **app_kwargs), name="cl-serve", route_prefix="/", blocking=False)
@@ -62,9 +70,11 @@ def serve_forever(a) -> None:
         raise UserError("--replicas and --max-batch-size must be >= 1")
     start(a.store, a.host, a.port, a.num_cpus, replicas=a.replicas, max_batch_size=a.max_batch_size,
           batch_wait_ms=a.batch_wait_ms, poll_interval_s=a.poll_interval,
-          max_request_bytes=int(a.max_request_mb * 1024 * 1024))
-    print(f"cl-serve: serving {a.store} on http://{a.host}:{a.port} (POST /classify, GET /healthz, GET /v1/model); "
-          "Ctrl-C stops", flush=True)
+          max_request_bytes=int(a.max_request_mb * 1024 * 1024),
+          auth_token=a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN") or None)
+    auth = "bearer token required" if (a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN")) else "no auth token"
+    print(f"cl-serve: serving {a.store} on http://{a.host}:{a.port} (POST /classify, GET /healthz, GET /v1/model; "
+          f"{auth}); Ctrl-C stops", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while True:

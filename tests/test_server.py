@@ -1,6 +1,8 @@
 """The served product: real Ray Serve, real ONNX Runtime, a real HTTP client on 127.0.0.1.
 
-One server for the module, started on an empty store: 503 first, then versions are published while it runs.
+One server for the module, started on an empty store with a bearer token: 503 first, then versions are published
+while it runs. Hostile requests (malformed bodies, image bombs, schema-driven fuzzing) must get a 4xx in bounded
+time, never a 5xx, and the replica keeps serving.
 """
 import base64
 import io
@@ -16,9 +18,12 @@ from PIL import Image
 from cl_serve import pipeline
 from cl_serve.store import Store, vname
 from exports.preprocessing import preprocess_image
+from benchmarks.hostile import hostile_cases
 from tests.conftest import fast_train, init_tiny_store
 
 pytestmark = pytest.mark.serving
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +33,24 @@ def server(tmp_path_factory):
     store = init_tiny_store(tmp_path_factory.mktemp("served") / "store", "sdlora")
     port = serve_cli.free_port()
     serve_cli.start(str(store), port=port, num_cpus=2, poll_interval_s=0.2, max_batch_size=16,
-                    max_request_bytes=2_000_000)
+                    max_request_bytes=2_000_000, auth_token=TOKEN)
     url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=60) as client:
-        yield {"store": store, "client": client}
+    with httpx.Client(base_url=url, timeout=60, headers=AUTH) as client:
+        yield {"store": store, "client": client, "url": url}
     serve_cli.stop()
 
 
 def _png(path) -> bytes:
     return open(path, "rb").read()
+
+
+def _ensure_live(server, tasks) -> int:
+    """The live version (publishing one when a test runs alone)."""
+    s = Store(server["store"])
+    if s.current() is None:
+        pipeline.add_task(server["store"], tasks[0]["train"], fast_train(), progress=False)
+    _wait_version(server["client"], s.current())
+    return s.current()
 
 
 def _wait_version(client, v, timeout=60.0) -> float:
@@ -95,7 +109,7 @@ def test_bad_inputs_get_4xx_json_and_the_replica_keeps_serving(server, tasks):
         "bad json": (dict(content=b"{", headers={"content-type": "application/json"}), 400),
         "no file field": (dict(files=[("other", ("a.png", good, "image/png"))]), 400),
         "too large request": (dict(content=b"x" * 2_100_000, headers={"content-type": "application/json"}), 413),
-        "bad top_k": (dict(json={"images": [base64.b64encode(good).decode()], "top_k": "many"}), 400),
+        "bad top_k": (dict(json={"images": [base64.b64encode(good).decode()], "top_k": "many"}), 422),
     }
     for name, (kwargs, status) in cases.items():
         r = c.post("/classify", **kwargs)
@@ -113,7 +127,7 @@ def test_hot_swap_under_load_has_zero_failed_requests(server, tasks):
     results, stop = [], threading.Event()
 
     def client_loop(n):
-        with httpx.Client(base_url=str(c.base_url), timeout=60) as cl:
+        with httpx.Client(base_url=str(c.base_url), timeout=60, headers=AUTH) as cl:
             seen, deadline = [], time.time() + 240
             for _ in range(n):
                 if stop.is_set() or time.time() > deadline:
@@ -176,3 +190,154 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_answering(server, ta
     r = c.post("/classify", json={"images": [image]})
     assert r.status_code == 200 and r.json()["model_version"] == live
     s.set_current(live)
+
+
+def _raw_post(url: str, extra_headers: bytes, body: bytes) -> int:
+    """POST /classify over a bare socket (headers an HTTP client library would refuse to send); the status code."""
+    import socket
+
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + b"Authorization: Bearer " + TOKEN.encode() + b"\r\n" + extra_headers + b"\r\n" + body)
+        head = sock.recv(65536)
+    return int(head.split(b" ", 2)[1])
+
+
+def test_hostile_requests_get_a_4xx_in_bounded_time_and_the_replica_keeps_serving(server, tasks):
+    c = server["client"]
+    _ensure_live(server, tasks)
+    good = _png(next(tasks[0]["test"].rglob("*.png")))
+    worst = (0.0, "")
+    for name, kwargs in hostile_cases(good).items():
+        t0 = time.monotonic()
+        try:
+            r = c.post("/classify", **kwargs)
+        except httpx.RemoteProtocolError:  # the server may close a connection whose body it refused mid-stream
+            continue
+        took = time.monotonic() - t0
+        worst = max(worst, (took, name))
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
+        body = r.json()
+        assert set(body) >= {"error", "status"} and body["status"] == r.status_code, (name, body)
+        assert took < 10.0, (name, took)
+    for name, head in {"Content-Length over the limit": b"Content-Length: 99999999999\r\n",
+                       "Content-Length not a number": b"Content-Length: 12abc\r\n",
+                       "two Content-Lengths": b"Content-Length: 2\r\nContent-Length: 5000000\r\n"}.items():
+        t0 = time.monotonic()
+        status = _raw_post(server["url"], head, b"{}")
+        worst = max(worst, (time.monotonic() - t0, name))
+        assert 400 <= status < 500, (name, status)
+    print(f"\nhostile requests: slowest {worst[1]!r} {worst[0]:.2f}s")
+    r = c.post("/classify", json={"images": [base64.b64encode(good).decode()]})
+    assert r.status_code == 200
+
+
+def test_every_error_has_one_shape_and_the_token_guards_every_route_but_healthz(server):
+    c, url = server["client"], server["url"]
+    for method, path, status in [("GET", "/nope", 404), ("GET", "/classify", 405), ("DELETE", "/healthz", 405)]:
+        r = c.request(method, path)
+        assert r.status_code == status and r.json()["status"] == status and r.json()["error"], (path, r.text)
+    with httpx.Client(base_url=url, timeout=30) as anonymous:
+        assert anonymous.get("/healthz").status_code == 200
+        for method, path in [("POST", "/classify"), ("GET", "/v1/model"), ("GET", "/openapi.json"), ("GET", "/nope")]:
+            r = anonymous.request(method, path)
+            assert r.status_code == 401 and r.json()["status"] == 401 and "Bearer" in r.headers["www-authenticate"]
+        r = anonymous.get("/v1/model", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+
+
+def test_schema_driven_fuzzing_finds_no_5xx(server, tasks):
+    """schemathesis generates requests from /openapi.json (bounded, derandomized: the same cases every run)."""
+    _ensure_live(server, tasks)
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_dict(server["client"].get("/openapi.json").json())
+    bodies = schema["/classify"]["POST"].body
+    assert {b.media_type for b in bodies} == {"application/json", "multipart/form-data"}
+    calls, slowest = [], 0.0
+    for result in schema.get_all_operations():
+        op = result.ok()
+
+        @given(case=op.as_strategy())
+        @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def probe(case):
+            nonlocal slowest
+            t0 = time.monotonic()
+            r = case.call(base_url=server["url"], headers=AUTH, timeout=30)
+            slowest = max(slowest, time.monotonic() - t0)
+            calls.append(r.status_code)
+            assert r.status_code < 500, (case.path, case.method, r.status_code, r.text[:300])
+            assert slowest < 10.0
+
+        probe()
+    print(f"\nschemathesis: {len(calls)} requests, statuses {sorted(set(calls))}, slowest {slowest:.2f}s")
+    assert len(calls) >= 40
+
+
+def _listening_sockets() -> dict[int, list[str]]:
+    """{pid: ["addr:port", ...]} of every TCP socket in LISTEN state, from /proc (no ss/psutil needed)."""
+    import os
+
+    inode_addr = {}
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for line in open(table).read().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] != "0A":
+                continue
+            host, port = parts[1].split(":")
+            raw = bytes.fromhex(host)
+            if v6:
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                addr = "127.0.0.1" if words[:12] == b"\0" * 10 + b"\xff\xff" and words[12:] == b"\x7f\0\0\x01" \
+                    else ("::1" if words == b"\0" * 15 + b"\x01" else words.hex())
+            else:
+                addr = ".".join(str(b) for b in raw[::-1])
+            inode_addr[parts[9]] = f"{addr}:{int(port, 16)}"
+    out: dict[int, list[str]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:[") and link[8:-1] in inode_addr:
+                    out.setdefault(int(pid), []).append(inode_addr[link[8:-1]])
+        except OSError:
+            continue
+    return out
+
+
+def test_every_ray_port_of_the_local_server_is_on_loopback(server):
+    import ray
+
+    session_pids = set()
+    for pid, addrs in _listening_sockets().items():
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "ray" in cmd or pid == __import__("os").getpid():
+            session_pids.add(pid)
+            exposed = [a for a in addrs if not (a.startswith("127.0.0.1:") or a.startswith("::1:"))]
+            assert not exposed, (cmd[:120], exposed)
+    assert len(session_pids) >= 3  # GCS, raylet, replicas, ... were looked at
+    assert ray.is_initialized()
+
+
+def test_broken_current_keeps_the_old_version_serving_and_healthz_says_why(server, tasks):
+    store, c = server["store"], server["client"]
+    s = Store(store)
+    live = _ensure_live(server, tasks)
+    try:
+        for garbage in (b"\xff\xfe\x00", "\u00b2".encode(), b"../../etc\n"):
+            (store / "CURRENT").write_bytes(garbage)
+            deadline = time.time() + 30
+            while time.time() < deadline and not c.get("/healthz").json()["store_error"]:
+                time.sleep(0.1)
+            r = c.get("/healthz")
+            assert r.status_code == 200, r.text  # still serving the version it has ...
+            h = r.json()
+            assert h["version"] == live and "broken store" in h["store_error"] and "rollback" in h["store_error"]
+    finally:
+        s.set_current(live)

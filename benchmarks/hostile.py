@@ -1,0 +1,199 @@
+"""Hostile-input probe of a live server: what one request can cost, in time and replica memory.
+
+    python -m benchmarks.hostile --name hostile-cpu       # ~1 min on 2 cores; JSON under benchmarks/results/
+
+Starts a local `cl-serve serve` on a tiny generated store, then sends (1) the hostile requests of
+`hostile_cases` (image bombs, extreme aspect ratios, malformed JSON and multipart, oversized bodies, bad
+top_k) and (2) the most expensive requests the limits still admit (the largest PNG, the per-request pixel budget
+filled, 64 ordinary images). For each: status, wall time, and the growth of the replica's peak RSS (VmHWM, reset
+before every request through /proc/PID/clear_refs where allowed). Prints a table and the worst time and memory.
+The same `hostile_cases` are asserted (4xx, bounded time) in tests/test_server.py.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import struct
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height grey pixels but carries almost no data: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+def encoded_image(fmt: str, size: tuple[int, int], mode: str = "L") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def hostile_cases(good: bytes) -> dict[str, dict]:
+    """name -> httpx request kwargs: what an attacker or a careless client sends to POST /classify."""
+    b64 = base64.b64encode(good).decode()
+
+    def files(blob: bytes, n: int = 1) -> dict:
+        return {"files": [("file", (f"{i}.png", blob, "image/png")) for i in range(n)]}
+
+    def raw(body, ctype: str = "application/json") -> dict:
+        return {"content": body, "headers": {"content-type": ctype}}
+
+    return {
+        "top_k 1e999": raw(b'{"images": ["%s"], "top_k": 1e999}' % b64.encode()),
+        "top_k 1.5": {"json": {"images": [b64], "top_k": 1.5}},
+        "top_k true": {"json": {"images": [b64], "top_k": True}},
+        "top_k 0": {"json": {"images": [b64], "top_k": 0}},
+        "top_k -3": {"json": {"images": [b64], "top_k": -3}},
+        "top_k 10^30": {"json": {"images": [b64], "top_k": 10 ** 30}},
+        "top_k query 1e999": {"json": {"images": [b64]}, "params": {"top_k": "1e999"}},
+        "top_k query superscript two": {"json": {"images": [b64]}, "params": {"top_k": "\u00b2"}},
+        "top_k form 1e999": {**files(good), "data": {"top_k": "1e999"}},
+        "JSON nested 200000 deep": raw(b"[" * 200_000 + b"]" * 200_000),
+        "JSON images nested 100000 deep": raw(b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        "JSON not an object": raw(b'"images"'),
+        "JSON unknown key": {"json": {"images": [b64], "evil": 1}},
+        "JSON images not strings": {"json": {"images": [1, 2]}},
+        "JSON no images": {"json": {"images": []}},
+        "65 images": {"json": {"images": [b64] * 65}},
+        "PNG 4000000x1 (header only)": files(png_header_only(4_000_000, 1)),
+        "PNG 500000x1": files(encoded_image("PNG", (500_000, 1))),
+        "PNG 1x39000000 (header only)": files(png_header_only(1, 39_000_000)),
+        "PNG 30000x30000 (header only)": files(png_header_only(30_000, 30_000)),
+        "PNG 60000x60000 (header only)": files(png_header_only(60_000, 60_000)),
+        "12 x PNG 500000x1": files(encoded_image("PNG", (500_000, 1)), 12),
+        "GIF 20000x1": files(encoded_image("GIF", (20_000, 1))),
+        "BMP 1x10000": files(encoded_image("BMP", (1, 10_000))),
+        "truncated JPEG": files(encoded_image("JPEG", (640, 480), "RGB")[:300]),
+        "PNG 0x0 (header only)": files(png_header_only(0, 0)),
+        "PDF": files(b"%PDF-1.4\n%%EOF"),
+        "chunked body of 6.5 MB": raw((b"x" * 65536 for _ in range(100))),
+        "multipart without boundary": raw(b"--x\r\n", "multipart/form-data"),
+        "multipart garbage": raw(b"--b\r\nContent-Disposition: form-data\r\n\r\n" + b"x" * 100,
+                                 "multipart/form-data; boundary=b"),
+        "no content type": {"content": b"abc"},
+    }
+
+
+def admitted_worst_cases() -> dict[str, dict]:
+    """The most expensive requests the default limits admit (or just refuse): the per-request worst case."""
+    def files(blobs: list[bytes]) -> dict:
+        return {"files": [("file", (f"{i}.png", b, "application/octet-stream")) for i, b in enumerate(blobs)]}
+
+    big_png = encoded_image("PNG", (6300, 6300))  # 39.7 M pixels: under max_pixels (40 M)
+    rgba_png = encoded_image("PNG", (6300, 6300), "RGBA")
+    big_jpeg = encoded_image("JPEG", (6300, 6300), "RGB")
+    budget = encoded_image("PNG", (5700, 5700))  # 32.5 M pixels: three fill the 100 M request budget
+    ordinary = encoded_image("JPEG", (1024, 768), "RGB")
+    return {
+        "PNG 6300x6300 grey (39.7 Mpx)": files([big_png]),
+        "PNG 6300x6300 RGBA (39.7 Mpx)": files([rgba_png]),
+        "JPEG 6300x6300 (DCT-reduced decode)": files([big_jpeg]),
+        "3 x PNG 5700x5700 (97 Mpx, the budget)": files([budget] * 3),
+        "4 x PNG 5700x5700 (over the budget)": files([budget] * 4),
+        "64 x JPEG 1024x768": files([ordinary] * 64),
+    }
+
+
+def _replica_pids() -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"ServeReplica:cl-serve" in open(f"/proc/{pid}/cmdline", "rb").read():
+                pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--name", default="hostile-cpu")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    a = ap.parse_args(argv)
+
+    import httpx
+
+    from cl_serve import pipeline, serve_cli
+    from trainer.synthetic import class_names, write_image_folder
+    from trainer.train import TrainConfig
+
+    work = Path(tempfile.mkdtemp(prefix="cl-hostile-"))
+    store = work / "store"
+    pipeline.init_store(store, method={"name": "none"}, head={"name": "analytic", "projection": 256},
+                        backbone="vit_tiny_patch16_224",
+                        timm_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})
+    data = write_image_folder(work / "task", class_names(3), 8, seed=0)
+    pipeline.add_task(store, data, TrainConfig(epochs=1, batch_size=16, device="cpu"), progress=False)
+    good = next(data.rglob("*.png")).read_bytes()
+    port = serve_cli.free_port()
+    serve_cli.start(str(store), port=port, num_cpus=2)
+    url = f"http://127.0.0.1:{port}"
+    serve_cli.wait_until_healthy(url)
+    pid = _replica_pids()[0]
+    rows = []
+    try:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            for group, cases in (("hostile", hostile_cases(good)), ("admitted worst case", admitted_worst_cases())):
+                for name, kwargs in cases.items():
+                    reset = _reset_peak(pid)
+                    base = _peak_rss_mib(pid) if reset else None
+                    t0 = time.monotonic()
+                    try:
+                        status = c.post("/classify", **kwargs).status_code
+                    except httpx.HTTPError as e:
+                        status = type(e).__name__
+                    took = time.monotonic() - t0
+                    growth = (_peak_rss_mib(pid) - base) if reset else None
+                    rows.append({"group": group, "case": name, "status": status, "seconds": round(took, 3),
+                                 "peak_rss_growth_mib": None if growth is None else round(growth, 1)})
+                    print(f"{group:20s} {name:42s} {status!s:>5} {took:7.3f}s "
+                          f"{'' if growth is None else f'{growth:+8.1f} MiB'}", flush=True)
+            ok = c.post("/classify", files=[("file", ("a.png", good, "image/png"))]).status_code
+    finally:
+        serve_cli.stop()
+    fivexx = [r for r in rows if not isinstance(r["status"], int) or r["status"] >= 500]
+    worst_t = max(rows, key=lambda r: r["seconds"])
+    worst_m = max((r for r in rows if r["peak_rss_growth_mib"] is not None),
+                  key=lambda r: r["peak_rss_growth_mib"], default=None)
+    summary = {"requests": len(rows), "5xx_or_failed": len(fivexx), "served_after": ok,
+               "worst_seconds": worst_t, "worst_peak_rss_growth": worst_m, "replica_peak_rss_mib": _peak_rss_mib(pid)
+               if os.path.exists(f"/proc/{pid}") else None, "cpu_count": os.cpu_count()}
+    print(json.dumps({k: v for k, v in summary.items()}, indent=1))
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / f"{a.name}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    return 0 if not fivexx and ok == 200 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
