@@ -1,6 +1,8 @@
-"""`cl-serve` command line: init, add-task, evaluate, status, export, rollback, serve, classify, demo, bench.
+"""`cl-serve` command line: init, add-task, evaluate, status, export, policy, promote, rollback, serve, classify,
+demo, bench.
 
-Exit code 0 on success, 2 on bad input (the reason on stderr, one line), 1 on an unexpected failure.
+Exit code 0 on success, 2 on bad input (the reason on stderr, one line), 3 when add-task published a candidate
+the release gate refused, 1 on an unexpected failure.
 Heavy imports (torch, ray) happen inside the commands that need them, so `cl-serve --help` is instant and a
 serving image never loads the trainer.
 """
@@ -22,6 +24,14 @@ HEADS = ("task-local", "aligned", "analytic")
 def _store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=DEFAULT_STORE,
                    help="model store directory (default: $CL_SERVE_STORE, else ./cl-store; now %(default)s)")
+
+
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gate-data", metavar="DIR", help="release gate: ImageFolder of held-out images of old and new "
+                   "classes; a new version goes live only if it passes (else it is published as a candidate)")
+    p.add_argument("--max-drop", type=float, help="gate: largest accuracy drop allowed on any earlier task, "
+                   "against the parent (default 0.05)")
+    p.add_argument("--min-new-accuracy", type=float, help="gate: accuracy the new task must reach (default 0)")
 
 
 def _rank_schedule(text: str) -> list[dict[str, int]]:
@@ -67,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aligned head: class covariance form (default lowrank)")
     p.add_argument("--cov-rank", type=int, help="aligned head: rank of the low-rank covariance (default 16)")
     p.add_argument("--projection", type=int, help="analytic head: random projection width M, 0 = plain ridge")
+    _policy_args(p)
 
     p = sub.add_parser("add-task", help="learn the classes of an ImageFolder directory and publish a new version")
     _store_arg(p)
@@ -108,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, choices=range(17, 22), metavar="{17..21}",
                    help="ONNX opset (default 18); the version's file is replaced atomically, never in place")
 
+    p = sub.add_parser("policy", help="show or change the release gate: when a new version may go live by itself")
+    _store_arg(p)
+    _policy_args(p)
+    p.add_argument("--off", action="store_true", help="no gate: every published version goes live")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("promote", help="make a version live by hand (e.g. a candidate the release gate refused)")
+    _store_arg(p)
+    p.add_argument("version", type=int)
+    p.add_argument("--wait", action="store_true")
+
     p = sub.add_parser("rollback", help="make an earlier version live again (servers swap to it)")
     _store_arg(p)
     p.add_argument("--version", type=int, required=True)
@@ -123,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between checks of the store's CURRENT")
     p.add_argument("--max-request-mb", type=float, default=20.0)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0,
+                   help="GPUs each replica requests (fractions share a GPU); on CUDA the fp16 ONNX file is preferred")
+    p.add_argument("--max-queued-requests", type=int, default=64,
+                   help="requests one replica holds at once; beyond, 503 with Retry-After")
+    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds per request before a 503")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint on 127.0.0.1")
     p.add_argument("--auth-token", default=None, metavar="TOKEN",
                    help="require `Authorization: Bearer TOKEN` on every route but /healthz "
                         "(default: $CL_SERVE_AUTH_TOKEN; unset = no token). Prefer the variable: argv is visible to ps")
@@ -140,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS,
                    help="optimiser steps of the demo backbone's pretraining (bounded by steps, not time)")
     p.add_argument("--no-serve", action="store_true", help="skip the serving part of the demo")
+    p.add_argument("--screenshot", metavar="PNG", help="save a picture of the web page classifying an image "
+                   "(needs chromium, chromedriver and selenium)")
 
     p = sub.add_parser("bench", help="benchmarks: `cl-serve bench cil ...` or `cl-serve bench serving ...`")
     p.add_argument("which", choices=("cil", "serving", "hostile"))
@@ -186,10 +216,23 @@ def _print_status(r: dict[str, Any]) -> None:
         if v["state"] == "broken":
             print(f"  {mark} {v['version']:4d}  BROKEN: {v['error']}")
             continue
+        if v["candidate"]:
+            mark = "c"
         acc = f"test acc {v['test_accuracy']:.3f}" if v["test_accuracy"] is not None else ""
         onnx = "" if v["onnx"] else "  (no ONNX: not servable)"
+        gate = "" if v["gate"] is None else ("  gate passed" if v["gate"]["passed"] else
+                                             "  gate REFUSED: " + "; ".join(v["gate"]["reasons"]))
         print(f"  {mark} {v['version']:4d}  task {v['task']}  +{v['new_classes']} -> {v['classes']} classes  "
-              f"{v['created_at']}  {acc}{onnx}")
+              f"{v['created_at']}  {acc}{onnx}{gate}")
+    print("  (* live, c candidate: published, refused by the release gate, not live)")
+
+
+def _print_policy(policy) -> None:
+    if not policy.gate_data:
+        print("release gate: off (every published version goes live)")
+    else:
+        print(f"release gate: on, gate data {policy.gate_data}; a new version goes live if no earlier task drops "
+              f"more than {policy.max_drop:.3f} and the new task reaches {policy.min_new_accuracy:.3f}")
 
 
 def _print_json(obj: Any) -> None:
@@ -209,7 +252,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def _run(a: argparse.Namespace) -> int:
-    if a.command in ("init", "add-task", "evaluate", "export", "rollback", "status"):
+    if a.command in ("init", "add-task", "evaluate", "export", "rollback", "status", "policy", "promote"):
         from cl_serve import pipeline
 
     if a.command == "init":
@@ -217,6 +260,9 @@ def _run(a: argparse.Namespace) -> int:
                                   checkpoint=a.checkpoint, pretrained=a.pretrained, timm_kwargs=a.timm_kwargs)
         print(f"created store {a.store}: {cfg.backbone['timm_model']} ({cfg.backbone['source']}), "
               f"method {cfg.method['name']}, head {cfg.head['name']}, input {cfg.preprocessing.input_size}px")
+        if a.gate_data or a.max_drop is not None or a.min_new_accuracy is not None:
+            _print_policy(pipeline.set_policy(a.store, gate_data=a.gate_data, max_drop=a.max_drop,
+                                              min_new_accuracy=a.min_new_accuracy))
     elif a.command == "add-task":
         from trainer.train import TrainConfig
         from pydantic import ValidationError
@@ -246,6 +292,19 @@ def _run(a: argparse.Namespace) -> int:
                 t = r["metrics"]["test"]
                 per = ", ".join(f"task {p['task']}: {p['accuracy']:.3f}" for p in t["per_task"])
                 print(f"  test accuracy {t['accuracy']:.3f} on {t['images']} images ({per})")
+            if r["gate"] is not None:
+                g = r["gate"]
+                per = ", ".join(f"task {row['task']}: {row['accuracy']:.3f}" + (
+                    f" (parent {row['parent_accuracy']:.3f})" if "parent_accuracy" in row else "")
+                    for row in g["tasks"] if row["accuracy"] is not None)
+                print(f"  release gate {'passed' if g['passed'] else 'REFUSED'}: {per}")
+        if r["gate"] is not None and not r["gate"]["passed"]:
+            from cl_serve.release_gate import GATE_REFUSED_EXIT
+
+            print(f"cl-serve add-task: version {r['version']} is a candidate, not live: "
+                  + "; ".join(r["gate"]["reasons"]) + f". Make it live with `cl-serve promote {r['version']}`",
+                  file=sys.stderr)
+            return GATE_REFUSED_EXIT
     elif a.command == "evaluate":
         r = pipeline.evaluate(a.store, a.data, a.version)
         if a.json:
@@ -267,6 +326,20 @@ def _run(a: argparse.Namespace) -> int:
         r = pipeline.export_version(a.store, a.version, fp16=a.fp16, opset=a.opset)
         print(f"exported version {r['version']} to {r['file']} (opset {r['opset']}, {r['dtype']}, "
               f"parity {r['parity_max_abs_diff']:.2e})")
+    elif a.command == "policy":
+        if a.off or a.gate_data or a.max_drop is not None or a.min_new_accuracy is not None:
+            policy = pipeline.set_policy(a.store, gate_data=a.gate_data, max_drop=a.max_drop,
+                                         min_new_accuracy=a.min_new_accuracy, off=a.off)
+        else:
+            from cl_serve.store import Store
+
+            policy = Store(a.store).policy()
+        _print_json(policy.model_dump()) if a.json else _print_policy(policy)
+    elif a.command == "promote":
+        r = pipeline.promote(a.store, a.version, wait=a.wait)
+        note = "" if r["gate"] is None or r["gate"]["passed"] else \
+            f" (promoted by hand; the gate had said: {'; '.join(r['gate']['reasons'])})"
+        print(f"version {r['version']} is live{note}")
     elif a.command == "rollback":
         v = pipeline.rollback(a.store, a.version, wait=a.wait)
         print(f"version {v} is live")
@@ -281,7 +354,8 @@ def _run(a: argparse.Namespace) -> int:
     elif a.command == "demo":
         from cl_serve.demo import run_demo
 
-        run_demo(a.workdir, method=a.method, head=a.head, pretrain_steps=a.pretrain_steps, serve=not a.no_serve)
+        run_demo(a.workdir, method=a.method, head=a.head, pretrain_steps=a.pretrain_steps, serve=not a.no_serve,
+                 screenshot=a.screenshot)
     elif a.command == "bench":
         import importlib
 

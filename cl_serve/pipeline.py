@@ -16,8 +16,10 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
+from cl_serve import release_gate
 from cl_serve.errors import StoreError, UserError
-from cl_serve.store import LOCK_HINTS, Manifest, Store, atomic_write_text, StoreConfig, TaskRecord, sha256_file
+from cl_serve.store import (LOCK_HINTS, Manifest, ReleasePolicy, Store, StoreConfig, TaskRecord, atomic_write_text,
+                            sha256_file)
 from exports.preprocessing import Preprocessing
 from trainer import backbone as bb
 from trainer.data import TaskData, check_known_classes, check_new_classes, load_task_data, scan_image_folder
@@ -160,6 +162,9 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         if test_found is not None:
             test = load_task_data(test_found, prep, train_view=False, class_names=labels)
             metrics["test"] = accuracy_report(model, test, labels, tasks, prep, train.eval_batch_size)
+        gate = None
+        if store.policy().gate_data:
+            gate = run_gate(store, store.policy(), model, parent_manifest, labels, tasks, train.eval_batch_size, log)
         writer = store.new_version()
         tasks[-1] = tasks[-1].model_copy(update={"version": writer.version})
         try:
@@ -177,19 +182,78 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
             manifest = Manifest(version=writer.version, parent=parent, task_index=task_index, labels=labels,
                                 tasks=tasks, preprocessing=prep, method=cfg.method, head=cfg.head,
                                 backbone=cfg.backbone,
-                                metrics=metrics, onnx=onnx_info, files={},
+                                metrics=metrics, onnx=onnx_info, gate=gate, files={},
                                 training={**train.model_dump(), "device": str(device), "seconds": summary["seconds"],
                                           "train_images": summary["train_images"], "corrupt_skipped": len(data.corrupt),
                                           "method_summary": summary["method"], "head_summary": summary["head"],
                                           "head_state_bytes": learner.head.state_bytes()})
-            version = store.publish(writer, manifest)
+            version = store.publish(writer, manifest, make_current=gate is None or gate["passed"])
         except BaseException:
             writer.discard()
             raise
     return {"version": version, "parent": parent, "task": task_index, "classes_added": data.class_names,
             "total_classes": len(labels), "seconds": time.time() - t0, "train_seconds": summary["seconds"],
             "decode_seconds": decode_seconds, "metrics": metrics, "method_summary": summary["method"],
-            "head_summary": summary["head"], "onnx": onnx_info, "device": str(device)}
+            "head_summary": summary["head"], "onnx": onnx_info, "device": str(device), "gate": gate,
+            "live": gate is None or gate["passed"]}
+
+
+def run_gate(store: Store, policy, model, parent_manifest: Manifest | None, labels: list[str],
+             tasks: list[TaskRecord], batch_size: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Per-task accuracy of the new model and of its parent on the policy's gate data, and the decision."""
+    found = {c: files for c, files in scan_image_folder(policy.gate_data).items() if c in labels}
+    if not found:
+        raise UserError(f"the gate data {policy.gate_data} holds none of the model's classes: fix the policy "
+                        "(`cl-serve policy --gate-data DIR`) or turn the gate off (`cl-serve policy --off`)")
+    prep = store.config().preprocessing
+    data = load_task_data(found, prep, train_view=False, class_names=labels)
+    log(f"release gate: {len(data)} images of {len(found)} classes from {policy.gate_data}")
+    new = accuracy_report(model, data, labels, tasks, prep, batch_size)
+    parent_acc: dict[int, float] = {}
+    if parent_manifest is not None:
+        old = len(parent_manifest.labels)
+        keep = data.labels < old
+        if keep.any():
+            sub = TaskData(class_names=labels[:old], train_u8=data.train_u8, eval_u8=data.eval_u8[keep],
+                           labels=data.labels[keep])
+            parent_model = load_merged_model(store, parent_manifest.version)
+            report = accuracy_report(parent_model, sub, parent_manifest.labels, parent_manifest.tasks, prep, batch_size)
+            parent_acc = {p["task"]: p["accuracy"] for p in report["per_task"]}
+    decision = release_gate.decide(parent_acc, {p["task"]: p["accuracy"] for p in new["per_task"]}, tasks[-1].index,
+                                   max_drop=policy.max_drop, min_new_accuracy=policy.min_new_accuracy,
+                                   gate_images={p["task"]: p["images"] for p in new["per_task"]})
+    return {**decision, "gate_data": policy.gate_data, "parent": parent_manifest.version if parent_manifest else None,
+            "accuracy": new["accuracy"]}
+
+
+def set_policy(root: str | Path, *, gate_data: str | Path | None = None, max_drop: float | None = None,
+               min_new_accuracy: float | None = None, off: bool = False) -> ReleasePolicy:
+    """Change the store's release policy (only the fields given); `off` removes the gate."""
+    store = Store(root)
+    store.config()
+    with store.lock():
+        current = store.policy()
+        update: dict[str, Any] = {"gate_data": None} if off else {}
+        if gate_data is not None:
+            scan_image_folder(gate_data)  # a folder that cannot be read is refused now, not at the next add-task
+            update["gate_data"] = str(Path(gate_data).resolve())
+        if max_drop is not None:
+            update["max_drop"] = max_drop
+        if min_new_accuracy is not None:
+            update["min_new_accuracy"] = min_new_accuracy
+        try:
+            policy = ReleasePolicy(**{**current.model_dump(), **update})
+        except ValidationError as e:
+            raise UserError(f"invalid policy: {_validation_message(e)}") from None
+        store.set_policy(policy)
+    return policy
+
+
+def promote(root: str | Path, version: int, wait: bool = False) -> dict[str, Any]:
+    """Make a version live by hand (a candidate the gate refused, or any verified version)."""
+    rollback(root, version, wait=wait)
+    m = Store(root).manifest(version, verify=False)
+    return {"version": version, "gate": m.gate}
 
 
 def _export(model, path: Path, prep: Preprocessing, labels: list[str], version: int, method: str,
@@ -270,7 +334,9 @@ def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
             row.update({"parent": m.parent, "task": m.task_index, "classes": len(m.labels),
                         "new_classes": len(m.tasks[-1].labels) if m.tasks else 0, "created_at": m.created_at,
                         "test_accuracy": (m.metrics.get("test") or {}).get("accuracy"),
-                        "onnx": m.onnx_file() is not None, "state": "ok" if not fast else "not verified"})
+                        "onnx": m.onnx_file() is not None, "state": "ok" if not fast else "not verified",
+                        "gate": None if m.gate is None else {"passed": m.gate["passed"], "reasons": m.gate["reasons"]},
+                        "candidate": m.gate is not None and not m.gate["passed"] and v != current})
             by_version[v] = m
         except StoreError as e:
             row.update({"state": "broken", "error": str(e)})
@@ -291,6 +357,6 @@ def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
     healthy = current_error is None and (serving["version"] is not None or not versions)
     return {"store": str(store.root), "method": cfg.method, "head": cfg.head, "backbone": cfg.backbone,
             "preprocessing": cfg.preprocessing.model_dump(), "current": current, "current_error": current_error,
-            "verified": not fast, "serving": serving, "healthy": healthy,
+            "verified": not fast, "serving": serving, "healthy": healthy, "policy": store.policy().model_dump(),
             "tasks": len(live.tasks) if live else 0, "classes": len(live.labels) if live else 0,
             "versions": versions}

@@ -35,6 +35,7 @@ VERSION_FILES = ("learner.safetensors", "merged.safetensors", "model.onnx")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a file name inside a version directory, nothing else
 # What the user of each writing command can do when another writer holds the store's lock.
 LOCK_HINTS = {"add-task": "retry later or pass --wait", "rollback": "retry later or pass --wait",
+              "promote": "retry later or pass --wait", "policy": "retry later",
               "export": "retry when it has finished (`cl-serve status` shows the store)"}
 CURRENT_FORMAT = re.compile(rb"[0-9]{1,9}\n?")  # CURRENT: ASCII digits, one optional newline
 
@@ -83,6 +84,18 @@ class StoreConfig(BaseModel):
     preprocessing: Preprocessing
 
 
+class ReleasePolicy(BaseModel):
+    """policy.json: when a newly trained version may go live by itself (changeable at any time)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gate_data: str | None = Field(None, description="ImageFolder of held-out images of old and new classes; "
+                                                    "None: every version goes live when published")
+    max_drop: float = Field(0.05, ge=0.0, le=1.0, description="largest accuracy drop allowed on any earlier task, "
+                                                              "against the parent version, on the gate data")
+    min_new_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="accuracy the new task must reach")
+
+
 class TaskRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     index: int
@@ -110,6 +123,7 @@ class Manifest(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     onnx: dict[str, Any] | None = None  # export info; "file" names the ONNX file (default model.onnx)
     onnx_fp16: dict[str, Any] | None = None  # the same for the fp16 export, when there is one
+    gate: dict[str, Any] | None = None  # the release gate's decision (cl_serve.release_gate), when a policy ran
     files: dict[str, str]  # file name -> sha256
 
     @field_validator("files")
@@ -170,6 +184,7 @@ class Store:
         self.current_path = self.root / "CURRENT"
         self.config_path = self.root / "store.json"
         self.lock_path = self.root / ".lock"
+        self.policy_path = self.root / "policy.json"
 
     # -- creation and configuration ----------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -192,6 +207,20 @@ class Store:
         if cfg.format_version != FORMAT_VERSION:
             raise StoreError(f"store format {cfg.format_version} is not supported (this cl-serve reads {FORMAT_VERSION})")
         return cfg
+
+    def policy(self) -> ReleasePolicy:
+        """The release policy (no gate when the store has none)."""
+        if not self.policy_path.exists():
+            return ReleasePolicy()
+        try:
+            return ReleasePolicy.model_validate_json(self.policy_path.read_text())
+        except (ValidationError, ValueError, OSError) as e:
+            raise StoreError(f"broken store: {self.policy_path} is unreadable: {describe_error(e)}; "
+                             "set it again with `cl-serve policy`") from e
+
+    def set_policy(self, policy: ReleasePolicy) -> None:
+        """Write policy.json atomically (callers hold the writer lock)."""
+        atomic_write_text(self.policy_path, policy.model_dump_json(indent=2))
 
     def backbone_weights_path(self) -> Path:
         return self.backbone_dir / "model.safetensors"
