@@ -61,7 +61,12 @@ def openapi_body(json_model: type[BaseModel], multipart_model: type[BaseModel]) 
     multipart = multipart_model.model_json_schema()
     multipart["properties"]["file"] = {"type": "array", "items": {"type": "string", "format": "binary"},
                                        "minItems": 1, "description": "image files"}
-    return {"requestBody": {"required": True, "content": {
+    return {"parameters": [
+        {"name": "version", "in": "query", "required": False, "description": "answer with this version (default: "
+         "the live one)", "schema": {"type": "integer", "minimum": 1}},
+        {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1,
+                                                                        "maximum": MAX_TOP_K}},
+    ], "requestBody": {"required": True, "content": {
         "application/json": {"schema": json_model.model_json_schema()},
         "multipart/form-data": {"schema": multipart},
     }}}

@@ -13,12 +13,13 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from cl_serve.errors import StoreError
-from cl_serve.store import Store
+from cl_serve.store import Manifest, Store
 from exports.image_decode import ImageLimits, ImageRejected, open_bounded
 from exports.preprocessing import Preprocessing, preprocess_image
 
@@ -33,17 +34,27 @@ class BadInput(Exception):
         self.status, self.message = status, message
 
 
-def onnx_providers() -> list[str]:
-    """CUDA when onnxruntime has it and a GPU is present, else CPU (override: CL_SERVE_ORT_PROVIDERS=a,b)."""
-    import onnxruntime as ort
-
+def onnx_providers(available: list[str] | None = None, gpu_present: bool | None = None) -> list[str]:
+    """Execution providers in preference order: TensorRT, then CUDA, when onnxruntime offers them and a GPU is
+    present; CPU always last (override: CL_SERVE_ORT_PROVIDERS=a,b). Arguments exist for tests."""
     forced = os.environ.get("CL_SERVE_ORT_PROVIDERS")
     if forced:
         return [p.strip() for p in forced.split(",") if p.strip()]
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" in available and os.path.exists("/dev/nvidiactl"):
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    if gpu_present is None:
+        gpu_present = os.path.exists("/dev/nvidiactl")
+    gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available] if gpu_present else []
+    return gpu + ["CPUExecutionProvider"]
+
+
+def choose_onnx_file(manifest: Manifest, providers: list[str]) -> str | None:
+    """The file to load: the fp16 export on a GPU provider when the version has one, else the fp32 file."""
+    if providers and providers[0] != "CPUExecutionProvider" and manifest.onnx_file(fp16=True):
+        return manifest.onnx_file(fp16=True)
+    return manifest.onnx_file()
 
 
 @dataclass
@@ -57,8 +68,11 @@ class LoadedModel:
     onnx_file: str = "model.onnx"
     loaded_at: float = field(default_factory=time.time)
 
+    input_dtype: Any = np.float32
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+        out = self.session.run(None, {self.input_name: x.astype(self.input_dtype, copy=False)})[0]
+        return out.astype(np.float32, copy=False)
 
     def info(self) -> dict[str, Any]:
         m = self.manifest
@@ -79,9 +93,7 @@ def load_version(store: Store, version: int, intra_op_threads: int | None = None
 
     m = store.manifest(version, verify=True)
     providers = onnx_providers()
-    name = m.onnx_file()
-    if providers[0] != "CPUExecutionProvider" and m.onnx_file(fp16=True):
-        name = m.onnx_file(fp16=True)
+    name = choose_onnx_file(m, providers)
     if name is None:
         raise StoreError(f"version {version} has no ONNX file (published with --no-export); "
                          f"run `cl-serve export --version {version}`")
@@ -103,6 +115,8 @@ def load_version(store: Store, version: int, intra_op_threads: int | None = None
     p = m.preprocessing
     model = LoadedModel(version, list(m.labels), p, json.loads(m.model_dump_json()), sess, sess.get_inputs()[0].name,
                         onnx_file=name)
+    dtype = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
+    model.input_dtype = dtype
     warm = model.run(np.zeros((2, 3, p.input_size, p.input_size), np.float32))  # warm-up, and a sanity check
     if warm.shape != (2, len(m.labels)) or not np.isfinite(warm).all():
         raise StoreError(f"version {version}: warm-up output {warm.shape} is not (2, {len(m.labels)}) finite logits")
@@ -112,8 +126,12 @@ def load_version(store: Store, version: int, intra_op_threads: int | None = None
 class ModelWatcher:
     """Keeps `self.model` on the store's live version (or a pinned one), swapping atomically."""
 
-    def __init__(self, store_root: str, poll_interval_s: float = 1.0, intra_op_threads: int | None = None):
+    def __init__(self, store_root: str, poll_interval_s: float = 1.0, intra_op_threads: int | None = None,
+                 on_event: Callable[[str, int], None] | None = None, max_cached_versions: int = 2):
         self.store = Store(store_root)
+        self.on_event = on_event or (lambda kind, version: None)  # ("swap"|"refused"|"tick", version): metrics
+        self.max_cached_versions = max_cached_versions
+        self._cache: OrderedDict[int, LoadedModel] = OrderedDict()  # versions asked for by ?version=N
         self.poll_interval_s = poll_interval_s
         self.intra_op_threads = intra_op_threads
         self.model: LoadedModel | None = None
@@ -141,6 +159,8 @@ class ModelWatcher:
         while not self._stop.wait(self.poll_interval_s):
             try:
                 self.check()
+                if self.model is not None:
+                    self.on_event("tick", self.model.version)
             except Exception as e:  # never let the watcher die
                 self.last_error = f"watcher: {type(e).__name__}: {e}"
                 log.exception("watcher iteration failed")
@@ -176,12 +196,78 @@ class ModelWatcher:
                 self.last_error = f"refused version {version}: {e}"
                 self.fix_hint = self.store.fix_hint()
                 log.warning(self.last_error)
+                self.on_event("refused", version)
                 return False
             self.model = new  # the swap: one reference assignment; in-flight batches keep the old object
             self.swaps += 1
             self.last_error = None
             log.info("serving version %d", version)
+            self.on_event("swap", version)
             return True
+
+    def model_for(self, version: int) -> LoadedModel:
+        """The model of an explicit version (`POST /classify?version=N`): the live one, a cached one, or loaded
+        now (verified like any other) into a bounded LRU cache of `max_cached_versions` sessions.
+        BadInput 404 for a version the store does not have, 409 for one that cannot be served."""
+        live = self.model
+        if live is not None and live.version == version:
+            return live
+        with self._lock:
+            if version in self._cache:
+                self._cache.move_to_end(version)
+                return self._cache[version]
+            if version not in self.store.versions():
+                raise BadInput(404, f"version {version} does not exist")
+            if version in self.refused:
+                raise BadInput(409, f"version {version} cannot be served: {self.refused[version]}")
+            try:
+                loaded = load_version(self.store, version, self.intra_op_threads)
+            except StoreError as e:
+                self.refused[version] = str(e)
+                self.on_event("refused", version)
+                raise BadInput(409, f"version {version} cannot be served: {e}") from None
+            self._cache[version] = loaded
+            while len(self._cache) > self.max_cached_versions:
+                self._cache.popitem(last=False)
+            return loaded
+
+    def list_versions(self) -> list[dict[str, Any]]:
+        """Every version with parent, task, classes, accuracies, release-gate decision and state (for
+        GET /v1/versions): live (the store's CURRENT), serving (this replica's model), candidate (published,
+        refused by the gate, not live), refused (failed verification here), broken (unreadable manifest)."""
+        try:
+            current = self.store.current()
+        except StoreError:
+            current = None
+        serving = self.model.version if self.model is not None else None
+        rows = []
+        for v in self.store.versions():
+            row: dict[str, Any] = {"version": v, "live": v == current, "serving": v == serving}
+            try:
+                m = self.store.manifest(v, verify=False)
+            except StoreError as e:
+                rows.append({**row, "state": "broken", "error": str(e)})
+                continue
+            test = (m.metrics.get("test") or {}).get("per_task") or []
+            gate = m.gate or {}
+            row.update({"parent": m.parent, "task": m.task_index, "created_at": m.created_at,
+                        "classes": len(m.labels), "new_labels": m.tasks[-1].labels if m.tasks else [],
+                        "method": m.method.get("name"), "head": m.head.get("name"),
+                        "per_task_accuracy": {str(t["task"]): t["accuracy"] for t in gate.get("tasks", [])
+                                              if t.get("accuracy") is not None}
+                        or {str(t["task"]): t["accuracy"] for t in test},
+                        "accuracy_source": "gate" if gate else ("test" if test else None),
+                        "gate": None if not gate else {"passed": gate["passed"], "reasons": gate["reasons"]}})
+            if v in self.refused:
+                row["state"], row["error"] = "refused", self.refused[v]
+            elif v == current:
+                row["state"] = "live"
+            elif gate and not gate["passed"]:
+                row["state"] = "candidate"
+            else:
+                row["state"] = "published"
+            rows.append(row)
+        return rows
 
     def unavailable_reason(self) -> str | None:
         """Why nothing is served (None when a model is): what a request or /healthz tells the operator."""

@@ -18,8 +18,10 @@ from cl_serve.loopback import use_loopback_ray
 from cl_serve.store import Store
 
 
-def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None, **app_kwargs):
-    """Start a private local Ray + Serve on host:port with the classifier application; returns when deployed."""
+def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
+          metrics_port: int | None = None, num_gpus: int | None = None, **app_kwargs):
+    """Start a private local Ray + Serve on host:port with the classifier application; returns when deployed.
+    `metrics_port`: Ray's Prometheus endpoint (http://127.0.0.1:PORT/metrics) with the server's own metrics."""
     import ray
     from ray import serve
 
@@ -28,7 +30,8 @@ def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
     Store(store).config()  # a missing or broken store is a clear error before Ray starts
     if not ray.is_initialized():
         use_loopback_ray()
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False, _metrics_export_port=metrics_port)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(store, **app_kwargs), name="cl-serve", route_prefix="/", blocking=False)
 
@@ -68,13 +71,17 @@ def stop() -> None:
 def serve_forever(a) -> None:
     if a.replicas < 1 or a.max_batch_size < 1:
         raise UserError("--replicas and --max-batch-size must be >= 1")
-    start(a.store, a.host, a.port, a.num_cpus, replicas=a.replicas, max_batch_size=a.max_batch_size,
-          batch_wait_ms=a.batch_wait_ms, poll_interval_s=a.poll_interval,
-          max_request_bytes=int(a.max_request_mb * 1024 * 1024),
+    if a.gpus_per_replica < 0 or a.max_queued_requests < 1 or a.request_timeout <= 0:
+        raise UserError("--gpus-per-replica must be >= 0, --max-queued-requests >= 1, --request-timeout > 0")
+    start(a.store, a.host, a.port, a.num_cpus, metrics_port=a.metrics_port, replicas=a.replicas,
+          max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms, poll_interval_s=a.poll_interval,
+          max_request_bytes=int(a.max_request_mb * 1024 * 1024), gpus_per_replica=a.gpus_per_replica,
+          settings={"max_queued_requests": a.max_queued_requests, "request_timeout_s": a.request_timeout},
           auth_token=a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN") or None)
     auth = "bearer token required" if (a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN")) else "no auth token"
-    print(f"cl-serve: serving {a.store} on http://{a.host}:{a.port} (POST /classify, GET /healthz, GET /v1/model; "
-          f"{auth}); Ctrl-C stops", flush=True)
+    print(f"cl-serve: serving {a.store} on http://{a.host}:{a.port} (page /, POST /classify, GET /v1/versions, "
+          f"/v1/model, /healthz, /docs; {auth}); metrics on http://127.0.0.1:{a.metrics_port}/metrics; Ctrl-C stops",
+          flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while True:

@@ -3,13 +3,18 @@
     POST /classify   multipart form files (field `file`, repeatable) or JSON {"images": [base64, ...]};
                      optional top_k (form field, JSON key or query). -> {"model_version", "predictions": [...]}
     GET  /healthz    live version and readiness (200 ready, 503 not yet / broken), last refusal reason
-    GET  /v1/model   version, labels, tasks, method, metrics of the served model
+    POST /classify?version=N   the same with version N (bounded per-replica cache; 404 unknown, 409 refused)
+    GET  /v1/model   version, labels, tasks, method, metrics, ONNX file and providers of the served model
+    GET  /v1/versions   every version: parent, task, classes, per-task accuracy, release gate, state
+    GET  /           a page to try the model (cl_serve/static/index.html)
     GET  /docs, /openapi.json   the typed API (request bodies, responses, errors)
 
 Every error, of any route or status (404, 405 and 422 included), is `{"error": ..., "status": ...}`. Bodies are
 read as a stream and refused past `max_request_bytes`; images are decoded under `exports.image_decode`'s bounds
 and a per-request pixel budget, so no input costs more than a bounded amount of time and memory. With a bearer
-token (`--auth-token` or $CL_SERVE_AUTH_TOKEN) every route but /healthz needs `Authorization: Bearer <token>`.
+token (`--auth-token` or $CL_SERVE_AUTH_TOKEN) every route but /healthz and the page needs `Authorization: Bearer
+<token>`. Overload protection: `max_queued_requests` per replica and `request_timeout_s` (503 + Retry-After);
+metrics through `cl_serve.serve_metrics`.
 
 Every replica runs a `ModelWatcher` on the store (poll interval from the Serve `user_config`; `reconfigure` can
 also pin a version). A batch takes the model reference once, so each response is computed by exactly one
@@ -24,12 +29,14 @@ import json
 import logging
 import os
 import re
+import time
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,6 +45,7 @@ from cl_serve.api_models import (MAX_TOP_K, ClassifyJSON, ClassifyMultipart, Cla
                                  openapi_body)
 from cl_serve.loopback import patch_replica_grpc
 from cl_serve.runtime import BadInput, ModelWatcher, prepare_batch, top_k_predictions
+from cl_serve.serve_metrics import ServerMetrics
 from exports.image_decode import ImageLimits
 
 log = logging.getLogger("cl_serve")
@@ -45,9 +53,11 @@ app = FastAPI(title="cl-serve", description="Continual image classification with
 
 DEFAULTS = {"poll_interval_s": 1.0, "max_request_bytes": 20 * 1024 * 1024, "max_pixels": 40_000_000,
             "max_side": 20_000, "max_aspect": 50.0, "max_request_pixels": 100_000_000,
-            "max_images": 64, "default_top_k": 5, "max_concurrent_decodes": 2}
+            "max_images": 64, "default_top_k": 5, "max_concurrent_decodes": 2,
+            "max_queued_requests": 64, "request_timeout_s": 30.0}
 AUTH_ENV = "CL_SERVE_AUTH_TOKEN"
-PUBLIC_PATHS = {"/healthz"}  # answered without the bearer token (Kubernetes probes)
+PUBLIC_PATHS = {"/healthz", "/"}  # answered without the bearer token: probes, and the page (it asks for the token)
+PAGE = Path(__file__).with_name("static") / "index.html"
 
 
 def _error(status: int, message: str, headers: Optional[dict] = None, **extra) -> JSONResponse:
@@ -75,6 +85,15 @@ async def _require_token(request: Request, call_next):
             return _error(401, "missing or wrong bearer token (send Authorization: Bearer <token>)",
                           headers={"WWW-Authenticate": 'Bearer realm="cl-serve"'})
     return await call_next(request)
+
+
+def _parse_version(value: Any) -> Optional[int]:
+    """?version=N: decimal digits, nothing else (absent: the live version)."""
+    if value is None:
+        return None
+    if not re.fullmatch(r"[0-9]{1,9}", value):
+        raise BadInput(422, f"version must be a version number, got {str(value)[:20]!r}")
+    return int(value)
 
 
 def _parse_top_k(value: Any) -> Optional[int]:
@@ -122,13 +141,17 @@ def _replay(request: Request, body: bytes) -> Request:
 @serve.ingress(app)
 class Classifier:
     def __init__(self, store: str, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
-                 intra_op_threads: Optional[int] = None, auth_token: Optional[str] = None):
+                 intra_op_threads: Optional[int] = None, auth_token: Optional[str] = None,
+                 max_cached_versions: int = 2):
         patch_replica_grpc()  # before Serve starts this replica's gRPC server (a no-op outside `cl-serve serve`)
         self.settings = dict(DEFAULTS)
         self.limits = ImageLimits()
         if auth_token:  # the replica's own process; read by the middleware on every request
             os.environ[AUTH_ENV] = auth_token
-        self.watcher = ModelWatcher(store, self.settings["poll_interval_s"], intra_op_threads)
+        self.metrics = ServerMetrics()
+        self._inflight = 0  # requests this replica holds (overload protection)
+        self.watcher = ModelWatcher(store, self.settings["poll_interval_s"], intra_op_threads,
+                                    on_event=self.metrics.event, max_cached_versions=max_cached_versions)
         # Decoding is where a request's memory goes (up to ~300 MiB for the largest admitted image): at most this
         # many requests decode at once per replica; the others wait their turn.
         self._decode_slots = asyncio.Semaphore(int(self.settings["max_concurrent_decodes"]))
@@ -162,6 +185,7 @@ class Classifier:
     async def _infer(self, batches: list[np.ndarray]) -> list[tuple[int, list[str], np.ndarray]]:
         model = self.watcher.model  # one reference for the whole batch: a swap never splits it
         sizes = [len(b) for b in batches]
+        self.metrics.batch_images.observe(sum(sizes))
         logits = await asyncio.to_thread(model.run, np.concatenate(batches))
         out, start = [], 0
         for n in sizes:
@@ -211,20 +235,52 @@ class Classifier:
         return blobs, top_k
 
     @app.post("/classify", response_model=ClassifyResponse, openapi_extra=openapi_body(ClassifyJSON, ClassifyMultipart),
-              responses=error_responses(400, 401, 413, 415, 422, 503))
+              responses=error_responses(400, 401, 404, 409, 413, 415, 422, 503))
     async def classify(self, request: Request):
-        """Classify one or more images (multipart field `file`, repeatable, or JSON base64 `images`)."""
-        model = self.watcher.model
-        if model is None:
-            return _error(503, self.watcher.unavailable_reason() or "no model", **self.watcher.status())
+        """Classify one or more images (multipart field `file`, repeatable, or JSON base64 `images`), with the live
+        version or `?version=N`. Overload protection: at most `max_queued_requests` requests per replica at once
+        and `request_timeout_s` each; beyond either, 503 with Retry-After."""
+        t0 = time.monotonic()
+        if self._inflight >= int(self.settings["max_queued_requests"]):
+            self.metrics.rejected.inc(tags={"reason": "queue_full"})
+            response = _error(503, f"server busy: {self._inflight} requests in progress on this replica; retry",
+                              headers={"Retry-After": "1"})
+            self.metrics.request(503, None, time.monotonic() - t0)
+            return response
+        self._inflight += 1
         try:
+            result = await asyncio.wait_for(self._classify(request), float(self.settings["request_timeout_s"]))
+        except asyncio.TimeoutError:
+            self.metrics.rejected.inc(tags={"reason": "timeout"})
+            result = _error(503, f"request took longer than {self.settings['request_timeout_s']}s; retry later",
+                            headers={"Retry-After": "5"})
+        finally:
+            self._inflight -= 1
+        if isinstance(result, JSONResponse):
+            self.metrics.request(result.status_code, None, time.monotonic() - t0)
+            return result
+        self.metrics.request(200, result["model_version"], time.monotonic() - t0)
+        return result
+
+    async def _classify(self, request: Request):
+        try:
+            version = _parse_version(request.query_params.get("version"))
+            model = self.watcher.model
+            if version is not None:
+                model = await asyncio.to_thread(self.watcher.model_for, version)
+            elif model is None:
+                return _error(503, self.watcher.unavailable_reason() or "no model", **self.watcher.status())
             blobs, top_k = await self._read_images(request)
             async with self._decode_slots:
                 x = await asyncio.to_thread(prepare_batch, blobs, model.preprocessing, self.limits,
                                             int(self.settings["max_request_pixels"]))
         except BadInput as e:
             return _error(e.status, e.message)
-        version, labels, logits = await self._infer(x)
+        if version is None:
+            version, labels, logits = await self._infer(x)
+        else:  # an explicit version runs on its own, outside the live version's batches
+            self.metrics.batch_images.observe(len(x))
+            version, labels, logits = model.version, model.labels, await asyncio.to_thread(model.run, x)
         k = top_k or int(self.settings["default_top_k"])
         return {"model_version": version, "predictions": top_k_predictions(logits, labels, k)}
 
@@ -234,6 +290,21 @@ class Classifier:
         nothing can be served."""
         st = self.watcher.status()
         return JSONResponse(status_code=200 if st["ready"] else 503, content=st)
+
+    @app.get("/v1/versions", responses=error_responses(401))
+    async def versions(self):
+        """Every version of the store: parent, task, classes, per-task accuracy, release-gate decision, state."""
+        rows = await asyncio.to_thread(self.watcher.list_versions)
+        live = next((r["version"] for r in rows if r["live"]), None)
+        return {"versions": rows, "live": live, "serving": self.watcher.model.version if self.watcher.model else None}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self):
+        """A page to try the model: pick or drop images, see predictions, versions and their accuracy."""
+        return HTMLResponse(PAGE.read_text(), headers={"Cache-Control": "no-cache",
+                                                       "Content-Security-Policy": "default-src 'self'; "
+                                                       "style-src 'self' 'unsafe-inline'; script-src 'self' "
+                                                       "'unsafe-inline'; img-src 'self' data: blob:"})
 
     @app.get("/v1/model", responses=error_responses(401, 503))
     async def model_info(self):
@@ -246,17 +317,26 @@ class Classifier:
 
 def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
               poll_interval_s: float = 1.0, max_request_bytes: int = DEFAULTS["max_request_bytes"],
-              num_cpus: float = 1.0, intra_op_threads: Optional[int] = None, auth_token: Optional[str] = None):
-    """The bound Serve application for a store (used by `cl-serve serve`, the tests and the RayService)."""
+              num_cpus: float = 1.0, gpus_per_replica: float = 0.0, intra_op_threads: Optional[int] = None,
+              auth_token: Optional[str] = None, settings: Optional[dict[str, Any]] = None,
+              max_cached_versions: int = 2):
+    """The bound Serve application for a store (used by `cl-serve serve`, the tests and the RayService).
+    `settings`: more user_config keys (see `Classifier.reconfigure`), e.g. max_queued_requests."""
+    user_config = {"poll_interval_s": poll_interval_s, "max_request_bytes": max_request_bytes, **(settings or {})}
+    unknown = set(user_config) - set(DEFAULTS) - {"version"}
+    if unknown:
+        raise ValueError(f"unknown server settings: {sorted(unknown)} (known: {sorted(DEFAULTS)})")
     return Classifier.options(
-        num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus},
-        user_config={"poll_interval_s": poll_interval_s, "max_request_bytes": max_request_bytes},
+        num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": gpus_per_replica},
+        user_config=user_config,
     ).bind(store=str(store), max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-           intra_op_threads=intra_op_threads, auth_token=auth_token)
+           intra_op_threads=intra_op_threads, auth_token=auth_token, max_cached_versions=max_cached_versions)
 
 
 def app_builder(args: dict[str, Any]):
     """Entry point for `serve run cl_serve.server:app_builder store=/path` and KubeRay's serveConfigV2."""
+    settings = {k: args[k] for k in DEFAULTS if k in args and k not in ("poll_interval_s", "max_request_bytes")}
     return build_app(args["store"], replicas=int(args.get("replicas", 1)),
                      max_batch_size=int(args.get("max_batch_size", 32)),
-                     poll_interval_s=float(args.get("poll_interval_s", 1.0)))
+                     poll_interval_s=float(args.get("poll_interval_s", 1.0)),
+                     gpus_per_replica=float(args.get("gpus_per_replica", 0)), settings=settings)

@@ -23,6 +23,7 @@ from tests.conftest import fast_train, init_tiny_store
 
 pytestmark = pytest.mark.serving
 TOKEN = "s3cret-token"
+MAX_QUEUED = 8  # per replica; the swap test's 4 sequential clients stay under it
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -30,13 +31,17 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def server(tmp_path_factory):
     from cl_serve import serve_cli
 
+    import os
+
     store = init_tiny_store(tmp_path_factory.mktemp("served") / "store", "sdlora")
-    port = serve_cli.free_port()
+    port, metrics_port = serve_cli.free_port(), serve_cli.free_port()
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # Ray's processes inherit it: metrics within a second
     serve_cli.start(str(store), port=port, num_cpus=2, poll_interval_s=0.2, max_batch_size=16,
-                    max_request_bytes=2_000_000, auth_token=TOKEN)
+                    max_request_bytes=2_000_000, auth_token=TOKEN, metrics_port=metrics_port,
+                    settings={"max_queued_requests": MAX_QUEUED})
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=60, headers=AUTH) as client:
-        yield {"store": store, "client": client, "url": url}
+        yield {"store": store, "client": client, "url": url, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     serve_cli.stop()
 
 
@@ -341,3 +346,152 @@ def test_broken_current_keeps_the_old_version_serving_and_healthz_says_why(serve
             assert h["version"] == live and "broken store" in h["store_error"] and "rollback" in h["store_error"]
     finally:
         s.set_current(live)
+
+
+def test_versions_over_http_and_classify_with_an_explicit_version(server, tasks):
+    c, store = server["client"], server["store"]
+    live = _ensure_live(server, tasks)
+    s = Store(store)
+    if len(s.versions()) < 2:
+        pipeline.add_task(store, tasks[1]["train"], fast_train(), progress=False)
+        live = _ensure_live(server, tasks)
+    body = c.get("/v1/versions").json()
+    states = {v["version"]: v["state"] for v in body["versions"]}
+    assert body["live"] == live and states[live] == "live" and set(states) == set(s.versions())
+    row = next(v for v in body["versions"] if v["version"] == live)
+    assert row["classes"] == len(s.manifest(live).labels) and row["parent"] == s.manifest(live).parent
+    image = base64.b64encode(_png(next(tasks[0]["test"].rglob("*.png")))).decode()
+    first = min(v for v, st in states.items() if st != "refused")
+    r = c.post(f"/classify?version={first}", json={"images": [image]})
+    assert r.status_code == 200 and r.json()["model_version"] == first
+    assert c.post("/classify?version=999", json={"images": [image]}).status_code == 404
+    assert c.post("/classify?version=1e3", json={"images": [image]}).status_code == 422
+    refused = [v for v, st in states.items() if st == "refused"]  # the corrupt version of the test above
+    if refused:
+        r = c.post(f"/classify?version={refused[0]}", json={"images": [image]})
+        assert r.status_code == 409 and "sha256" in r.json()["error"]
+
+
+def test_metrics_are_exported_on_rays_prometheus_endpoint(server, tasks):
+    c = server["client"]
+    _ensure_live(server, tasks)
+    image = base64.b64encode(_png(next(tasks[0]["test"].rglob("*.png")))).decode()
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(server["metrics"], timeout=10).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("ray_cl_serve_"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = out.get(name, 0.0) + float(value)
+        return out
+
+    def total(metrics, prefix, must=""):
+        return sum(v for k, v in metrics.items() if k.startswith(prefix) and must in k)
+
+    before = scrape()
+    for _ in range(5):
+        assert c.post("/classify", json={"images": [image]}).status_code == 200
+    c.post("/classify", json={"images": ["%%%"]})
+    deadline, after = time.time() + 40, before
+    while time.time() < deadline:
+        after = scrape()
+        if total(after, "ray_cl_serve_requests_total", 'status="200"') >= total(before, "ray_cl_serve_requests_total", 'status="200"') + 5:
+            break
+        time.sleep(1)
+    assert total(after, "ray_cl_serve_requests_total", 'status="200"') >= \
+        total(before, "ray_cl_serve_requests_total", 'status="200"') + 5, sorted(after)[:20]
+    assert total(after, "ray_cl_serve_requests_total", 'status="400"') >= 1
+    assert total(after, "ray_cl_serve_request_latency_ms_count") >= 6
+    assert total(after, "ray_cl_serve_batch_images_count") >= 5
+    assert total(after, "ray_cl_serve_swaps_total") >= 1 and total(after, "ray_cl_serve_live_version") >= 1
+
+
+def test_overload_is_turned_away_fast_with_retry_after_while_admitted_requests_succeed(server, tasks):
+    _ensure_live(server, tasks)
+    files = [("file", (p.name, _png(p), "image/png")) for p in sorted(tasks[0]["test"].rglob("*.png"))[:16]]
+    results: list[tuple[int, float, str]] = []
+
+    def one():
+        with httpx.Client(base_url=server["url"], timeout=120, headers=AUTH) as cl:
+            t0 = time.monotonic()
+            r = cl.post("/classify", files=files)
+            results.append((r.status_code, time.monotonic() - t0, r.headers.get("retry-after", "")))
+
+    threads = [threading.Thread(target=one) for _ in range(48)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ok = [r for r in results if r[0] == 200]
+    busy = [r for r in results if r[0] == 503]
+    print(f"\noverload: 48 concurrent requests of 16 images, max_queued_requests={MAX_QUEUED}: {len(ok)} answered "
+          f"(slowest {max(r[1] for r in ok):.2f}s), {len(busy)} turned away "
+          f"(slowest {max((r[1] for r in busy), default=0):.2f}s)")
+    assert len(ok) + len(busy) == 48 and ok and busy
+    assert all(r[2] == "1" for r in busy)
+    assert max(r[1] for r in busy) < min(max(r[1] for r in ok), 5.0)
+
+
+def test_gpu_path_prefers_tensorrt_then_cuda_and_the_fp16_file_on_a_gpu(tmp_path):
+    from cl_serve.runtime import choose_onnx_file, onnx_providers
+    from cl_serve.server import build_app
+    from cl_serve.store import Manifest
+
+    every = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers(every, gpu_present=True) == every
+    assert onnx_providers(every[1:], gpu_present=True) == every[1:]
+    assert onnx_providers(every, gpu_present=False) == ["CPUExecutionProvider"]
+    m = Manifest(version=1, parent=None, task_index=0, labels=["a"], tasks=[], backbone={}, method={"name": "none"},
+                 preprocessing={"input_size": 32, "scale_size": 36, "mean": (0, 0, 0), "std": (1, 1, 1)},
+                 onnx={"file": "model.onnx"}, onnx_fp16={"file": "model.fp16.0123456789ab.onnx"},
+                 files={"model.onnx": "0" * 64, "model.fp16.0123456789ab.onnx": "0" * 64})
+    assert choose_onnx_file(m, every[1:]) == "model.fp16.0123456789ab.onnx"
+    assert choose_onnx_file(m, ["CPUExecutionProvider"]) == "model.onnx"
+    app = build_app(str(tmp_path), gpus_per_replica=0.5)
+    assert app._bound_deployment.ray_actor_options["num_gpus"] == 0.5
+    with pytest.raises(ValueError, match="unknown server settings"):
+        build_app(str(tmp_path), settings={"max_queue": 3})
+
+
+def test_the_page_classifies_an_uploaded_image_in_a_real_browser(server, tasks, tmp_path):
+    import shutil
+
+    driver_path = shutil.which("chromedriver")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not driver_path or not browser:
+        pytest.skip("no chromium/chromedriver here: apt-get install chromium chromium-driver (.ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    live = _ensure_live(server, tasks)
+    labels = Store(server["store"]).manifest(live).labels
+    image = tmp_path / "upload.png"
+    shutil.copy(next(tasks[0]["test"].rglob("*.png")), image)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver.get(server["url"] + "/")
+        token = driver.find_element(By.ID, "token")
+        token.send_keys(TOKEN)
+        driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", token)
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#versions tr[data-version]"))
+        assert f"live version: {live}" in driver.find_element(By.ID, "live").text
+        driver.find_element(By.ID, "files").send_keys(str(image))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .prediction .label"))
+        label = driver.find_element(By.CSS_SELECTOR, "#results .prediction .label").text
+        answered = driver.find_element(By.CSS_SELECTOR, "#results .prediction").get_attribute("data-version")
+        rows = driver.find_elements(By.CSS_SELECTOR, "#versions tr[data-version]")
+        shot = tmp_path / "page.png"
+        driver.save_screenshot(str(shot))
+        print(f"\npage: predicted {label!r} with version {answered}; screenshot {shot}")
+    finally:
+        driver.quit()
+    assert label in labels and int(answered) == live and len(rows) == len(Store(server["store"]).versions())
+    assert shot.stat().st_size > 10_000
