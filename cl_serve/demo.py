@@ -88,7 +88,7 @@ def make_tasks(root: Path) -> list[tuple[Path, Path]]:
 
 
 def run_demo(workdir: str, method: str = "none", head: str = "analytic", pretrain_steps: int = PRETRAIN_STEPS,
-             serve: bool = True) -> dict:
+             serve: bool = True, screenshot: str | None = None, max_drop: float = 0.10) -> dict:
     from cl_serve import pipeline
     from trainer.train import TrainConfig
 
@@ -101,7 +101,10 @@ def run_demo(workdir: str, method: str = "none", head: str = "analytic", pretrai
     tasks = [(data_root / f"task-{t}" / "train", data_root / f"task-{t}" / "test") for t in range(TASKS)]
     shutil.rmtree(store, ignore_errors=True)
     pipeline.init_store(store, method={"name": method}, head={"name": head}, checkpoint=ckpt)
-    print(f"[demo] store {store}: method {method}, head {head}, {TASKS} tasks x {CLASSES_PER_TASK} generated classes")
+    gate = _gate_folder(work / "gate", [d for _, d in tasks])
+    pipeline.set_policy(store, gate_data=gate, max_drop=max_drop)
+    print(f"[demo] store {store}: method {method}, head {head}, {TASKS} tasks x {CLASSES_PER_TASK} generated classes; "
+          f"release gate on the test images, max drop {max_drop:.2f} per earlier task")
     cfg = TrainConfig(epochs=8, lr=2e-3, batch_size=32, device="cpu")
     matrix = []
     for t, (train_dir, _) in enumerate(tasks):
@@ -110,7 +113,10 @@ def run_demo(workdir: str, method: str = "none", head: str = "analytic", pretrai
         matrix.append(row)
         print(f"[demo] version {r['version']}: learned task {t} ({', '.join(r['classes_added'])}) in "
               f"{r['train_seconds']:.1f}s; accuracy per task so far: " + ", ".join(f"{a:.2f}" for a in row))
-    final = _all_seen_accuracy(store, tasks)
+        g = r["gate"]
+        print(f"[demo]   release gate {'passed: live' if g['passed'] else 'REFUSED: candidate, not live'}"
+              + ("" if g["passed"] else " (" + "; ".join(g["reasons"]) + ")"))
+    final = pipeline.evaluate(store, gate)["accuracy"]  # all 12 classes' test images
     print("\n[demo] accuracy on each task's test images after learning task i (rows) :")
     print("          " + "".join(f"task {j:<4d}" for j in range(TASKS)))
     for i, row in enumerate(matrix):
@@ -121,18 +127,17 @@ def run_demo(workdir: str, method: str = "none", head: str = "analytic", pretrai
     if serve:
         from cl_serve.demo_serving import serve_and_classify
 
-        result["serving"] = serve_and_classify(store, [d for _, d in tasks])
+        result["serving"] = serve_and_classify(store, [d for _, d in tasks],
+                                               Path(screenshot) if screenshot else None)
     print(f"[demo] done in {time.time() - t_start:.0f}s")
     return result
 
 
-def _all_seen_accuracy(store: Path, tasks) -> float:
-    import tempfile
-
-    from cl_serve import pipeline
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for _, test_dir in tasks:
-            for cls in test_dir.iterdir():
-                (Path(tmp) / cls.name).symlink_to(cls.resolve())
-        return pipeline.evaluate(store, tmp)["accuracy"]
+def _gate_folder(root: Path, test_dirs: list[Path]) -> Path:
+    """One ImageFolder of every task's held-out images (links), the demo's release-gate data."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    for test_dir in test_dirs:
+        for cls in test_dir.iterdir():
+            (root / cls.name).symlink_to(cls.resolve())
+    return root

@@ -1,11 +1,12 @@
-"""The demo's serving step: serve the live version with Ray Serve, classify a few test images over HTTP."""
+"""The demo's serving step: serve the live version with Ray Serve, classify a few test images over HTTP, and
+optionally photograph the web page (headless chromium through selenium, when both are installed)."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
 
-def serve_and_classify(store: Path, test_dirs: list[Path]) -> dict:
+def serve_and_classify(store: Path, test_dirs: list[Path], screenshot: Path | None = None) -> dict:
     from cl_serve import serve_cli
     from cl_serve.client import classify_files
 
@@ -22,6 +23,42 @@ def serve_and_classify(store: Path, test_dirs: list[Path]) -> dict:
               f"{answer['model_version']}:")
         for path, p in zip(images, answer["predictions"]):
             print(f"    {Path(path).parent.name:>18s}/{Path(path).name} -> {p['label']} ({p['score']:.2f})")
+        if screenshot is not None:
+            save_page_screenshot(url, images[0], screenshot)
+            print(f"[demo] screenshot of the page at {url}/ saved to {screenshot}")
         return {"url": url, "model_version": answer["model_version"], "predictions": answer["predictions"]}
     finally:
         serve_cli.stop()
+
+
+def save_page_screenshot(url: str, image: str, out: Path) -> None:
+    """Open the page in headless chromium, classify `image` through it, save a PNG of the result."""
+    import shutil
+
+    from cl_serve.errors import UserError
+
+    driver_path, browser = shutil.which("chromedriver"), shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+    except ImportError:
+        raise UserError("--screenshot needs selenium (pip install selenium)") from None
+    if not driver_path or not browser:
+        raise UserError("--screenshot needs chromium and chromedriver (apt-get install chromium chromium-driver)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,720"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#versions tr[data-version]"))
+        driver.find_element(By.ID, "files").send_keys(str(Path(image).resolve()))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .prediction .label"))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(out))
+    finally:
+        driver.quit()
