@@ -76,6 +76,12 @@ def test_status_verifies_and_says_what_a_server_would_serve(two_version_store):
     assert r.returncode == 2 and "BROKEN" in r.stdout and "a server would serve: nothing new" in r.stdout
     r = run_cli("status", "--store", str(two_version_store), "--fast")  # says it did not verify
     assert r.returncode == 0 and "NOT verified" in r.stdout
+    w = ModelWatcher(str(two_version_store), poll_interval_s=60)  # a server (re)started on it: why, and the fix
+    try:
+        reason = w.status()["reason"]
+        assert "live version 2 cannot be served" in reason and "sha256" in reason and "--version 1" in reason
+    finally:
+        w.stop()
 
 
 def test_manifest_file_names_must_be_plain_names_in_the_version(two_version_store):
