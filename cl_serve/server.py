@@ -319,16 +319,18 @@ def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_
               poll_interval_s: float = 1.0, max_request_bytes: int = DEFAULTS["max_request_bytes"],
               num_cpus: float = 1.0, gpus_per_replica: float = 0.0, intra_op_threads: Optional[int] = None,
               auth_token: Optional[str] = None, settings: Optional[dict[str, Any]] = None,
-              max_cached_versions: int = 2):
+              max_cached_versions: int = 2, autoscaling: Optional[dict[str, Any]] = None):
     """The bound Serve application for a store (used by `cl-serve serve`, the tests and the RayService).
-    `settings`: more user_config keys (see `Classifier.reconfigure`), e.g. max_queued_requests."""
+    `settings`: more user_config keys (see `Classifier.reconfigure`), e.g. max_queued_requests.
+    `autoscaling`: a Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...) instead of
+    a fixed number of replicas."""
     user_config = {"poll_interval_s": poll_interval_s, "max_request_bytes": max_request_bytes, **(settings or {})}
     unknown = set(user_config) - set(DEFAULTS) - {"version"}
     if unknown:
         raise ValueError(f"unknown server settings: {sorted(unknown)} (known: {sorted(DEFAULTS)})")
+    scaling: dict[str, Any] = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
     return Classifier.options(
-        num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": gpus_per_replica},
-        user_config=user_config,
+        **scaling, ray_actor_options={"num_cpus": num_cpus, "num_gpus": gpus_per_replica}, user_config=user_config,
     ).bind(store=str(store), max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
            intra_op_threads=intra_op_threads, auth_token=auth_token, max_cached_versions=max_cached_versions)
 
@@ -339,4 +341,5 @@ def app_builder(args: dict[str, Any]):
     return build_app(args["store"], replicas=int(args.get("replicas", 1)),
                      max_batch_size=int(args.get("max_batch_size", 32)),
                      poll_interval_s=float(args.get("poll_interval_s", 1.0)),
-                     gpus_per_replica=float(args.get("gpus_per_replica", 0)), settings=settings)
+                     gpus_per_replica=float(args.get("gpus_per_replica", 0)), settings=settings,
+                     autoscaling=args.get("autoscaling"))

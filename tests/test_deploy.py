@@ -35,3 +35,35 @@ def test_every_ray_pod_is_selected_by_the_network_policy_and_only_serve_is_publi
                 s["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"} for s in sources)
     job = yaml.safe_load((DEPLOY / "rayjob-add-task.yaml").read_text())
     assert job["spec"]["submissionMode"] == "HTTPMode"  # no submitter pod that would need the job API
+
+
+def test_manifests_schedule_and_clean_up_as_documented():
+    svc = yaml.safe_load((DEPLOY / "rayservice.yaml").read_text())
+    cluster = svc["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica on the head
+    assert cluster["enableInTreeAutoscaling"] is True
+    serve_cfg = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert serve_cfg["autoscaling"]["max_replicas"] > serve_cfg["autoscaling"]["min_replicas"] >= 1
+    for template in _pod_templates(svc):
+        assert "readinessProbe" not in template["spec"]["containers"][0]  # KubeRay's own probes stay
+        assert template["spec"]["securityContext"]["fsGroup"] == 1000
+        assert "serve" in template["spec"]["containers"][0]["image"]
+    job = yaml.safe_load((DEPLOY / "rayjob-add-task.yaml").read_text())
+    assert job["spec"]["ttlSecondsAfterFinished"] <= 600 and job["spec"]["shutdownAfterJobFinishes"]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["tolerations"] and head["nodeSelector"] and "train" in head["containers"][0]["image"]
+    pvc = yaml.safe_load((DEPLOY / "store-pvc.yaml").read_text())
+    assert pvc["spec"]["storageClassName"]
+    boot = yaml.safe_load((DEPLOY / "bootstrap-job.yaml").read_text())
+    assert boot["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["cl-serve", "init"]
+
+
+def test_app_builder_accepts_the_rayservice_arguments(tmp_path):
+    from cl_serve.server import app_builder
+
+    svc = yaml.safe_load((DEPLOY / "rayservice.yaml").read_text())
+    args = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    app = app_builder({**args, "store": str(tmp_path)})
+    deployment = app._bound_deployment
+    assert deployment._deployment_config.autoscaling_config.max_replicas == args["autoscaling"]["max_replicas"]
+    assert deployment._deployment_config.user_config["max_queued_requests"] == args["max_queued_requests"]
