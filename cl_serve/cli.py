@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast of the training forward (bf16 is faster on CPUs and GPUs with bf16 units)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--workers", type=int, default=1, help="train on N Ray Train workers (DDP-style; inside a Ray "
+                   "cluster, e.g. a RayJob, its nodes; else a local Ray)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
     p.add_argument("--strict", action="store_true", help="any corrupt image is an error (default: skip and report)")
     p.add_argument("--wait", action="store_true", help="wait for another writer instead of failing at once")
     p.add_argument("--no-export", action="store_true", help="skip ONNX export (such a version cannot be served)")
@@ -241,11 +244,11 @@ def _print_json(obj: Any) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Writers take the store lock first, before torch is imported: a second writer is refused at once."""
-    from cl_serve.store import LOCK_HINTS, Store
+    from cl_serve.store import LOCK_HINTS, open_store
 
     if a.command not in LOCK_HINTS:
         return _run(a)
-    store = Store(a.store)
+    store = open_store(a.store)
     store.config()  # a missing or broken store is reported before anything else
     with store.lock(wait=getattr(a, "wait", False), hint=LOCK_HINTS[a.command]):
         return _run(a)
@@ -275,8 +278,11 @@ def _run(a: argparse.Namespace) -> int:
         except ValidationError as e:
             raise UserError(f"invalid training settings: {pipeline._validation_message(e)}") from None
         log = (lambda s: None) if a.json else (lambda s: print(s, file=sys.stderr))
+        if a.workers < 1 or a.gpus_per_worker < 0:
+            raise UserError("--workers must be >= 1 and --gpus-per-worker >= 0")
         r = pipeline.add_task(a.store, a.data, tc, test_data=a.test_data, strict=a.strict, wait=a.wait,
-                              export=not a.no_export, progress=not a.json, log=log)
+                              export=not a.no_export, progress=not a.json, log=log, workers=a.workers,
+                              gpus_per_worker=a.gpus_per_worker)
         if a.json:
             _print_json(r)
         else:
@@ -331,9 +337,9 @@ def _run(a: argparse.Namespace) -> int:
             policy = pipeline.set_policy(a.store, gate_data=a.gate_data, max_drop=a.max_drop,
                                          min_new_accuracy=a.min_new_accuracy, off=a.off)
         else:
-            from cl_serve.store import Store
+            from cl_serve.store import open_store
 
-            policy = Store(a.store).policy()
+            policy = open_store(a.store).policy()
         _print_json(policy.model_dump()) if a.json else _print_policy(policy)
     elif a.command == "promote":
         r = pipeline.promote(a.store, a.version, wait=a.wait)

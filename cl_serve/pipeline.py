@@ -19,12 +19,13 @@ from safetensors.torch import load_file, save_file
 from cl_serve import release_gate
 from cl_serve.errors import StoreError, UserError
 from cl_serve.store import (LOCK_HINTS, Manifest, ReleasePolicy, Store, StoreConfig, TaskRecord, atomic_write_text,
-                            sha256_file)
+                            open_store, sha256_file)
 from exports.preprocessing import Preprocessing
 from trainer import backbone as bb
 from trainer.data import TaskData, check_known_classes, check_new_classes, load_task_data, scan_image_folder
 from trainer.learner import Learner
 from trainer.merge import build_plain_model, merged_state_dict
+from trainer.ray_train import LearnerFactory, train_task_on_ray
 from trainer.heads import head_config_from_dict
 from trainer.methods import method_config_from_dict
 from trainer.train import TrainConfig, predict, resolve_device, train_task
@@ -53,9 +54,9 @@ def init_store(root: str | Path, *, method: dict[str, Any], head: dict[str, Any]
                backbone: str | None = None, checkpoint: str | Path | None = None, pretrained: bool = False,
                timm_kwargs: dict[str, Any] | None = None) -> StoreConfig:
     """Create a store: backbone weights + card under backbone/, store.json with method, head and preprocessing."""
-    store = Store(root)
+    store = open_store(root)
     if store.exists():
-        raise StoreError(f"{store.root} already holds a store (store.json exists); use another --store")
+        raise StoreError(f"{store.name} already holds a store (store.json exists); use another --store")
     mcfg = parse_method(method)
     hcfg = parse_head(head)
     if (backbone is None) == (checkpoint is None):
@@ -87,19 +88,24 @@ def _backbone(store: Store) -> tuple[bb.BackboneSpec, dict[str, torch.Tensor]]:
     return bb.BackboneSpec(**cfg.backbone), load_file(str(store.backbone_weights_path()))
 
 
-def open_learner(store: Store, version: int | None) -> Learner:
-    """The learner state of `version` (None: a fresh learner with no task)."""
+def learner_factory(store: Store, version: int | None) -> LearnerFactory:
+    """How to build the learner of `version` (None: a fresh one), here or on Ray Train workers."""
     spec, weights = _backbone(store)
+    cfg = store.config()
     if version is None:
-        cfg = store.config()
-        return Learner(spec, weights, parse_method(cfg.method), parse_head(cfg.head))
+        return LearnerFactory(spec, weights, None, parse_method(cfg.method), parse_head(cfg.head))
     store.manifest(version, verify=True)
     path = store.version_dir(version) / "learner.safetensors"
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-    return Learner.from_state(spec, weights, load_file(str(path)), metadata)
+    return LearnerFactory(spec, weights, (load_file(str(path)), metadata), None, None)
+
+
+def open_learner(store: Store, version: int | None) -> Learner:
+    """The learner state of `version` (None: a fresh learner with no task)."""
+    return learner_factory(store, version)()
 
 
 def load_merged_model(store: Store, version: int) -> torch.nn.Module:
@@ -126,9 +132,11 @@ def accuracy_report(model, data: TaskData, labels: list[str], tasks: list[TaskRe
 
 def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test_data: str | Path | None = None,
              strict: bool = False, wait: bool = False, export: bool = True, progress: bool = True,
-             log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Learn the classes in `data_dir` on top of the live version and publish the result as a new version."""
-    store = Store(root)
+             log: Callable[[str], None] = lambda s: None, workers: int = 1,
+             gpus_per_worker: float = 0.0) -> dict[str, Any]:
+    """Learn the classes in `data_dir` on top of the live version and publish the result as a new version
+    (`workers` > 1: on that many Ray Train workers, see trainer.ray_train)."""
+    store = open_store(root)
     cfg = store.config()
     prep = cfg.preprocessing
     t0 = time.time()
@@ -149,10 +157,18 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         decode_seconds = time.time() - t_decode
         for line in data.corrupt:
             log(f"skipped corrupt image {line}")
-        learner = open_learner(store, parent).to_device(device)
-        task_index = learner.num_tasks
-        summary = train_task(learner, data, prep, train, progress=progress, desc=f"task {task_index}")
-        learner.to_device("cpu")
+        factory = learner_factory(store, parent)
+        if workers > 1:
+            log(f"training on {workers} Ray Train workers ({gpus_per_worker:g} GPU each)")
+            learner, summary = train_task_on_ray(factory, data, prep, train, workers=workers,
+                                                 gpus_per_worker=gpus_per_worker)
+            summary["workers"] = workers
+            task_index = learner.num_tasks - 1
+        else:
+            learner = factory().to_device(device)
+            task_index = learner.num_tasks
+            summary = train_task(learner, data, prep, train, progress=progress, desc=f"task {task_index}")
+            learner.to_device("cpu")
         merged = merged_state_dict(learner)
         model = build_plain_model(bb.BackboneSpec(**cfg.backbone), merged)
         labels = list(learner.labels)
@@ -184,6 +200,7 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
                                 backbone=cfg.backbone,
                                 metrics=metrics, onnx=onnx_info, gate=gate, files={},
                                 training={**train.model_dump(), "device": str(device), "seconds": summary["seconds"],
+                                          "workers": workers,
                                           "train_images": summary["train_images"], "corrupt_skipped": len(data.corrupt),
                                           "method_summary": summary["method"], "head_summary": summary["head"],
                                           "head_state_bytes": learner.head.state_bytes()})
@@ -229,7 +246,7 @@ def run_gate(store: Store, policy, model, parent_manifest: Manifest | None, labe
 def set_policy(root: str | Path, *, gate_data: str | Path | None = None, max_drop: float | None = None,
                min_new_accuracy: float | None = None, off: bool = False) -> ReleasePolicy:
     """Change the store's release policy (only the fields given); `off` removes the gate."""
-    store = Store(root)
+    store = open_store(root)
     store.config()
     with store.lock():
         current = store.policy()
@@ -252,7 +269,7 @@ def set_policy(root: str | Path, *, gate_data: str | Path | None = None, max_dro
 def promote(root: str | Path, version: int, wait: bool = False) -> dict[str, Any]:
     """Make a version live by hand (a candidate the gate refused, or any verified version)."""
     rollback(root, version, wait=wait)
-    m = Store(root).manifest(version, verify=False)
+    m = open_store(root).manifest(version, verify=False)
     return {"version": version, "gate": m.gate}
 
 
@@ -273,7 +290,7 @@ def export_version(root: str | Path, version: int | None = None, *, fp16: bool =
     rewritten in place: the new file gets a new name and the manifest switches to it atomically
     (`Store.switch_onnx`); identical bytes change nothing. fp16 attaches a half-precision file for GPUs next to
     the fp32 one; `opset` picks another ONNX opset (e.g. for an older runtime)."""
-    store = Store(root)
+    store = open_store(root)
     with store.lock(hint=LOCK_HINTS["export"]):
         v = version if version is not None else store.current()
         if v is None:
@@ -291,7 +308,7 @@ def export_version(root: str | Path, version: int | None = None, *, fp16: bool =
 
 def evaluate(root: str | Path, data_dir: str | Path, version: int | None = None, batch_size: int = 256) -> dict:
     """Accuracy of a version's merged model on an ImageFolder of known classes, overall and per task."""
-    store = Store(root)
+    store = open_store(root)
     v = version if version is not None else store.current()
     if v is None:
         raise StoreError("the store has no version yet")
@@ -305,7 +322,7 @@ def evaluate(root: str | Path, data_dir: str | Path, version: int | None = None,
 
 def rollback(root: str | Path, version: int, wait: bool = False) -> int:
     """Point CURRENT at an existing (verified) version; the server swaps to it. Also repairs a broken CURRENT."""
-    store = Store(root)
+    store = open_store(root)
     store.config()
     with store.lock(wait=wait):
         store.set_current(version)
@@ -320,7 +337,7 @@ def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
     verifies and has an ONNX file), or None with the reason and the fix; `healthy` is False when it is None while
     versions exist or when CURRENT itself is broken.
     """
-    store = Store(root)
+    store = open_store(root)
     cfg = store.config()
     try:
         current, current_error = store.current(), None
@@ -355,7 +372,7 @@ def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
     else:
         serving = {"version": current}
     healthy = current_error is None and (serving["version"] is not None or not versions)
-    return {"store": str(store.root), "method": cfg.method, "head": cfg.head, "backbone": cfg.backbone,
+    return {"store": store.name, "method": cfg.method, "head": cfg.head, "backbone": cfg.backbone,
             "preprocessing": cfg.preprocessing.model_dump(), "current": current, "current_error": current_error,
             "verified": not fast, "serving": serving, "healthy": healthy, "policy": store.policy().model_dump(),
             "tasks": len(live.tasks) if live else 0, "classes": len(live.labels) if live else 0,

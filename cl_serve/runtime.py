@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 from cl_serve.errors import StoreError
-from cl_serve.store import Manifest, Store
+from cl_serve.store import Manifest, Store, open_store
 from exports.image_decode import ImageLimits, ImageRejected, open_bounded
 from exports.preprocessing import Preprocessing, preprocess_image
 
@@ -128,7 +128,7 @@ class ModelWatcher:
 
     def __init__(self, store_root: str, poll_interval_s: float = 1.0, intra_op_threads: int | None = None,
                  on_event: Callable[[str, int], None] | None = None, max_cached_versions: int = 2):
-        self.store = Store(store_root)
+        self.store = open_store(store_root)
         self.on_event = on_event or (lambda kind, version: None)  # ("swap"|"refused"|"tick", version): metrics
         self.max_cached_versions = max_cached_versions
         self._cache: OrderedDict[int, LoadedModel] = OrderedDict()  # versions asked for by ?version=N

@@ -15,7 +15,7 @@ import urllib.request
 
 from cl_serve.errors import UserError
 from cl_serve.loopback import use_loopback_ray
-from cl_serve.store import Store
+from cl_serve.store import open_store
 
 
 def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
@@ -27,7 +27,7 @@ def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
 
     from cl_serve.server import build_app
 
-    Store(store).config()  # a missing or broken store is a clear error before Ray starts
+    open_store(store).config()  # a missing or broken store is a clear error before Ray starts
     if not ray.is_initialized():
         use_loopback_ray()
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level="WARNING",

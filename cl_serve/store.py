@@ -157,6 +157,15 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def open_store(root: str | Path) -> "Store":
+    """A store by path, or by URL (s3://bucket/prefix, gs://..., any fsspec URL) for object storage."""
+    if "://" in str(root):
+        from cl_serve.object_store import MirroredStore
+
+        return MirroredStore(str(root))
+    return Store(root)
+
+
 def vname(v: int) -> str:
     return f"{v:04d}"
 
@@ -186,6 +195,11 @@ class Store:
         self.lock_path = self.root / ".lock"
         self.policy_path = self.root / "policy.json"
 
+    @property
+    def name(self) -> str:
+        """How the store is named to users (a path here, a URL for object storage)."""
+        return str(self.root)
+
     # -- creation and configuration ----------------------------------------------------------------------------
     def exists(self) -> bool:
         return self.config_path.is_file()
@@ -193,13 +207,13 @@ class Store:
     def create(self, config: StoreConfig) -> None:
         """Write store.json (the backbone files must already be under backbone/). Refuses an existing store."""
         if self.exists():
-            raise StoreError(f"{self.root} already holds a store (store.json exists); use another --store")
+            raise StoreError(f"{self.name} already holds a store (store.json exists); use another --store")
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config_path, config.model_dump_json(indent=2))
 
     def config(self) -> StoreConfig:
         if not self.exists():
-            raise StoreError(f"no model store at {self.root} (run `cl-serve init --store {self.root} ...` first)")
+            raise StoreError(f"no model store at {self.name} (run `cl-serve init --store {self.name} ...` first)")
         try:
             cfg = StoreConfig.model_validate_json(self.config_path.read_text())
         except (ValidationError, ValueError, OSError) as e:
@@ -245,25 +259,32 @@ class Store:
     def current(self) -> int | None:
         """The live version, or None before the first one; a CURRENT naming a missing version is an error."""
         try:
-            raw = self.current_path.read_bytes()[:64]
-        except FileNotFoundError:
-            return None
+            raw = self._read_current()
         except OSError as e:
-            raise StoreError(f"broken store: {self.current_path} is unreadable ({e.strerror}); "
+            raise StoreError(f"broken store: {self.current_path} is unreadable ({e.strerror or e}); "
                              f"{self.fix_hint()}") from None
+        if raw is None:
+            return None
         if not CURRENT_FORMAT.fullmatch(raw):
             raise StoreError(f"broken store: CURRENT holds {raw[:20]!r}, not a version number; {self.fix_hint()}")
         v = int(raw)
-        if not self.version_dir(v).is_dir():
+        if v not in self.versions():
             raise StoreError(f"broken store: CURRENT names version {v}, which does not exist; {self.fix_hint()}")
         return v
+
+    def _read_current(self) -> bytes | None:
+        """CURRENT's first bytes, or None when there is none (a backend hook)."""
+        try:
+            return self.current_path.read_bytes()[:64]
+        except FileNotFoundError:
+            return None
 
     def fix_hint(self) -> str:
         """How to repair a broken CURRENT: roll back to the newest version that verifies."""
         good = self.latest_valid()
         if good is None:
             return "no version verifies: publish one with `cl-serve add-task`"
-        return f"make a version live with `cl-serve rollback --store {self.root} --version {good}`"
+        return f"make a version live with `cl-serve rollback --store {self.name} --version {good}`"
 
     def latest_valid(self) -> int | None:
         """The newest version whose manifest and files verify (None if none does)."""
@@ -280,7 +301,7 @@ class Store:
         d = self.version_dir(v)
         if not d.is_dir():
             have = ", ".join(map(str, self.versions())) or "none"
-            raise StoreError(f"version {v} does not exist in {self.root} (versions: {have})")
+            raise StoreError(f"version {v} does not exist in {self.name} (versions: {have})")
         try:
             m = Manifest.model_validate_json((d / "manifest.json").read_text())
         except (ValidationError, ValueError, OSError) as e:
@@ -328,7 +349,7 @@ class Store:
                         raise
                     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                     if not wait or (deadline is not None and time.monotonic() > deadline):
-                        raise StoreError(f"store {self.root} is locked by another writer ({holder}); {hint}") from None
+                        raise StoreError(f"store {self.name} is locked by another writer ({holder}); {hint}") from None
                     time.sleep(0.2)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} since {utc_now()}".encode(), 0)

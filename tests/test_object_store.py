@@ -1,0 +1,111 @@
+"""The store on object storage: a real S3-compatible server (moto) on 127.0.0.1, the same guarantees as the local
+store: complete versions only, CURRENT last, sha256 verified on read, one writer (conditional-PUT lease), crashes
+leave the previous version live, and the server's watcher follows it."""
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from cl_serve import pipeline
+from cl_serve.errors import StoreError
+from cl_serve.object_store import MirroredStore
+from cl_serve.runtime import ModelWatcher
+from cl_serve.serve_cli import free_port
+from tests.conftest import TINY, TINY_MODEL, fast_train, run_cli
+
+CLI_TRAIN = ["--epochs", "1", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint,
+           "CL_SERVE_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture()
+def s3_store(s3, tasks, request):
+    url = f"s3://models/{request.node.name.replace('[', '-').replace(']', '')}"
+    pipeline.init_store(url, method={"name": "none"}, head={"name": "analytic", "projection": 64},
+                        backbone=TINY_MODEL, timm_kwargs=TINY)
+    pipeline.add_task(url, tasks[0]["train"], fast_train(epochs=1), progress=False)
+    return url
+
+
+def _fresh(url, tmp_path) -> MirroredStore:
+    """A reader with an empty cache: it sees only what is in the bucket."""
+    return MirroredStore(url, cache_dir=tmp_path / f"fresh-{os.urandom(4).hex()}")
+
+
+def test_versions_round_trip_through_the_bucket_and_the_watcher_follows(s3_store, tasks, tmp_path):
+    reader = _fresh(s3_store, tmp_path)
+    assert reader.current() == 1 and reader.versions() == [1]
+    assert reader.manifest(1, verify=True).onnx_file() == "model.onnx"
+    watcher = ModelWatcher(s3_store, poll_interval_s=3600)
+    try:
+        assert watcher.model is not None and watcher.model.version == 1
+        pipeline.add_task(s3_store, tasks[1]["train"], fast_train(epochs=1), progress=False)
+        watcher.check()
+        assert watcher.model.version == 2 and len(watcher.model.labels) == 6
+    finally:
+        watcher.stop()
+    r = run_cli("status", "--store", s3_store, "--json")
+    info = json.loads(r.stdout)
+    assert r.returncode == 0 and info["serving"] == {"version": 2} and info["verified"]
+    assert [v["state"] for v in info["versions"]] == ["ok", "ok"]
+
+
+def test_a_second_writer_is_refused_by_the_lease(s3_store, tasks):
+    with MirroredStore(s3_store).lock():
+        r = run_cli("add-task", "--store", s3_store, "--data", str(tasks[1]["train"]), *CLI_TRAIN)
+    assert r.returncode == 2 and "locked by another writer" in r.stderr and f"pid {os.getpid()}" in r.stderr
+    assert MirroredStore(s3_store).versions() == [1]
+    r = run_cli("add-task", "--store", s3_store, "--data", str(tasks[1]["train"]), *CLI_TRAIN)  # released
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("fault", ["remote-before-manifest", "remote-before-current"])
+def test_a_killed_upload_leaves_the_previous_version_live(s3_store, tasks, tmp_path, fault):
+    args = ["add-task", "--store", s3_store, "--data", str(tasks[1]["train"]), *CLI_TRAIN]
+    r = run_cli(*args, env={"CL_SERVE_FAULT": fault, "CL_SERVE_LEASE_S": "2"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = run_cli(*args)  # the dead writer's lease has not expired yet
+    assert r.returncode == 2 and "locked by another writer" in r.stderr
+    time.sleep(2.5)
+    reader = _fresh(s3_store, tmp_path)
+    assert reader.current() == 1 and reader.manifest(1, verify=True)
+    assert reader.versions() == ([1] if fault == "remote-before-manifest" else [1, 2])  # partial: invisible
+    r = run_cli(*args)  # the lease has expired: the new writer takes it over, cleans up and publishes
+    assert r.returncode == 0, r.stderr
+    reader = _fresh(s3_store, tmp_path)
+    assert reader.current() == max(reader.versions()) and reader.manifest(reader.current()).parent == 1
+    assert not [p for p in reader._glob("versions", "*")
+                if not reader.fs.exists(p + "/manifest.json")]  # the partial prefix was removed
+
+
+def test_a_corrupt_object_fails_verification_for_every_reader(s3_store, tmp_path):
+    reader = _fresh(s3_store, tmp_path)
+    reader.fs.pipe_file(reader._r("versions", "0001", "merged.safetensors"), b"tampered")
+    with pytest.raises(StoreError, match="merged.safetensors does not match its sha256"):
+        _fresh(s3_store, tmp_path).manifest(1, verify=True)
+    r = run_cli("status", "--store", s3_store)
+    assert r.returncode == 2 and "BROKEN" in r.stdout
