@@ -50,8 +50,11 @@ def test_manifests_schedule_and_clean_up_as_documented():
         assert "serve" in template["spec"]["containers"][0]["image"]
     job = yaml.safe_load((DEPLOY / "rayjob-add-task.yaml").read_text())
     assert job["spec"]["ttlSecondsAfterFinished"] <= 600 and job["spec"]["shutdownAfterJobFinishes"]
-    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    assert head["tolerations"] and head["nodeSelector"] and "train" in head["containers"][0]["image"]
+    gpu = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    spec = gpu["template"]["spec"]
+    assert spec["tolerations"] and spec["nodeSelector"] and "train" in spec["containers"][0]["image"]
+    workers = int(job["spec"]["entrypoint"].split("--workers")[1].split()[0])
+    assert workers == gpu["replicas"] and "--gpus-per-worker 1" in job["spec"]["entrypoint"]
     pvc = yaml.safe_load((DEPLOY / "store-pvc.yaml").read_text())
     assert pvc["spec"]["storageClassName"]
     boot = yaml.safe_load((DEPLOY / "bootstrap-job.yaml").read_text())

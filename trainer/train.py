@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from exports.preprocessing import Preprocessing
+from trainer.collective import Local
 from trainer.data import TaskData
 from trainer.learner import Learner
 
@@ -98,25 +99,33 @@ def make_optimizer(params, cfg: TrainConfig, total_steps: int):
 
 
 def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainConfig, *,
-                  progress: bool = True, desc: str = "") -> tuple[dict[str, Any], torch.Tensor]:
+                  progress: bool = True, desc: str = "", collective: Local | None = None
+                  ) -> tuple[dict[str, Any], torch.Tensor]:
     """Learn one task's branches and training block in place (begin_task, training, end_task); returns the
-    summary and the features of the task's training images (eval view, final model) for the head."""
+    summary and the features of the task's training images (eval view, final model) for the head.
+    `collective`: the other workers of a multi-worker run (trainer.collective); None is one process."""
+    coll = collective or Local()
     device = learner.device
     task = learner.num_tasks
     torch.manual_seed(cfg.seed * 100_003 + task)
-    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + task)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + task)  # batch order: the same on every worker
+    aug_gen = gen if coll.world == 1 else torch.Generator().manual_seed(cfg.seed * 100_003 + task + 7919 * coll.rank)
     t0 = time.time()
-    eval_u8 = data.eval_u8.to(device)
+    mine = coll.shard(len(data))
+    eval_u8 = data.eval_u8[mine].to(device)
 
     def views():
         return eval_batches(eval_u8, p, cfg.eval_batch_size, device)
+
+    def all_features(feats: torch.Tensor) -> torch.Tensor:
+        return coll.gather_rows(feats, len(data))
 
     passes: dict[str, torch.Tensor] = {}
 
     def moments():
         feats, cs = learner.feature_pass(views(), moments=True)
-        passes["features"] = feats  # the last pass runs the final model: the head reuses its features
-        return cs
+        passes["features"] = all_features(feats)  # the last pass runs the final model: the head reuses it
+        return coll.mean_moments(cs, len(mine))
 
     learner.method.begin_task(task, moments)
     passes.clear()
@@ -125,11 +134,12 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
     n = len(data)
     frozen = not method_params  # a frozen backbone: the features never change, so compute them once
     if frozen:
-        passes["features"] = learner.feature_pass(views())[0]
+        passes["features"] = all_features(learner.feature_pass(views())[0])
         cached = passes["features"].to(device)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    opt, sched = make_optimizer(method_params + list(block.parameters()), cfg, total)
+    trainable = method_params + list(block.parameters())
+    opt, sched = make_optimizer(trainable, cfg, total)
     train_u8, labels = data.train_u8.to(device), data.labels.to(device)
     learner.eval()  # frozen backbone: no dropout / drop-path while adapting
     bar = tqdm(total=total, desc=desc or f"task {task}", disable=not progress, unit="step", leave=False, mininterval=1.0)
@@ -139,29 +149,33 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
             order = torch.randperm(n, generator=gen).to(device)
             loss_sum, correct, seen = 0.0, 0, 0
             for i in range(0, n, cfg.batch_size):
-                idx = order[i:i + cfg.batch_size]
+                batch = order[i:i + cfg.batch_size]
+                idx = batch[coll.rank::coll.world]  # this worker's share of the global batch
                 y = labels[idx]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    if frozen:
-                        logits = block(cached[idx]).float()
-                    else:
-                        x = normalize(augment(train_u8[idx], p.input_size, cfg.min_crop_scale, gen), p)
-                        logits = learner.block_logits(x).float()  # a task trains only its own classes' logits
-                loss = F.cross_entropy(logits, y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if len(idx):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                        if frozen:
+                            logits = block(cached[idx]).float()
+                        else:
+                            x = normalize(augment(train_u8[idx], p.input_size, cfg.min_crop_scale, aug_gen), p)
+                            logits = learner.block_logits(x).float()  # a task trains only its own logits
+                    loss = F.cross_entropy(logits, y)
+                    loss.backward()
+                coll.sync_gradients(trainable, len(idx), len(batch))
+                opt.step()  # every worker steps with the same summed gradients: parameters stay identical
                 sched.step()
-                loss_sum += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(idx)
+                if len(idx):
+                    loss_sum += float(loss.detach()) * len(idx)
+                    correct += int((logits.argmax(1) == y).sum())
+                    seen += len(idx)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}")
     finally:
         bar.close()
     block.requires_grad_(False)
     summary = learner.method.end_task(task, moments)
-    features = passes["features"] if "features" in passes else learner.feature_pass(views())[0]
+    features = passes["features"] if "features" in passes else all_features(learner.feature_pass(views())[0])
     out = {"task": task, "classes": data.class_names, "train_images": n, "epochs": cfg.epochs,
            "final_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
            "seconds": time.time() - t0, "method": summary}
@@ -169,9 +183,10 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
 
 
 def train_task(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainConfig, *,
-               progress: bool = True, desc: str = "") -> dict[str, Any]:
-    """Learn one task in place on `learner` (already on its device): branches, then the head; returns the summary."""
-    out, features = train_adapter(learner, data, p, cfg, progress=progress, desc=desc)
+               progress: bool = True, desc: str = "", collective: Local | None = None) -> dict[str, Any]:
+    """Learn one task in place on `learner` (already on its device): branches, then the head; returns the summary.
+    With a `collective`, every worker ends with the same learner (the head sees the gathered features)."""
+    out, features = train_adapter(learner, data, p, cfg, progress=progress, desc=desc, collective=collective)
     t0 = time.time()
     out["head"] = learner.finish_head(features, data.labels)
     out["head_seconds"] = time.time() - t0
