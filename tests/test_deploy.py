@@ -2,6 +2,7 @@
 label the NetworkPolicy selects, and only the Serve port is open to other pods."""
 from pathlib import Path
 
+import pytest
 import yaml
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -70,3 +71,19 @@ def test_app_builder_accepts_the_rayservice_arguments(tmp_path):
     deployment = app._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == args["autoscaling"]["max_replicas"]
     assert deployment._deployment_config.user_config["max_queued_requests"] == args["max_queued_requests"]
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "1.37.0"])
+def test_builtin_objects_validate_against_the_kubernetes_schemas_offline(version):
+    """PVC, bootstrap Job and NetworkPolicy against kubernetes-validate's bundled (offline) strict schemas. The
+    RayService and RayJob are checked by the tests above, not against KubeRay's CRD schemas (not vendored: see
+    the README's deployment section)."""
+    import kubernetes_validate
+
+    for name in ("store-pvc.yaml", "bootstrap-job.yaml", "networkpolicy.yaml"):
+        for obj in yaml.safe_load_all((DEPLOY / name).read_text()):
+            kubernetes_validate.validate(obj, version, strict=True)  # raises ValidationError on any violation
+    bad = yaml.safe_load((DEPLOY / "networkpolicy.yaml").read_text())
+    bad["spec"]["ingress"][0]["from"][0]["podSelectr"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, version, strict=True)
