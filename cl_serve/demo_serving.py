@@ -31,8 +31,8 @@ def serve_and_classify(store: Path, test_dirs: list[Path], screenshot: Path | No
         serve_cli.stop()
 
 
-def save_page_screenshot(url: str, image: str, out: Path) -> None:
-    """Open the page in headless chromium, classify `image` through it, save a PNG of the result."""
+def headless_chromium(window: str = "1280,720"):
+    """A selenium driver for Debian's headless chromium; UserError saying what to install when it cannot start."""
     import shutil
 
     from cl_serve.errors import UserError
@@ -41,17 +41,23 @@ def save_page_screenshot(url: str, image: str, out: Path) -> None:
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import WebDriverWait
     except ImportError:
-        raise UserError("--screenshot needs selenium (pip install selenium)") from None
+        raise UserError("the browser needs selenium (pip install selenium)") from None
     if not driver_path or not browser:
-        raise UserError("--screenshot needs chromium and chromedriver (apt-get install chromium chromium-driver)")
+        raise UserError("the browser needs chromium and chromedriver (apt-get install chromium chromium-driver)")
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,720"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={window}"):
         opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    return webdriver.Chrome(service=Service(driver_path), options=opts)
+
+
+def save_page_screenshot(url: str, image: str, out: Path) -> None:
+    """Open the page in headless chromium, classify `image` through it, save a PNG of the result."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = headless_chromium()
     try:
         driver.get(url + "/")
         wait = WebDriverWait(driver, 60)

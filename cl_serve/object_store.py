@@ -158,11 +158,8 @@ class MirroredStore(Store):
              hint: str = "retry later or pass --wait") -> Iterator[None]:
         key = "lease:" + self.url
         if key in Store._held:
-            Store._held[key] += 1
-            try:
+            with Store._nested(key):
                 yield
-            finally:
-                Store._held[key] -= 1
             return
         self._acquire_lease(wait, timeout, hint)
         try:

@@ -202,11 +202,13 @@ class Classifier:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
             form = await _replay(request, body).form(max_files=max_images + 1, max_fields=16)
-            files = form.getlist("file")
-            blobs = [await f.read() for f in files if hasattr(f, "read")]
+            try:
+                blobs = [await f.read() for f in form.getlist("file") if hasattr(f, "read")]
+                form_k = form.get("top_k")
+            finally:
+                await form.close()  # spooled parts: released now, not when the replayed request is collected
             if not blobs:
                 raise BadInput(400, "multipart request without any 'file' field")
-            form_k = form.get("top_k")
             if form_k is not None:
                 top_k = _parse_top_k(form_k)
         elif ctype == "application/json":

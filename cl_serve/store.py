@@ -320,6 +320,16 @@ class Store:
     # -- writing -----------------------------------------------------------------------------------------------
     _held: dict[str, int] = {}  # lock files this process holds -> nesting depth (the lock is re-entrant)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _nested(key: str) -> Iterator[None]:
+        """A lock this process already holds, taken once more."""
+        Store._held[key] += 1
+        try:
+            yield
+        finally:
+            Store._held[key] -= 1
+
     @contextlib.contextmanager
     def lock(self, wait: bool = False, timeout: float | None = None,
              hint: str = "retry later or pass --wait") -> Iterator[None]:
@@ -330,11 +340,8 @@ class Store:
         """
         key = os.path.abspath(self.lock_path)
         if key in Store._held:
-            Store._held[key] += 1
-            try:
+            with Store._nested(key):
                 yield
-            finally:
-                Store._held[key] -= 1
             return
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)

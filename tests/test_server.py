@@ -457,24 +457,20 @@ def test_gpu_path_prefers_tensorrt_then_cuda_and_the_fp16_file_on_a_gpu(tmp_path
 def test_the_page_classifies_an_uploaded_image_in_a_real_browser(server, tasks, tmp_path):
     import shutil
 
-    driver_path = shutil.which("chromedriver")
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not driver_path or not browser:
-        pytest.skip("no chromium/chromedriver here: apt-get install chromium chromium-driver (.ci/run does)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from cl_serve.demo_serving import headless_chromium
+    from cl_serve.errors import UserError
 
     live = _ensure_live(server, tasks)
     labels = Store(server["store"]).manifest(live).labels
     image = tmp_path / "upload.png"
     shutil.copy(next(tasks[0]["test"].rglob("*.png")), image)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver = headless_chromium("1280,900")
+    except UserError as e:
+        pytest.skip(f"{e} (.ci/run installs them)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     try:
         driver.get(server["url"] + "/")
         token = driver.find_element(By.ID, "token")
