@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--backbone", metavar="TIMM_NAME", help="a timm ViT name, e.g. vit_base_patch16_224")
-    src.add_argument("--checkpoint", metavar="FILE", help="local .safetensors backbone (card.json beside it or "
+    src.add_argument("--checkpoint", metavar="FILE", help=".safetensors backbone, a path or a URL (card.json beside it or "
                      "safetensors metadata give timm_model and timm_kwargs)")
     p.add_argument("--pretrained", action="store_true", help="with --backbone: download timm's pretrained weights "
                    "(needs internet); without it the backbone is randomly initialised")
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("add-task", help="learn the classes of an ImageFolder directory and publish a new version")
     _store_arg(p)
-    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder: one sub-folder of images per new class")
+    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder: one sub-folder of images per new class "
+                   "(a path, or a URL such as s3://bucket/incoming/week-47: copied to a local cache first)")
     p.add_argument("--test-data", metavar="DIR", help="ImageFolder of known classes to report accuracy on")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=5e-4)

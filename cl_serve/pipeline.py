@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from cl_serve import release_gate
 from cl_serve.errors import StoreError, UserError
+from cl_serve.remote_inputs import is_url, local_copy
 from cl_serve.store import (LOCK_HINTS, Manifest, ReleasePolicy, Store, StoreConfig, TaskRecord, atomic_write_text,
                             open_store, sha256_file)
 from exports.preprocessing import Preprocessing
@@ -62,7 +63,7 @@ def init_store(root: str | Path, *, method: dict[str, Any], head: dict[str, Any]
     if (backbone is None) == (checkpoint is None):
         raise UserError("give exactly one of --backbone TIMM_NAME or --checkpoint FILE")
     if checkpoint is not None:
-        spec, weights, prep, card = bb.from_checkpoint(checkpoint)
+        spec, weights, prep, card = bb.from_checkpoint(local_copy(checkpoint, single_file=True))
     else:
         spec, weights, prep, card = bb.from_timm(backbone, pretrained, timm_kwargs)
     probe = Learner(spec, weights, mcfg, hcfg)  # fails early if the targets do not fit this architecture
@@ -144,11 +145,11 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         parent = store.current()
         parent_manifest = store.manifest(parent, verify=True) if parent is not None else None
         known = parent_manifest.labels if parent_manifest else []
-        found = scan_image_folder(data_dir)
+        found = scan_image_folder(local_copy(data_dir, progress=progress))
         check_new_classes(found, known)
         test_found = None
         if test_data is not None:
-            test_found = scan_image_folder(test_data)
+            test_found = scan_image_folder(local_copy(test_data, progress=progress))
             check_known_classes(test_found, known + sorted(found))
         device = resolve_device(train.device)
         log(f"decoding {sum(len(v) for v in found.values())} images of {len(found)} new classes from {data_dir}")
@@ -218,7 +219,8 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
 def run_gate(store: Store, policy, model, parent_manifest: Manifest | None, labels: list[str],
              tasks: list[TaskRecord], batch_size: int, log: Callable[[str], None]) -> dict[str, Any]:
     """Per-task accuracy of the new model and of its parent on the policy's gate data, and the decision."""
-    found = {c: files for c, files in scan_image_folder(policy.gate_data).items() if c in labels}
+    gate_folder = local_copy(policy.gate_data, progress=False)
+    found = {c: files for c, files in scan_image_folder(gate_folder).items() if c in labels}
     if not found:
         raise UserError(f"the gate data {policy.gate_data} holds none of the model's classes: fix the policy "
                         "(`cl-serve policy --gate-data DIR`) or turn the gate off (`cl-serve policy --off`)")
@@ -252,8 +254,8 @@ def set_policy(root: str | Path, *, gate_data: str | Path | None = None, max_dro
         current = store.policy()
         update: dict[str, Any] = {"gate_data": None} if off else {}
         if gate_data is not None:
-            scan_image_folder(gate_data)  # a folder that cannot be read is refused now, not at the next add-task
-            update["gate_data"] = str(Path(gate_data).resolve())
+            scan_image_folder(local_copy(gate_data))  # a folder that cannot be read is refused now, not later
+            update["gate_data"] = str(gate_data).rstrip("/") if is_url(gate_data) else str(Path(gate_data).resolve())
         if max_drop is not None:
             update["max_drop"] = max_drop
         if min_new_accuracy is not None:
@@ -313,7 +315,7 @@ def evaluate(root: str | Path, data_dir: str | Path, version: int | None = None,
     if v is None:
         raise StoreError("the store has no version yet")
     m = store.manifest(v, verify=True)
-    found = scan_image_folder(data_dir)
+    found = scan_image_folder(local_copy(data_dir))
     check_known_classes(found, m.labels)
     data = load_task_data(found, m.preprocessing, train_view=False, class_names=m.labels)
     report = accuracy_report(load_merged_model(store, v), data, m.labels, m.tasks, m.preprocessing, batch_size)

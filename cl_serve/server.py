@@ -338,9 +338,14 @@ def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_
 
 
 def app_builder(args: dict[str, Any]):
-    """Entry point for `serve run cl_serve.server:app_builder store=/path` and KubeRay's serveConfigV2."""
+    """Entry point for `serve run cl_serve.server:app_builder store=/path` and KubeRay's serveConfigV2. Without a
+    `store` argument the store is $CL_SERVE_STORE (the deploy manifests set it from a ConfigMap)."""
+    store = args.get("store") or os.environ.get("CL_SERVE_STORE")
+    if not store:
+        raise ValueError("no model store: pass the `store` argument (a path or s3://bucket/prefix) or set "
+                         "CL_SERVE_STORE")
     settings = {k: args[k] for k in DEFAULTS if k in args and k not in ("poll_interval_s", "max_request_bytes")}
-    return build_app(args["store"], replicas=int(args.get("replicas", 1)),
+    return build_app(store, replicas=int(args.get("replicas", 1)),
                      max_batch_size=int(args.get("max_batch_size", 32)),
                      poll_interval_s=float(args.get("poll_interval_s", 1.0)),
                      gpus_per_replica=float(args.get("gpus_per_replica", 0)), settings=settings,

@@ -109,3 +109,70 @@ def test_a_corrupt_object_fails_verification_for_every_reader(s3_store, tmp_path
         _fresh(s3_store, tmp_path).manifest(1, verify=True)
     r = run_cli("status", "--store", s3_store)
     assert r.returncode == 2 and "BROKEN" in r.stdout
+
+
+def _upload(local_dir, url):
+    import fsspec
+
+    fs, remote = fsspec.core.url_to_fs(url)
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        fs.put_file(str(path), f"{remote}/{path.relative_to(local_dir).as_posix()}")
+
+
+def test_inputs_staged_in_the_bucket_are_synchronised_not_just_cached(s3, tasks):
+    """A training folder given as a URL is copied locally; changed objects are fetched again, removed ones (a
+    whole class too) disappear, and an empty prefix is a clear error."""
+    import fsspec
+
+    from cl_serve.errors import UserError
+    from cl_serve.remote_inputs import local_copy
+    from trainer.data import scan_image_folder
+
+    source = tasks[1]["train"]
+    _upload(source, "s3://models/inputs/week-2")
+    copy = local_copy("s3://models/inputs/week-2", progress=False)
+    found = scan_image_folder(copy)
+    assert {c: len(f) for c, f in found.items()} == {c: len(f) for c, f in scan_image_folder(source).items()}
+    first = sorted(source.rglob("*.png"))[0]
+    rel = first.relative_to(source).as_posix()
+    assert (copy / rel).read_bytes() == first.read_bytes()
+    fs, _ = fsspec.core.url_to_fs("s3://models")
+    other = sorted(source.rglob("*.png"))[-1].read_bytes()
+    with fs.open(f"models/inputs/week-2/{rel}", "wb") as f:  # the same name, new bytes
+        f.write(other)
+    gone = next(c for c in tasks[1]["classes"] if c != rel.split("/")[0])
+    fs.rm(f"models/inputs/week-2/{gone}", recursive=True)
+    copy = local_copy("s3://models/inputs/week-2", progress=False)
+    assert (copy / rel).read_bytes() == other
+    assert gone not in scan_image_folder(copy) and not (copy / gone).exists()
+    with pytest.raises(UserError, match="nothing under s3://models/inputs/none"):
+        local_copy("s3://models/inputs/none")
+
+
+def test_init_and_add_task_read_the_backbone_and_the_task_from_the_bucket(s3, tasks, tmp_path):
+    """`init --checkpoint s3://...` (with its card.json) and `add-task --data s3://... --test-data s3://...`: the
+    whole bootstrap and a task without any shared volume, as the object-store deploy overlay runs them."""
+    from safetensors.torch import save_file
+
+    from cl_serve.store import open_store
+    from trainer.backbone import from_timm
+
+    staged = tmp_path / "staging"
+    (staged / "backbone").mkdir(parents=True)
+    _, weights, _, _ = from_timm(TINY_MODEL, False, TINY)
+    save_file(weights, str(staged / "backbone" / "model.safetensors"))
+    (staged / "backbone" / "card.json").write_text(json.dumps({"timm_model": TINY_MODEL, "timm_kwargs": TINY}))
+    _upload(staged, "s3://models/inputs/staging")
+    _upload(tasks[0]["train"], "s3://models/inputs/week-1")
+    _upload(tasks[0]["test"], "s3://models/inputs/holdout-1")
+    store = "s3://models/bucket-only-store"
+    r = run_cli("init", "--store", store, "--checkpoint", "s3://models/inputs/staging/backbone/model.safetensors",
+                "--method", "none", "--head", "analytic", "--projection", "64")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("add-task", "--store", store, "--data", "s3://models/inputs/week-1",
+                "--test-data", "s3://models/inputs/holdout-1", "--json", *CLI_TRAIN)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["version"] == 1 and sorted(summary["classes_added"]) == sorted(tasks[0]["classes"])
+    assert summary["metrics"]["test"]["images"] == 6 * len(tasks[0]["classes"])
+    assert _fresh(store, tmp_path).current() == 1 and open_store(store).config().backbone["timm_model"] == TINY_MODEL

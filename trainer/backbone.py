@@ -82,7 +82,8 @@ def _checkpoint_card(path: Path) -> dict[str, Any]:
 def preprocessing_from_card(card: dict[str, Any], model: torch.nn.Module) -> Preprocessing:
     """Preprocessing from a checkpoint card, falling back to the timm model's pretrained_cfg."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    input_size = card.get("input_size") or cfg.get("input_size") or [3, 224, 224]
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)  # what the model takes (timm_kwargs)
+    input_size = card.get("input_size") or (list(built) if built else None) or cfg.get("input_size") or [3, 224, 224]
     side = int(input_size[-1]) if isinstance(input_size, (list, tuple)) else int(input_size)
     # Cards describe small-image checkpoints trained without a resize margin: crop_pct 1.0 unless stated.
     crop_pct = float(card.get("crop_pct", 1.0))

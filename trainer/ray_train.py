@@ -4,9 +4,10 @@ A `TorchTrainer` starts N workers (DDP-style: gloo on CPU, NCCL on GPU); each re
 parent's state, trains on its share of every batch with gradients summed across workers, and reduces InfLoRA's
 second moments and the head's features through `trainer.collective.TorchDistributed`, so the N workers end with
 the same learner, equal to a one-process run up to float summation order on a frozen backbone (and up to the
-augmentation's random crops, drawn per worker, with adapters). Worker 0 returns the learner as a Ray Train
-checkpoint; the caller merges, exports and publishes it as usual. Inside a Ray cluster (a RayJob) it uses that
-cluster; elsewhere it starts a local Ray on 127.0.0.1.
+augmentation's random crops, drawn per worker, with adapters). Worker 0 hands the learner's state (safetensors
+bytes) to a zero-CPU `_Inbox` actor the driver created, through Ray's object store, so workers on other nodes (GPU
+pods of a RayJob) need no storage shared with the driver; the caller merges, exports and publishes it as usual.
+Inside a Ray cluster (a RayJob) it uses that cluster; elsewhere it starts a local Ray on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from exports.preprocessing import Preprocessing
 from trainer.data import TaskData
@@ -39,14 +41,23 @@ def _worker_loop(config: dict[str, Any]) -> None:
     summary = train_task(learner, payload["data"], payload["prep"], payload["cfg"], progress=False,
                          collective=coll)
     learner.to_device("cpu")
-    if coll.rank != 0:
-        ray.train.report({"rank": coll.rank})
-        return
-    with tempfile.TemporaryDirectory() as tmp:
+    if coll.rank == 0:
         tensors, meta = learner.state()
-        save_file(tensors, str(Path(tmp) / "learner.safetensors"), metadata=meta)
-        (Path(tmp) / "summary.json").write_text(json.dumps(summary, default=str))
-        ray.train.report({"rank": 0}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.get(config["inbox"].put.remote(save(tensors, metadata=meta), json.dumps(summary, default=str)))
+    ray.train.report({"rank": coll.rank})
+
+
+class _Inbox:
+    """Holds what worker 0 sends back (the learner's state and its summary) until the driver takes it."""
+
+    def __init__(self):
+        self.item: tuple[bytes, str] | None = None
+
+    def put(self, state: bytes, summary: str) -> None:
+        self.item = (state, summary)
+
+    def take(self) -> tuple[bytes, str] | None:
+        return self.item
 
 
 class LearnerFactory:
@@ -80,22 +91,24 @@ def train_task_on_ray(factory: LearnerFactory, data: TaskData, prep: Preprocessi
         else:
             ray.init(logging_level="WARNING")
     payload = ray.put({"make_learner": factory, "data": data, "prep": prep, "cfg": cfg})
+    inbox = ray.remote(num_cpus=0)(_Inbox).remote()
     resources = {"CPU": 1, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = TorchTrainer(
-            _worker_loop, train_loop_config={"payload": payload, "use_gpu": gpus_per_worker > 0},
+            _worker_loop, train_loop_config={"payload": payload, "inbox": inbox, "use_gpu": gpus_per_worker > 0},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                          resources_per_worker=resources),
             run_config=RunConfig(storage_path=storage or tmp, name="cl-serve-add-task"))
         result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"Ray Train returned no learner: {result.error}")
-        with result.checkpoint.as_directory() as d:
-            from safetensors import safe_open
-
-            path = str(Path(d) / "learner.safetensors")
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata()
-            learner = Learner.from_state(factory.spec, factory.weights, load_file(path), metadata)
-            summary = json.loads((Path(d) / "summary.json").read_text())
-    return learner, summary
+    item = ray.get(inbox.take.remote())
+    ray.kill(inbox)
+    if item is None:
+        raise RuntimeError(f"Ray Train returned no learner: {result.error}")
+    state, summary = item
+    with tempfile.TemporaryDirectory() as tmp:  # safetensors reads metadata from a file, not from bytes
+        path = Path(tmp) / "learner.safetensors"
+        path.write_bytes(state)
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        learner = Learner.from_state(factory.spec, factory.weights, load_file(str(path)), metadata)
+    return learner, json.loads(summary)
