@@ -1,29 +1,127 @@
-"""The deploy manifests keep Ray's control plane off the cluster network: every Ray pod template carries the
-label the NetworkPolicy selects, and only the Serve port is open to other pods."""
-from pathlib import Path
+"""The deploy overlays render with kustomize and every rendered object validates offline (Kubernetes kinds against
+the strict Kubernetes schemas, RayService/RayJob against deploy/schemas/kuberay-v1.yaml with the same Kubernetes
+definitions for their pod templates, serveConfigV2 against Ray Serve's schema, every cl-serve command line against
+cl-serve's parser); and the rendered objects do what the README's walkthrough relies on."""
+import copy
 
+import jsonschema
 import pytest
 import yaml
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+from tests.kube_manifests import (K8S_VERSIONS, OVERLAYS, check_cli, cl_serve_command_lines, kustomize_missing,
+                                  render, validate_kuberay, validate_object, validate_serve_config)
+
+NAMES = [p.name for p in OVERLAYS]
 
 
-def _pod_templates(obj: dict) -> list[dict]:
-    spec = obj["spec"]
-    cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
-    groups = [cluster["headGroupSpec"]] + list(cluster.get("workerGroupSpecs", []))
-    return [g["template"] for g in groups]
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    reason = kustomize_missing()
+    if reason:
+        pytest.skip(f"cannot render the overlays: {reason} (install kubectl >= 1.21)")
+    return {p.name: render(p) for p in OVERLAYS}
 
 
-def test_every_ray_pod_is_selected_by_the_network_policy_and_only_serve_is_public():
-    policy = yaml.safe_load((DEPLOY / "networkpolicy.yaml").read_text())
-    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+def _one(objects: list[dict], kind: str) -> dict:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, (kind, [o["kind"] for o in objects])
+    return found[0]
+
+
+def _groups(obj: dict) -> list[dict]:
+    cluster = obj["spec"].get("rayClusterConfig") or obj["spec"].get("rayClusterSpec")
+    return [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+
+
+def _containers(obj: dict) -> list[dict]:
+    if obj["kind"] == "Job":
+        return obj["spec"]["template"]["spec"]["containers"]
+    return [c for g in _groups(obj) for c in g["template"]["spec"]["containers"]]
+
+
+def test_the_four_overlays_exist():
+    assert NAMES == ["cpu-object-store", "cpu-volume", "gpu-object-store", "gpu-volume"]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("overlay", NAMES)
+def test_every_rendered_object_validates_offline(rendered, overlay, version):
+    kinds = sorted(o["kind"] for o in rendered[overlay])
+    volume = ["PersistentVolumeClaim"] if overlay.endswith("volume") else []
+    assert kinds == sorted(["ConfigMap", "Job", "NetworkPolicy", "RayJob", "RayService", *volume])
+    for obj in rendered[overlay]:
+        validate_object(obj, version)
+
+
+@pytest.mark.parametrize("mistake, message", [
+    (lambda s: s["spec"].update(rayClusterConfg=s["spec"].pop("rayClusterConfig")), "rayClusterConf"),
+    (lambda s: s["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "is not of type 'string'"),
+    (lambda s: s["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].pop("groupName"), "groupName"),
+    (lambda s: s["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+     .update(resource={}), "resource"),
+    (lambda s: s["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+     .update(image=7), "is not of type 'string'"),
+    (lambda s: s["spec"]["rayClusterConfig"].update(enableInTreeAutoscaling="yes"), "is not of type 'boolean'"),
+])
+def test_the_kuberay_schema_catches_mistakes(rendered, mistake, message):
+    """Each of these renders fine and would be dropped or refused by a cluster: the offline check refuses it."""
+    service = copy.deepcopy(_one(rendered["cpu-volume"], "RayService"))
+    validate_kuberay(service, K8S_VERSIONS[-1])
+    mistake(service)
+    with pytest.raises(jsonschema.ValidationError) as e:
+        validate_kuberay(service, K8S_VERSIONS[-1])
+    assert message in str(e.value)
+
+
+def test_a_broken_serve_config_or_job_is_refused(rendered):
+    import kubernetes_validate
+    from pydantic import ValidationError
+
+    service = _one(rendered["cpu-volume"], "RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    del config["applications"][0]["import_path"]
+    with pytest.raises(ValidationError):
+        validate_serve_config(yaml.safe_dump(config))
+    job = copy.deepcopy(_one(rendered["cpu-volume"], "RayJob"))
+    job["spec"]["submissionMode"] = "HttpMode"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_kuberay(job, K8S_VERSIONS[0])
+    policy = copy.deepcopy(_one(rendered["cpu-volume"], "NetworkPolicy"))
+    policy["spec"]["ingress"][0]["from"][0]["podSelectr"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_object(policy, K8S_VERSIONS[0])
+
+
+@pytest.mark.parametrize("overlay", NAMES)
+def test_every_cl_serve_command_line_parses(rendered, overlay):
+    """The bootstrap Job's and the RayJob's command lines, with the ConfigMap's variables and a task name, are
+    valid cl-serve invocations; the store and inputs are the overlay's (bucket or volume)."""
+    env = {**_one(rendered[overlay], "ConfigMap")["data"], "CL_SERVE_TASK": "week-47"}
+    lines = cl_serve_command_lines(rendered[overlay], env)
+    assert [argv[1] for argv in lines] == ["init", "add-task"]
+    for argv in lines:
+        check_cli(argv)
+    init, add = lines
+    scheme = "s3://" if overlay.endswith("object-store") else "/store/"
+    assert init[init.index("--checkpoint") + 1].startswith(scheme) and env["CL_SERVE_STORE"].startswith(scheme[:-1])
+    assert add[add.index("--data") + 1] == f"{env['CL_SERVE_INPUTS']}/incoming/week-47"
+    workers = int(add[add.index("--workers") + 1])
+    assert workers == _one(rendered[overlay], "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"]
+    assert ("--gpus-per-worker" in add) == overlay.startswith("gpu")
+    with pytest.raises(SystemExit):
+        check_cli([*add, "--wrokers", "2"])
+
+
+@pytest.mark.parametrize("overlay", NAMES)
+def test_every_ray_pod_is_selected_by_the_network_policy_and_only_serve_is_public(rendered, overlay):
+    objects = rendered[overlay]
+    policy = _one(objects, "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
     selector = policy["spec"]["podSelector"]["matchLabels"]
-    for name in ("rayservice.yaml", "rayjob-add-task.yaml"):
-        obj = yaml.safe_load((DEPLOY / name).read_text())
-        for template in _pod_templates(obj):
-            labels = template.get("metadata", {}).get("labels", {})
-            assert selector.items() <= labels.items(), (name, labels)
+    for obj in (_one(objects, "RayService"), _one(objects, "RayJob")):
+        for group in _groups(obj):
+            labels = group["template"].get("metadata", {}).get("labels", {})
+            assert selector.items() <= labels.items(), (obj["kind"], labels)
     for rule in policy["spec"]["ingress"]:
         ports = {p["port"] for p in rule.get("ports", [])}
         sources = rule.get("from")
@@ -34,56 +132,59 @@ def test_every_ray_pod_is_selected_by_the_network_policy_and_only_serve_is_publi
         else:  # the operator: dashboard / agent / serve only
             assert ports <= {8265, 52365, 8000} and all(
                 s["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"} for s in sources)
-    job = yaml.safe_load((DEPLOY / "rayjob-add-task.yaml").read_text())
-    assert job["spec"]["submissionMode"] == "HTTPMode"  # no submitter pod that would need the job API
+    assert _one(objects, "RayJob")["spec"]["submissionMode"] == "HTTPMode"  # no submitter pod needs the job API
 
 
-def test_manifests_schedule_and_clean_up_as_documented():
-    svc = yaml.safe_load((DEPLOY / "rayservice.yaml").read_text())
+@pytest.mark.parametrize("overlay", NAMES)
+def test_overlays_schedule_store_and_clean_up_as_documented(rendered, overlay):
+    objects = rendered[overlay]
+    stages = {o["kind"]: o["metadata"]["labels"]["cl-serve.io/stage"] for o in objects}
+    assert stages["RayService"] == stages["NetworkPolicy"] == stages["ConfigMap"] == "serve"
+    assert stages["Job"] == "bootstrap" and stages["RayJob"] == "add-task"
+    svc, job = _one(objects, "RayService"), _one(objects, "RayJob")
     cluster = svc["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica on the head
     assert cluster["enableInTreeAutoscaling"] is True
-    serve_cfg = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]
-    assert serve_cfg["autoscaling"]["max_replicas"] > serve_cfg["autoscaling"]["min_replicas"] >= 1
-    for template in _pod_templates(svc):
-        assert "readinessProbe" not in template["spec"]["containers"][0]  # KubeRay's own probes stay
-        assert template["spec"]["securityContext"]["fsGroup"] == 1000
-        assert "serve" in template["spec"]["containers"][0]["image"]
-    job = yaml.safe_load((DEPLOY / "rayjob-add-task.yaml").read_text())
+    args = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["autoscaling"]["max_replicas"] > args["autoscaling"]["min_replicas"] >= 1
+    assert "store" not in args  # the replicas read $CL_SERVE_STORE from the ConfigMap
+    for group in _groups(svc):
+        assert group["template"]["spec"]["securityContext"]["fsGroup"] == 1000
+        container = group["template"]["spec"]["containers"][0]
+        assert "readinessProbe" not in container and "serve" in container["image"]  # KubeRay's own probes stay
     assert job["spec"]["ttlSecondsAfterFinished"] <= 600 and job["spec"]["shutdownAfterJobFinishes"]
-    gpu = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
-    spec = gpu["template"]["spec"]
-    assert spec["tolerations"] and spec["nodeSelector"] and "train" in spec["containers"][0]["image"]
-    workers = int(job["spec"]["entrypoint"].split("--workers")[1].split()[0])
-    assert workers == gpu["replicas"] and "--gpus-per-worker 1" in job["spec"]["entrypoint"]
-    pvc = yaml.safe_load((DEPLOY / "store-pvc.yaml").read_text())
-    assert pvc["spec"]["storageClassName"]
-    boot = yaml.safe_load((DEPLOY / "bootstrap-job.yaml").read_text())
-    assert boot["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["cl-serve", "init"]
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == cluster["rayVersion"]
+    for obj in (svc, job, _one(objects, "Job")):
+        for c in _containers(obj):
+            if obj["kind"] != "RayJob" or c["name"] == "ray-head":  # the training workers never touch the store
+                assert {"configMapRef": {"name": "cl-serve-config"}} in c["envFrom"], (obj["kind"], c["name"])
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    if overlay.startswith("gpu"):
+        assert worker["tolerations"] and worker["nodeSelector"]
+        assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    else:
+        assert "nodeSelector" not in worker and "nvidia.com/gpu" not in str(worker)
+    mounts = [c.get("volumeMounts") for o in (svc, job, _one(objects, "Job")) for c in _containers(o)]
+    if overlay.endswith("object-store"):
+        assert not any(mounts) and "PersistentVolumeClaim" not in stages
+        assert {"secretRef": {"name": "cl-serve-object-store", "optional": True}} in _containers(svc)[0]["envFrom"]
+    else:
+        pvc = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["storageClassName"]
+        assert all(m == [{"name": "store", "mountPath": "/store"}] for m in mounts if m is not None)
 
 
-def test_app_builder_accepts_the_rayservice_arguments(tmp_path):
+def test_app_builder_accepts_the_rayservice_arguments_and_reads_the_store_from_the_environment(
+        rendered, tmp_path, monkeypatch):
     from cl_serve.server import app_builder
 
-    svc = yaml.safe_load((DEPLOY / "rayservice.yaml").read_text())
+    svc = _one(rendered["cpu-volume"], "RayService")
     args = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]
-    app = app_builder({**args, "store": str(tmp_path)})
-    deployment = app._bound_deployment
+    monkeypatch.delenv("CL_SERVE_STORE", raising=False)
+    with pytest.raises(ValueError, match="CL_SERVE_STORE"):
+        app_builder(args)
+    monkeypatch.setenv("CL_SERVE_STORE", str(tmp_path))
+    deployment = app_builder(args)._bound_deployment
+    assert deployment.init_kwargs["store"] == str(tmp_path)
     assert deployment._deployment_config.autoscaling_config.max_replicas == args["autoscaling"]["max_replicas"]
     assert deployment._deployment_config.user_config["max_queued_requests"] == args["max_queued_requests"]
-
-
-@pytest.mark.parametrize("version", ["1.30.0", "1.37.0"])
-def test_builtin_objects_validate_against_the_kubernetes_schemas_offline(version):
-    """PVC, bootstrap Job and NetworkPolicy against kubernetes-validate's bundled (offline) strict schemas. The
-    RayService and RayJob are checked by the tests above, not against KubeRay's CRD schemas (not vendored: see
-    the README's deployment section)."""
-    import kubernetes_validate
-
-    for name in ("store-pvc.yaml", "bootstrap-job.yaml", "networkpolicy.yaml"):
-        for obj in yaml.safe_load_all((DEPLOY / name).read_text()):
-            kubernetes_validate.validate(obj, version, strict=True)  # raises ValidationError on any violation
-    bad = yaml.safe_load((DEPLOY / "networkpolicy.yaml").read_text())
-    bad["spec"]["ingress"][0]["from"][0]["podSelectr"] = {}
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(bad, version, strict=True)

@@ -28,7 +28,7 @@ def test_ray_is_the_same_in_the_lock_the_venv_the_images_and_the_manifests():
     serve_reqs = (ROOT / "deploy" / "requirements-serve.txt").read_text()
     assert f"ray[serve]=={lock['ray']}" in serve_reqs
     for name in ("rayservice.yaml", "rayjob-add-task.yaml"):
-        obj = yaml.safe_load((ROOT / "deploy" / name).read_text())
+        obj = yaml.safe_load((ROOT / "deploy" / "base" / name).read_text())
         cluster = obj["spec"].get("rayClusterConfig") or obj["spec"]["rayClusterSpec"]
         assert cluster["rayVersion"] == lock["ray"], name
     for dockerfile in ("Dockerfile.serve", "Dockerfile.train"):
