@@ -40,7 +40,8 @@ class Prediction(Label):
 
 
 class ClassifyResponse(BaseModel):
-    model_version: int
+    model_version: int = Field(description="the version that answered")
+    canary: bool = Field(False, description="true when the canary sent this request to the newest candidate")
     predictions: list[Prediction]
 
 

@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-requests", type=int, default=64,
                    help="requests one replica holds at once; beyond, 503 with Retry-After")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds per request before a 503")
+    p.add_argument("--canary", type=float, default=0.0, metavar="P", help="send P%% of requests (those without "
+                   "?version) to the newest candidate the release gate refused; responses say canary: true")
     p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint on 127.0.0.1")
     p.add_argument("--auth-token", default=None, metavar="TOKEN",
                    help="require `Authorization: Bearer TOKEN` on every route but /healthz "

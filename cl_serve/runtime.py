@@ -144,6 +144,7 @@ class ModelWatcher:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.swaps = 0
+        self._candidate: tuple[float, int | None] = (float("-inf"), None)  # (when looked up, newest candidate)
         self.check()
         self._thread = threading.Thread(target=self._loop, name="cl-serve-watcher", daemon=True)
         self._thread.start()
@@ -204,6 +205,27 @@ class ModelWatcher:
             log.info("serving version %d", version)
             self.on_event("swap", version)
             return True
+
+    def newest_candidate(self) -> int | None:
+        """The newest version above the served one that the release gate refused (a candidate), for the canary;
+        looked up at most once per poll interval (a few manifest reads, never a hash check)."""
+        checked, found = self._candidate
+        if time.monotonic() - checked < self.poll_interval_s:
+            return found
+        serving = self.model.version if self.model is not None else 0
+        found = None
+        try:
+            for v in sorted((v for v in self.store.versions() if v > serving), reverse=True):
+                if v in self.refused:
+                    continue
+                gate = self.store.manifest(v, verify=False).gate or {}
+                if gate and not gate.get("passed", True):
+                    found = v
+                    break
+        except StoreError:
+            found = None
+        self._candidate = (time.monotonic(), found)
+        return found
 
     def model_for(self, version: int) -> LoadedModel:
         """The model of an explicit version (`POST /classify?version=N`): the live one, a cached one, or loaded

@@ -1,7 +1,8 @@
 """The Ray Serve application: FastAPI ingress, ONNX Runtime per replica, @serve.batch, hot swap.
 
     POST /classify   multipart form files (field `file`, repeatable) or JSON {"images": [base64, ...]};
-                     optional top_k (form field, JSON key or query). -> {"model_version", "predictions": [...]}
+                     optional top_k (form field, JSON key or query). -> {"model_version", "canary", "predictions": [...]}
+                     With canary_percent P, P% of these go to the newest candidate (canary: true).
     GET  /healthz    live version and readiness (200 ready, 503 not yet / broken), last refusal reason
     POST /classify?version=N   the same with version N (bounded per-replica cache; 404 unknown, 409 refused)
     GET  /v1/model   version, labels, tasks, method, metrics, ONNX file and providers of the served model
@@ -28,6 +29,7 @@ import hmac
 import json
 import logging
 import os
+import random
 import re
 import time
 from pathlib import Path
@@ -54,7 +56,7 @@ app = FastAPI(title="cl-serve", description="Continual image classification with
 DEFAULTS = {"poll_interval_s": 1.0, "max_request_bytes": 20 * 1024 * 1024, "max_pixels": 40_000_000,
             "max_side": 20_000, "max_aspect": 50.0, "max_request_pixels": 100_000_000,
             "max_images": 64, "default_top_k": 5, "max_concurrent_decodes": 2,
-            "max_queued_requests": 64, "request_timeout_s": 30.0}
+            "max_queued_requests": 64, "request_timeout_s": 30.0, "canary_percent": 0.0}
 AUTH_ENV = "CL_SERVE_AUTH_TOKEN"
 PUBLIC_PATHS = {"/healthz", "/"}  # answered without the bearer token: probes, and the page (it asks for the token)
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -161,10 +163,14 @@ class Classifier:
     # -- Serve hooks ----------------------------------------------------------------------------------------------
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config: poll_interval_s, max_request_bytes, max_pixels, max_side, max_aspect, max_request_pixels,
-        max_images, default_top_k, max_concurrent_decodes, and `version` (pin that version; null follows CURRENT again)."""
+        max_images, default_top_k, max_concurrent_decodes, max_queued_requests, request_timeout_s, canary_percent
+        (that share of requests without ?version goes to the newest candidate), and `version` (pin that version;
+        null follows CURRENT again)."""
         unknown = set(config) - set(DEFAULTS) - {"version"}
         if unknown:
             raise ValueError(f"unknown user_config keys: {sorted(unknown)}")
+        if not 0 <= float(config.get("canary_percent", 0)) <= 100:
+            raise ValueError(f"canary_percent must be in [0, 100], got {config['canary_percent']}")
         settings = {**self.settings, **{k: v for k, v in config.items() if k in DEFAULTS}}
         self.limits = ImageLimits(max_pixels=settings["max_pixels"], max_side=settings["max_side"],
                                   max_aspect=settings["max_aspect"])
@@ -265,6 +271,7 @@ class Classifier:
         return result
 
     async def _classify(self, request: Request):
+        canary = False
         try:
             version = _parse_version(request.query_params.get("version"))
             model = self.watcher.model
@@ -272,6 +279,14 @@ class Classifier:
                 model = await asyncio.to_thread(self.watcher.model_for, version)
             elif model is None:
                 return _error(503, self.watcher.unavailable_reason() or "no model", **self.watcher.status())
+            elif random.random() * 100 < float(self.settings["canary_percent"]):
+                candidate = await asyncio.to_thread(self.watcher.newest_candidate)
+                if candidate is not None:
+                    try:
+                        model, version = await asyncio.to_thread(self.watcher.model_for, candidate), candidate
+                        canary = True
+                    except BadInput:  # a candidate that cannot be served: the live version answers
+                        pass
             blobs, top_k = await self._read_images(request)
             async with self._decode_slots:
                 x = await asyncio.to_thread(prepare_batch, blobs, model.preprocessing, self.limits,
@@ -284,7 +299,7 @@ class Classifier:
             self.metrics.batch_images.observe(len(x))
             version, labels, logits = model.version, model.labels, await asyncio.to_thread(model.run, x)
         k = top_k or int(self.settings["default_top_k"])
-        return {"model_version": version, "predictions": top_k_predictions(logits, labels, k)}
+        return {"model_version": version, "canary": canary, "predictions": top_k_predictions(logits, labels, k)}
 
     @app.get("/healthz")
     async def healthz(self):

@@ -372,6 +372,65 @@ def test_versions_over_http_and_classify_with_an_explicit_version(server, tasks)
         assert r.status_code == 409 and "sha256" in r.json()["error"]
 
 
+def _redeploy(server, **settings):
+    """Change the running application's user_config (Serve reconfigures the replicas in place)."""
+    from ray import serve
+
+    from cl_serve.server import build_app
+
+    serve.run(build_app(str(server["store"]), poll_interval_s=0.2, max_batch_size=16, max_request_bytes=2_000_000,
+                        auth_token=TOKEN, settings={"max_queued_requests": MAX_QUEUED, **settings}),
+              name="cl-serve", route_prefix="/", blocking=False)
+
+
+def test_the_canary_sends_its_share_of_requests_to_the_newest_candidate(server, tasks, monkeypatch, tmp_path):
+    from cl_serve import release_gate
+    from trainer.synthetic import class_names, write_image_folder
+
+    c, store = server["client"], server["store"]
+    live = _ensure_live(server, tasks)
+    refuse = lambda *a, **k: {"passed": False, "reasons": ["refused for the canary test"], "tasks": []}  # noqa: E731
+    monkeypatch.setattr(release_gate, "decide", refuse)
+    pipeline.set_policy(store, gate_data=tasks[0]["test"])
+    known = set(Store(store).manifest(live).labels)
+    names = [n for n in class_names(40) if n not in known][:3]  # classes the store has not seen
+    new_task = write_image_folder(tmp_path / "canary", names, 8, seed=7)
+    try:
+        candidate = pipeline.add_task(store, new_task, fast_train(epochs=1), progress=False)["version"]
+    finally:
+        pipeline.set_policy(store, off=True)
+    assert Store(store).current() == live and candidate > live
+    image = base64.b64encode(_png(next(new_task.rglob("*.png")))).decode()
+
+    def answers(n: int) -> list[tuple[int, bool]]:
+        out = []
+        for _ in range(n):
+            r = c.post("/classify", json={"images": [image]})
+            assert r.status_code == 200, r.text
+            out.append((r.json()["model_version"], r.json()["canary"]))
+        return out
+
+    assert set(answers(10)) == {(live, False)}  # no canary by default
+    try:
+        _redeploy(server, canary_percent=100)
+        deadline = time.time() + 30
+        while answers(1) != [(candidate, True)] and time.time() < deadline:
+            time.sleep(0.2)
+        assert set(answers(10)) == {(candidate, True)}
+        _redeploy(server, canary_percent=50)
+        time.sleep(1.0)
+        mixed = answers(40)
+        assert set(mixed) == {(live, False), (candidate, True)}
+        assert 5 <= sum(canary for _, canary in mixed) <= 35, mixed  # binomial(40, 0.5): outside has p < 1e-6
+    finally:
+        _redeploy(server)
+    deadline = time.time() + 30
+    while answers(1) != [(live, False)] and time.time() < deadline:
+        time.sleep(0.2)
+    assert set(answers(10)) == {(live, False)}
+    assert c.get("/healthz").json()["version"] == live
+
+
 def test_metrics_are_exported_on_rays_prometheus_endpoint(server, tasks):
     c = server["client"]
     _ensure_live(server, tasks)
