@@ -4,14 +4,15 @@ scanner and the checkpoint loader only ever see plain files. Local paths pass th
 
 The cache ($CL_SERVE_CACHE, else ~/.cache/cl-serve, under `inputs/<hash of the URL>`) is synchronised, not just
 filled: an object is downloaded again when its identity (S3 ETag, GCS generation, else size) changed, files no
-longer in the bucket are removed, and every download lands under a temporary name and is renamed into place, so an
-interrupted copy never leaves a half-written image that a later run would take for a whole one.
+longer in the bucket are removed, and every download lands in a per-process folder beside the copy and is renamed
+into place, so an interrupted copy never leaves a half-written image that a later run would take for a whole one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from cl_serve.errors import UserError
@@ -25,6 +26,16 @@ def is_url(path: str | Path) -> bool:
 def _cache_dir(url: str) -> Path:
     base = Path(os.environ.get("CL_SERVE_CACHE") or Path.home() / ".cache" / "cl-serve")
     return base / "inputs" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def _pid_alive(text: str) -> bool:
+    try:
+        os.kill(int(text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _identity(info: dict) -> str:
@@ -77,18 +88,27 @@ def local_copy(path: str | Path, *, single_file: bool = False, progress: bool = 
     base = remote.rsplit("/", 1)[0] if single_file else remote.rstrip("/")
     stale = [rel for rel, info in listing.items()
              if index.get(rel) != _identity(info) or not (tree / rel).is_file()]
-    with tqdm(total=sum(int(listing[rel].get("size") or 0) for rel in stale), unit="B", unit_scale=True,
-              desc=f"fetching {url}", disable=not progress or not stale, leave=False) as bar:
-        for rel in stale:
-            target = tree / rel
-            if not target.resolve().is_relative_to(tree.resolve()):
-                raise UserError(f"refusing object name {rel!r} under {url}: it leaves the folder")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.part")
-            fs.get_file(f"{base}/{rel}", str(tmp))
-            os.replace(tmp, target)
-            index[rel] = _identity(listing[rel])
-            bar.update(int(listing[rel].get("size") or 0))
+    # Downloads land in this process's own folder beside the tree (never inside it, where a half-written file
+    # would look like an image) and are renamed into place; folders of processes that died are removed.
+    for old in cache.glob("partial-*"):
+        if not _pid_alive(old.name.removeprefix("partial-")):
+            shutil.rmtree(old, ignore_errors=True)
+    partial = cache / f"partial-{os.getpid()}"
+    partial.mkdir(exist_ok=True)
+    try:
+        with tqdm(total=sum(int(listing[rel].get("size") or 0) for rel in stale), unit="B", unit_scale=True,
+                  desc=f"fetching {url}", disable=not progress or not stale, leave=False) as bar:
+            for n, rel in enumerate(stale):
+                target = tree / rel
+                if not target.resolve().is_relative_to(tree.resolve()):
+                    raise UserError(f"refusing object name {rel!r} under {url}: it leaves the folder")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{base}/{rel}", str(partial / str(n)))
+                os.replace(partial / str(n), target)
+                index[rel] = _identity(listing[rel])
+                bar.update(int(listing[rel].get("size") or 0))
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     for file in [p for p in tree.rglob("*") if p.is_file()]:
         if file.relative_to(tree).as_posix() not in listing:
             file.unlink()
@@ -96,7 +116,7 @@ def local_copy(path: str | Path, *, single_file: bool = False, progress: bool = 
         if not any(folder.iterdir()):  # a class removed from the bucket must not stay as an empty folder
             folder.rmdir()
     index = {rel: ident for rel, ident in index.items() if rel in listing}
-    tmp_index = index_file.with_name(".index.json.part")
+    tmp_index = partial.with_name(f"index-{os.getpid()}.json")
     tmp_index.write_text(json.dumps(index))
     os.replace(tmp_index, index_file)
     return tree / next(iter(listing)) if single_file else tree
