@@ -142,7 +142,11 @@ def test_inputs_staged_in_the_bucket_are_synchronised_not_just_cached(s3, tasks)
         f.write(other)
     gone = next(c for c in tasks[1]["classes"] if c != rel.split("/")[0])
     fs.rm(f"models/inputs/week-2/{gone}", recursive=True)
+    dead = copy.parent / "partial-99999999"  # what a killed fetch leaves: beside the copy, never inside it
+    dead.mkdir()
+    (dead / "0").write_bytes(b"half an image")
     copy = local_copy("s3://models/inputs/week-2", progress=False)
+    assert not dead.exists() and sorted(p.name for p in copy.parent.iterdir()) == ["index.json", "tree"]
     assert (copy / rel).read_bytes() == other
     assert gone not in scan_image_folder(copy) and not (copy / gone).exists()
     with pytest.raises(UserError, match="nothing under s3://models/inputs/none"):
