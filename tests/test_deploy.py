@@ -188,3 +188,86 @@ def test_app_builder_accepts_the_rayservice_arguments_and_reads_the_store_from_t
     assert deployment.init_kwargs["store"] == str(tmp_path)
     assert deployment._deployment_config.autoscaling_config.max_replicas == args["autoscaling"]["max_replicas"]
     assert deployment._deployment_config.user_config["max_queued_requests"] == args["max_queued_requests"]
+
+
+def test_the_rayjob_entrypoint_publishes_a_version_in_a_real_ray_cluster(rendered, tasks, tmp_path):
+    """What KubeRay does with the add-task RayJob, on this machine: a Ray head started by `ray start` with the pod's
+    environment (the ConfigMaps' CL_SERVE_STORE, CL_SERVE_INPUTS, CL_SERVE_TASK), the rendered entrypoint submitted
+    verbatim to the dashboard's job API (HTTPMode), the shell expanding the task folder, 2 Ray Train workers, and
+    a published version in the store. Without CL_SERVE_TASK the job fails and says how to set it."""
+    import contextlib
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    from cl_serve import pipeline
+    from cl_serve.serve_cli import free_port
+    from cl_serve.store import Store
+    from tests.conftest import TINY, TINY_MODEL
+
+    store = tmp_path / "store"
+    pipeline.init_store(store, method={"name": "none"}, head={"name": "analytic", "projection": 64},
+                        backbone=TINY_MODEL, timm_kwargs=TINY)
+    inputs = tmp_path / "inputs"
+    shutil.copytree(tasks[0]["train"], inputs / "incoming" / "week-47")
+    entrypoint = _one(rendered["cpu-volume"], "RayJob")["spec"]["entrypoint"]
+    dashboard = free_port()
+    ports = [a for flag in ("--port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port",
+                            "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                            "--runtime-env-agent-port", "--metrics-export-port") for a in (flag, str(free_port()))]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CL_SERVE_STORE": str(store), "CL_SERVE_INPUTS": str(inputs),
+           "CL_SERVE_TASK": "week-47", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="clr-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    head_log = (tmp_path / "ray-head.log").open("w")
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         "--num-cpus=3", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--disable-usage-stats", f"--temp-dir={ray_tmp}", *ports],
+        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{dashboard}/api/jobs/"
+
+    def run_job(text: str) -> tuple[str, str]:
+        job = httpx.post(api, json={"entrypoint": text}, timeout=30).json()["submission_id"]
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            status = httpx.get(f"{api}{job}", timeout=30).json()["status"]
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status, httpx.get(f"{api}{job}/logs", timeout=30).json()["logs"]
+            time.sleep(1)
+        raise AssertionError("the job did not finish in 10 minutes")
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(api, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and head.poll() is None, \
+                f"ray start did not bring up the job API: {(tmp_path / 'ray-head.log').read_text()[-2000:]}"
+            time.sleep(1)
+        status, logs = run_job(entrypoint)
+        assert status == "SUCCEEDED", logs[-3000:]
+        assert Store(store).current() == 1
+        assert sorted(Store(store).manifest(1).labels) == sorted(tasks[0]["classes"])
+        status, logs = run_job(f"unset CL_SERVE_TASK; {entrypoint}")
+        assert status == "FAILED" and "no task: kubectl create configmap cl-serve-task" in logs, logs[-2000:]
+        assert Store(store).current() == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
