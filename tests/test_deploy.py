@@ -190,11 +190,12 @@ def test_app_builder_accepts_the_rayservice_arguments_and_reads_the_store_from_t
     assert deployment._deployment_config.user_config["max_queued_requests"] == args["max_queued_requests"]
 
 
-def test_the_rayjob_entrypoint_publishes_a_version_in_a_real_ray_cluster(rendered, tasks, tmp_path):
-    """What KubeRay does with the add-task RayJob, on this machine: a Ray head started by `ray start` with the pod's
-    environment (the ConfigMaps' CL_SERVE_STORE, CL_SERVE_INPUTS, CL_SERVE_TASK), the rendered entrypoint submitted
-    verbatim to the dashboard's job API (HTTPMode), the shell expanding the task folder, 2 Ray Train workers, and
-    a published version in the store. Without CL_SERVE_TASK the job fails and says how to set it."""
+def test_the_rayjob_publishes_and_the_rayservice_config_serves_in_a_real_ray_cluster(rendered, tasks, tmp_path):
+    """What KubeRay does with the manifests, on this machine: a Ray head started by `ray start` with the pods'
+    environment (the ConfigMaps' CL_SERVE_STORE, CL_SERVE_INPUTS, CL_SERVE_TASK); the add-task RayJob's rendered
+    entrypoint submitted verbatim to the dashboard's job API (HTTPMode): the shell expands the task folder, 2 Ray
+    Train workers train, a version is published (without CL_SERVE_TASK the job fails and says how to set it); then
+    the RayService's rendered serveConfigV2 PUT to the dashboard's Serve API, as the operator does, serves it."""
     import contextlib
     import os
     import shutil
@@ -263,6 +264,24 @@ def test_the_rayjob_entrypoint_publishes_a_version_in_a_real_ray_cluster(rendere
         status, logs = run_job(f"unset CL_SERVE_TASK; {entrypoint}")
         assert status == "FAILED" and "no task: kubectl create configmap cl-serve-task" in logs, logs[-2000:]
         assert Store(store).current() == 1
+
+        config = yaml.safe_load(_one(rendered["cpu-volume"], "RayService")["spec"]["serveConfigV2"])
+        serve_port = free_port()
+        config["http_options"] = {"host": "127.0.0.1", "port": serve_port}  # KubeRay leaves it to Serve: 0.0.0.0:8000
+        serve_api = f"http://127.0.0.1:{dashboard}/api/serve/applications/"
+        assert httpx.put(serve_api, json=config, timeout=60).status_code == 200
+        deadline, state = time.time() + 300, None
+        while time.time() < deadline and state != "RUNNING":
+            time.sleep(1)
+            apps = httpx.get(serve_api, timeout=30).json().get("applications", {})
+            state = apps.get("cl-serve", {}).get("status")
+            assert state != "DEPLOY_FAILED", apps["cl-serve"].get("message")
+        assert state == "RUNNING", apps
+        image = next(tasks[0]["test"].rglob("*.png")).read_bytes()
+        r = httpx.post(f"http://127.0.0.1:{serve_port}/classify", files={"file": ("x.png", image, "image/png")},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["model_version"] == 1, r.text
+        assert r.json()["predictions"][0]["label"] in tasks[0]["classes"]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGTERM)
