@@ -80,8 +80,7 @@ def validate_serve_config(text: str) -> dict:
     from ray.serve.schema import ServeDeploySchema
 
     config = yaml.safe_load(text)
-    ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
-        else ServeDeploySchema.parse_obj(config)
+    ServeDeploySchema.model_validate(config)
     return config
 
 
