@@ -35,22 +35,37 @@ from typing import Any, Iterator
 from cl_serve.errors import StoreError
 from cl_serve.store import Manifest, Store, StoreConfig, VersionWriter, fault_point, vname
 
+def cache_root() -> Path:
+    """Where local copies of remote objects live: $CL_SERVE_CACHE, else ~/.cache/cl-serve."""
+    return Path(os.environ.get("CL_SERVE_CACHE") or Path.home() / ".cache" / "cl-serve")
+
+
+def open_filesystem(url: str, error: type[Exception] = StoreError) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for a URL; `error` with the extra to install when its backend is missing."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise error(f"cannot open {url}: {e} (s3:// needs `pip install cl-serve[s3]`, gs:// "
+                    "`cl-serve[gcs]`)") from None
+
+
+def object_identity(info: dict) -> str:
+    """What changes whenever an object is rewritten (S3 ETag, GCS generation), from fsspec's info."""
+    return str(info.get("ETag") or info.get("generation") or info.get("etag") or info.get("mtime")
+               or info.get("size"))
+
+
 def lease_seconds() -> float:
     return float(os.environ.get("CL_SERVE_LEASE_S", 60))
 
 
 class MirroredStore(Store):
     def __init__(self, url: str, cache_dir: str | Path | None = None):
-        import fsspec
-
         self.url = url.rstrip("/")
-        try:
-            self.fs, self.remote = fsspec.core.url_to_fs(self.url)
-        except (ImportError, ValueError) as e:
-            raise StoreError(f"cannot open {url}: {e} (s3:// needs `pip install cl-serve[s3]`, gs:// "
-                             "`cl-serve[gcs]`)") from None
-        base = Path(cache_dir or os.environ.get("CL_SERVE_CACHE") or Path.home() / ".cache" / "cl-serve")
-        super().__init__(base / hashlib.sha256(self.url.encode()).hexdigest()[:16])
+        self.fs, self.remote = open_filesystem(self.url)
+        super().__init__(Path(cache_dir or cache_root()) / hashlib.sha256(self.url.encode()).hexdigest()[:16])
         self._lease_token: str | None = None
         self._renewer: threading.Thread | None = None
         self._renew_stop = threading.Event()
@@ -70,11 +85,9 @@ class MirroredStore(Store):
     def _identity(self, rel: str) -> str | None:
         """What changes whenever the object is rewritten (S3 ETag, GCS generation), or None if it is missing."""
         try:
-            info = self.fs.info(self._r(rel))
+            return object_identity(self.fs.info(self._r(rel)))
         except FileNotFoundError:
             return None
-        return str(info.get("ETag") or info.get("generation") or info.get("etag") or info.get("mtime")
-                   or info.get("size"))
 
     def _fetch(self, rel: str) -> bool:
         """Download one object to the same relative path in the cache (atomically), remembering its identity;

@@ -3,7 +3,7 @@ storage (s3://bucket/prefix, gs://..., any fsspec URL) is copied into a local ca
 scanner and the checkpoint loader only ever see plain files. Local paths pass through unchanged.
 
 The cache ($CL_SERVE_CACHE, else ~/.cache/cl-serve, under `inputs/<hash of the URL>`) is synchronised, not just
-filled: an object is downloaded again when its identity (S3 ETag, GCS generation, else size) changed, files no
+filled: an object is downloaded again when its identity (S3 ETag, GCS generation) changed, files no
 longer in the bucket are removed, and every download lands in a per-process folder beside the copy and is renamed
 into place, so an interrupted copy never leaves a half-written image that a later run would take for a whole one.
 """
@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from cl_serve.errors import UserError
+from cl_serve.object_store import cache_root, object_identity, open_filesystem
 
 
 def is_url(path: str | Path) -> bool:
@@ -24,8 +25,7 @@ def is_url(path: str | Path) -> bool:
 
 
 def _cache_dir(url: str) -> Path:
-    base = Path(os.environ.get("CL_SERVE_CACHE") or Path.home() / ".cache" / "cl-serve")
-    return base / "inputs" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    return cache_root() / "inputs" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def _pid_alive(text: str) -> bool:
@@ -36,10 +36,6 @@ def _pid_alive(text: str) -> bool:
     except PermissionError:  # someone else's live process
         return True
     return True
-
-
-def _identity(info: dict) -> str:
-    return str(info.get("ETag") or info.get("generation") or info.get("etag") or info.get("size"))
 
 
 def _listing(fs, remote: str, url: str, single_file: bool) -> dict[str, dict]:
@@ -68,15 +64,10 @@ def local_copy(path: str | Path, *, single_file: bool = False, progress: bool = 
     when `single_file`, else the folder)."""
     if not is_url(path):
         return Path(path)
-    import fsspec
     from tqdm.auto import tqdm
 
     url = str(path).rstrip("/")
-    try:
-        fs, remote = fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as e:
-        raise UserError(f"cannot open {url}: {e} (s3:// needs `pip install cl-serve[s3]`, gs:// `cl-serve[gcs]`)") \
-            from None
+    fs, remote = open_filesystem(url, UserError)
     listing = _listing(fs, remote, url, single_file)
     cache = _cache_dir(url)
     tree, index_file = cache / "tree", cache / "index.json"
@@ -87,7 +78,7 @@ def local_copy(path: str | Path, *, single_file: bool = False, progress: bool = 
         index = {}
     base = remote.rsplit("/", 1)[0] if single_file else remote.rstrip("/")
     stale = [rel for rel, info in listing.items()
-             if index.get(rel) != _identity(info) or not (tree / rel).is_file()]
+             if index.get(rel) != object_identity(info) or not (tree / rel).is_file()]
     # Downloads land in this process's own folder beside the tree (never inside it, where a half-written file
     # would look like an image) and are renamed into place; folders of processes that died are removed.
     for old in cache.glob("partial-*"):
@@ -105,7 +96,7 @@ def local_copy(path: str | Path, *, single_file: bool = False, progress: bool = 
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(f"{base}/{rel}", str(partial / str(n)))
                 os.replace(partial / str(n), target)
-                index[rel] = _identity(listing[rel])
+                index[rel] = object_identity(listing[rel])
                 bar.update(int(listing[rel].get("size") or 0))
     finally:
         shutil.rmtree(partial, ignore_errors=True)

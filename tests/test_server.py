@@ -25,6 +25,7 @@ pytestmark = pytest.mark.serving
 TOKEN = "s3cret-token"
 MAX_QUEUED = 8  # per replica; the swap test's 4 sequential clients stay under it
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+APP_KWARGS = {"poll_interval_s": 0.2, "max_batch_size": 16, "max_request_bytes": 2_000_000, "auth_token": TOKEN}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,7 @@ def server(tmp_path_factory):
     store = init_tiny_store(tmp_path_factory.mktemp("served") / "store", "sdlora")
     port, metrics_port = serve_cli.free_port(), serve_cli.free_port()
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # Ray's processes inherit it: metrics within a second
-    serve_cli.start(str(store), port=port, num_cpus=2, poll_interval_s=0.2, max_batch_size=16,
-                    max_request_bytes=2_000_000, auth_token=TOKEN, metrics_port=metrics_port,
+    serve_cli.start(str(store), port=port, num_cpus=2, metrics_port=metrics_port, **APP_KWARGS,
                     settings={"max_queued_requests": MAX_QUEUED})
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=60, headers=AUTH) as client:
@@ -378,8 +378,7 @@ def _redeploy(server, **settings):
 
     from cl_serve.server import build_app
 
-    serve.run(build_app(str(server["store"]), poll_interval_s=0.2, max_batch_size=16, max_request_bytes=2_000_000,
-                        auth_token=TOKEN, settings={"max_queued_requests": MAX_QUEUED, **settings}),
+    serve.run(build_app(str(server["store"]), **APP_KWARGS, settings={"max_queued_requests": MAX_QUEUED, **settings}),
               name="cl-serve", route_prefix="/", blocking=False)
 
 
