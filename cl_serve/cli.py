@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(needs internet); without it the backbone is randomly initialised")
     p.add_argument("--timm-kwargs", type=json.loads, default=None, metavar="JSON",
                    help='extra timm.create_model arguments with --backbone, e.g. \'{"img_size": 32}\'')
+    p.add_argument("--seed", type=int, default=0, help="with --backbone and no --pretrained: the seed of the random "
+                   "initialisation (recorded in store.json; default 0, so the same weights every time)")
     p.add_argument("--method", choices=METHODS, default="inflora", help="continual-learning method (default inflora)")
     p.add_argument("--rank", type=int, help="rank of each task's branch (default 10)")
     p.add_argument("--targets", help="comma-separated adapted projections: q,k,v,proj,fc1,fc2 "
@@ -263,7 +265,8 @@ def _run(a: argparse.Namespace) -> int:
 
     if a.command == "init":
         cfg = pipeline.init_store(a.store, method=_method_dict(a), head=_head_dict(a), backbone=a.backbone,
-                                  checkpoint=a.checkpoint, pretrained=a.pretrained, timm_kwargs=a.timm_kwargs)
+                                  checkpoint=a.checkpoint, pretrained=a.pretrained, timm_kwargs=a.timm_kwargs,
+                                  seed=a.seed)
         print(f"created store {a.store}: {cfg.backbone['timm_model']} ({cfg.backbone['source']}), "
               f"method {cfg.method['name']}, head {cfg.head['name']}, input {cfg.preprocessing.input_size}px")
         if a.gate_data or a.max_drop is not None or a.min_new_accuracy is not None:

@@ -53,7 +53,7 @@ def parse_head(head: dict[str, Any] | None):
 
 def init_store(root: str | Path, *, method: dict[str, Any], head: dict[str, Any] | None = None,
                backbone: str | None = None, checkpoint: str | Path | None = None, pretrained: bool = False,
-               timm_kwargs: dict[str, Any] | None = None) -> StoreConfig:
+               timm_kwargs: dict[str, Any] | None = None, seed: int = 0) -> StoreConfig:
     """Create a store: backbone weights + card under backbone/, store.json with method, head and preprocessing."""
     store = open_store(root)
     if store.exists():
@@ -65,7 +65,7 @@ def init_store(root: str | Path, *, method: dict[str, Any], head: dict[str, Any]
     if checkpoint is not None:
         spec, weights, prep, card = bb.from_checkpoint(local_copy(checkpoint, single_file=True))
     else:
-        spec, weights, prep, card = bb.from_timm(backbone, pretrained, timm_kwargs)
+        spec, weights, prep, card = bb.from_timm(backbone, pretrained, timm_kwargs, seed)
     probe = Learner(spec, weights, mcfg, hcfg)  # fails early if the targets do not fit this architecture
     del probe
     with store.lock():

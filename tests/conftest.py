@@ -13,6 +13,19 @@ TINY_MODEL = "vit_tiny_patch16_224"
 N_TASKS, PER_TASK = 4, 3
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, whichever tests ran before it (no order dependence)."""
+    import random
+
+    random.seed(0)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(0)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(0)
+    yield
+
+
 @pytest.fixture(scope="session")
 def tasks(tmp_path_factory) -> list[dict]:
     """Four tasks of three generated classes: train dir, test dir, cumulative test dir."""

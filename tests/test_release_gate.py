@@ -6,6 +6,10 @@ from cl_serve.store import Store
 from tests.conftest import TINY, TINY_MODEL, run_cli
 
 TRAIN = ["--epochs", "3", "--batch-size", "16", "--lr", "5e-3", "--device", "cpu"]
+# The forgetting task: the shared seq-LoRA branch is fine-tuned hard on task 1 alone (10x the learning rate, twice
+# the epochs), so task 0's frozen block reads features that moved far; with the seeded backbone (init --seed 0) task 0
+# falls from 0.50 to 0.00 here (measured), a margin of 0.45 over the gate's max-drop 0.05.
+FORGET = ["--epochs", "6", "--batch-size", "16", "--lr", "5e-2", "--device", "cpu"]
 
 
 def test_decide_refuses_a_drop_over_the_limit_and_a_new_task_under_the_floor():
@@ -29,14 +33,17 @@ def test_a_forgetting_version_becomes_a_candidate_and_promote_makes_it_live(tmp_
     assert r.returncode == 0 and "release gate: on" in r.stdout, r.stderr
     r = run_cli("add-task", "--store", str(store), "--data", str(tasks[0]["train"]), *TRAIN)
     assert r.returncode == 0 and "release gate passed" in r.stdout, r.stderr
-    r = run_cli("add-task", "--store", str(store), "--data", str(tasks[1]["train"]), *TRAIN)  # task-local: forgets
+    r = run_cli("add-task", "--store", str(store), "--data", str(tasks[1]["train"]), *FORGET)  # task-local: forgets
     s = Store(store)
     m = s.manifest(2)
     assert r.returncode == release_gate.GATE_REFUSED_EXIT, (r.stdout, r.stderr)
     assert "is a candidate, not live" in r.stderr and "task 0 dropped" in r.stderr and "cl-serve promote 2" in r.stderr
-    assert s.current() == 1 and not m.gate["passed"] and m.gate["parent"] == 1
+    assert s.current() == 1
+    assert not m.gate["passed"]
+    assert m.gate["parent"] == 1
     row0 = next(t for t in m.gate["tasks"] if t["task"] == 0)
-    assert row0["drop"] > 0.05 and row0["parent_accuracy"] > row0["accuracy"]
+    assert row0["drop"] > 0.05 + 0.3, row0  # forgetting by a wide margin, not by chance
+    assert s.config().backbone["seed"] == 0
     print(f"\ngate decision: {m.gate['reasons']}")
     st = json.loads(run_cli("status", "--store", str(store), "--json").stdout)
     assert [v["candidate"] for v in st["versions"]] == [False, True]

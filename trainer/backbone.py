@@ -31,6 +31,7 @@ class BackboneSpec(BaseModel):
     timm_model: str = Field(min_length=1)
     timm_kwargs: dict[str, Any] = Field(default_factory=dict)
     source: Literal["checkpoint", "pretrained", "random"] = "checkpoint"
+    seed: int | None = Field(None, description="seed of a random initialisation (source 'random')")
 
     def build_kwargs(self, num_classes: int = 0) -> dict[str, Any]:
         kw = {k: v for k, v in self.timm_kwargs.items() if k not in _DROPPED_KWARGS}
@@ -106,21 +107,43 @@ def from_checkpoint(path: str | Path) -> tuple[BackboneSpec, dict[str, torch.Ten
     return spec, backbone_state(model), preprocessing_from_card(card, model), card
 
 
-def from_timm(name: str, pretrained: bool, kwargs: dict[str, Any] | None = None):
-    """timm's own weights (pretrained=True downloads them) or a random init: (spec, weights, preprocessing, card)."""
+def from_timm(name: str, pretrained: bool, kwargs: dict[str, Any] | None = None, seed: int = 0):
+    """timm's own weights (pretrained=True downloads them) or a random init drawn from `seed` (the same weights on
+    every run and machine): (spec, weights, preprocessing, card)."""
     import timm
 
     kwargs = dict(kwargs or {})
     try:
-        model = timm.create_model(name, pretrained=pretrained, **{**kwargs, "num_classes": 0})
+        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's random state
+            torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=pretrained, **{**kwargs, "num_classes": 0})
     except Exception as e:
         hint = " (pretrained weights need internet access to the model hub)" if pretrained else ""
         raise BackboneError(f"cannot create timm model {name!r}{hint}: {e}") from e
-    spec = BackboneSpec(timm_model=name, timm_kwargs=kwargs, source="pretrained" if pretrained else "random")
+    spec = BackboneSpec(timm_model=name, timm_kwargs=kwargs, source="pretrained" if pretrained else "random",
+                        seed=None if pretrained else seed)
     cfg = model.pretrained_cfg or {}
     side = int(kwargs.get("img_size", cfg.get("input_size", (3, 224, 224))[-1]))
     crop_pct = float(cfg.get("crop_pct", 0.9)) if pretrained else 1.0
     prep = Preprocessing.from_crop_pct(side, crop_pct, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3),
                                        cfg.get("interpolation", "bicubic"))
-    card = {"timm_model": name, "timm_kwargs": kwargs, "source": spec.source}
+    card = {"timm_model": name, "timm_kwargs": kwargs, "source": spec.source, "seed": spec.seed}
     return spec, backbone_state(model), prep, card
+
+
+def prefix_tokens(model: torch.nn.Module, x: torch.Tensor, split: int) -> torch.Tensor:
+    """The token sequence after the first `split` transformer blocks of a timm ViT (embedding included).
+
+    The blocks before the first adapted one never change, so the trainer runs them once per image view and keeps
+    their output; `suffix_features(model, prefix_tokens(model, x, s), s)` equals the model's pre-logit features."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    for blk in model.blocks[:split]:
+        x = blk(x)
+    return x
+
+
+def suffix_features(model: torch.nn.Module, tokens: torch.Tensor, split: int) -> torch.Tensor:
+    """Pre-logit features from the tokens `prefix_tokens` returned: the remaining blocks, the norm and the pooling."""
+    for blk in model.blocks[split:]:
+        tokens = blk(tokens)
+    return model.forward_head(model.norm(tokens), pre_logits=True)
