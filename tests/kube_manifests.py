@@ -1,7 +1,7 @@
 """Render the deploy overlays with kustomize (kubectl's built-in one) and validate every rendered object offline:
-Kubernetes kinds against kubernetes-validate's strict schemas, RayService and RayJob against
-deploy/schemas/kuberay-v1.yaml joined with the same Kubernetes definitions (so their pod templates are checked as
-strictly as a Deployment's), a RayService's serveConfigV2 against Ray Serve's own config schema, and every
+Kubernetes kinds against kubernetes-validate's strict schemas, RayService and RayJob against KubeRay's own upstream
+CRDs (v1.4.2 and v1.7.0, read from ../shared/kuberay or $CL_SERVE_KUBERAY_CRDS; a field the API server would prune
+is an error), names and label values as the API server checks them, a RayService's serveConfigV2 against Ray Serve's own config schema, and every
 cl-serve command line in a Job or RayJob against cl-serve's argument parser.
 
 `python -m tests.kube_manifests [OVERLAY...]` prints one line per object (used by `make deploy-check`)."""
@@ -48,31 +48,105 @@ def render(overlay: Path) -> list[dict]:
     return [obj for obj in yaml.safe_load_all(out.stdout) if obj]
 
 
+# KubeRay's own CRDs (unmodified upstream files) for the operator versions the manifests are checked against.
+KUBERAY_VERSIONS = ("v1.4.2", "v1.7.0")
+KUBERAY_CRDS = Path(__import__("os").environ.get("CL_SERVE_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay"))
+_PLURAL = {"RayService": "rayservices", "RayJob": "rayjobs", "RayCluster": "rayclusters"}
+
+
+def crds_missing() -> str | None:
+    """Why the upstream CRDs cannot be read here, or None ($CL_SERVE_KUBERAY_CRDS/<version>/ray.io_*.yaml)."""
+    for v in KUBERAY_VERSIONS:
+        for plural in _PLURAL.values():
+            if not (KUBERAY_CRDS / v / f"ray.io_{plural}.yaml").is_file():
+                return f"{KUBERAY_CRDS / v / f'ray.io_{plural}.yaml'} is missing (set CL_SERVE_KUBERAY_CRDS)"
+    return None
+
+
+def structural_to_json_schema(node):
+    """A CRD's openAPIV3Schema as a JSON Schema that refuses what the API server would prune or reject.
+
+    An object schema with `properties` and neither `additionalProperties` nor `x-kubernetes-preserve-unknown-fields`
+    drops unknown fields silently on the server (pruning): here they fail with additionalProperties. int-or-string
+    and nullable become their JSON Schema forms; CEL rules (x-kubernetes-validations) are not evaluated."""
+    if isinstance(node, list):
+        return [structural_to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: structural_to_json_schema(v) for k, v in node.items()
+           if not k.startswith("x-kubernetes-") and k != "nullable"}
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out = {"anyOf": [{"type": "integer"}, {"type": "string"}], **{k: v for k, v in out.items() if k != "format"}}
+    if "properties" in node and "additionalProperties" not in node \
+            and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
 @functools.lru_cache(maxsize=None)
-def _kuberay_validator(k8s_version: str, kind: str):
-    import jsonschema
-    from kubernetes_validate.utils import schema_contents
-    from referencing import Registry, Resource
-
-    major_minor = ".".join(k8s_version.split(".")[:2])
-    definitions = schema_contents(f"kubernetes-json-schema/v{major_minor}.0-local-strict/_definitions.json",
-                                  k8s_version)
-    schema = yaml.safe_load((DEPLOY / "schemas" / "kuberay-v1.yaml").read_text())
-    registry = Registry().with_resources([(definitions["$id"], Resource.from_contents(definitions)),
-                                          (schema["$id"], Resource.from_contents(schema))])
-    if kind not in schema["$defs"]:
-        raise ValueError(f"no schema for ray.io/v1 {kind} (deploy/schemas/kuberay-v1.yaml knows RayService, RayJob)")
-    return jsonschema.Draft202012Validator({"$ref": f"{schema['$id']}#/$defs/{kind}"}, registry=registry)
-
-
-def validate_kuberay(obj: dict, k8s_version: str) -> None:
-    """Raise jsonschema.ValidationError (the most specific error) if a RayService/RayJob does not fit the schema."""
+def _kuberay_validator(kuberay_version: str, kind: str):
     import jsonschema
 
-    errors = list(_kuberay_validator(k8s_version, obj["kind"]).iter_errors(obj))
+    if kind not in _PLURAL:
+        raise ValueError(f"no upstream CRD for ray.io/v1 {kind}")
+    crd = yaml.safe_load((KUBERAY_CRDS / kuberay_version / f"ray.io_{_PLURAL[kind]}.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = structural_to_json_schema(version["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: checked by check_names
+    return jsonschema.Draft202012Validator(schema)
+
+
+def validate_kuberay(obj: dict, kuberay_version: str = KUBERAY_VERSIONS[-1]) -> None:
+    """Raise jsonschema.ValidationError (the most specific error) if a RayService/RayJob does not fit KubeRay's own
+    CRD at `kuberay_version`, or has a field the API server would prune."""
+    import jsonschema
+
+    errors = list(_kuberay_validator(kuberay_version, obj["kind"]).iter_errors(obj))
     if errors:
         best = jsonschema.exceptions.best_match(errors)
+        if best.validator == "additionalProperties":
+            best.message = f"pruned by the API server (not in KubeRay {kuberay_version}'s CRD): {best.message}"
         raise best
+
+
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def check_names(obj: dict) -> None:
+    """What the API server checks beyond the schema: object names, storage class names and label values."""
+    problems = []
+
+    def name(value, where):
+        if not isinstance(value, str) or len(value) > 253 or not _DNS1123_SUBDOMAIN.match(value):
+            problems.append(f"{where} {value!r} is not a valid name (DNS-1123: lower case, digits, '-', '.')")
+
+    def labels(mapping, where):
+        for k, v in (mapping or {}).items():
+            if not isinstance(v, str) or len(v) > 63 or not _LABEL_VALUE.match(v):
+                problems.append(f"{where} label {k}={v!r} is not a valid label value")
+
+    name(obj.get("metadata", {}).get("name"), "metadata.name")
+    labels(obj.get("metadata", {}).get("labels"), "metadata")
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "storageClassName" and v != "":
+                    name(v, f"{path}.{k}")
+                elif k == "metadata" and isinstance(v, dict):
+                    labels(v.get("labels"), f"{path}.metadata")
+                walk(v, f"{path}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(obj.get("spec", {}), "spec")
+    if problems:
+        raise ValueError(f"{obj['kind']}/{obj.get('metadata', {}).get('name')}: " + "; ".join(problems))
 
 
 def validate_serve_config(text: str) -> dict:
@@ -113,22 +187,40 @@ def check_cli(argv: list[str]) -> None:
     build_parser().parse_args(argv[1:])
 
 
+# ray-operator/controllers/ray/utils/validation.go (ValidateRayJobSpec): a submissionMode the CRD's schema lets through
+# but the operator refuses when it reconciles the RayJob.
+RAYJOB_SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+
+
+def operator_checks(obj: dict) -> None:
+    """What the operator refuses at reconcile time although the API server admitted the object."""
+    if obj["kind"] == "RayJob":
+        mode = obj["spec"].get("submissionMode", "K8sJobMode")
+        if mode not in RAYJOB_SUBMISSION_MODES:
+            raise ValueError(f"RayJob submissionMode {mode!r}: the operator accepts {', '.join(RAYJOB_SUBMISSION_MODES)}")
+
+
 def validate_object(obj: dict, k8s_version: str) -> str:
-    """Validate one rendered object; returns what it was checked against."""
+    """Validate one rendered object; returns what it was checked against. Ray objects are checked against every
+    KubeRay CRD version in KUBERAY_VERSIONS (they do not depend on the Kubernetes version)."""
     import kubernetes_validate
 
+    check_names(obj)
     if obj.get("apiVersion", "").startswith("ray.io/"):
-        validate_kuberay(obj, k8s_version)
+        for version in KUBERAY_VERSIONS:
+            validate_kuberay(obj, version)
+        operator_checks(obj)
+        what = f"KubeRay {'/'.join(KUBERAY_VERSIONS)} CRDs, no pruned field"
         if obj["kind"] == "RayService":
             validate_serve_config(obj["spec"]["serveConfigV2"])
-            return "kuberay-v1 schema + Ray Serve config schema"
-        return "kuberay-v1 schema"
+            return what + " + Ray Serve config schema"
+        return what
     kubernetes_validate.validate(obj, k8s_version, strict=True)
     return "kubernetes strict schema"
 
 
 def main(argv: list[str]) -> int:
-    reason = kustomize_missing()
+    reason = kustomize_missing() or crds_missing()
     if reason:
         print(f"cannot render: {reason}", file=sys.stderr)
         return 2

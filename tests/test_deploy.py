@@ -1,15 +1,17 @@
 """The deploy overlays render with kustomize and every rendered object validates offline (Kubernetes kinds against
-the strict Kubernetes schemas, RayService/RayJob against deploy/schemas/kuberay-v1.yaml with the same Kubernetes
-definitions for their pod templates, serveConfigV2 against Ray Serve's schema, every cl-serve command line against
-cl-serve's parser); and the rendered objects do what the README's walkthrough relies on."""
+the strict Kubernetes schemas, RayService/RayJob against KubeRay's upstream v1.4.2 and v1.7.0 CRDs with no pruned
+field, names as the API server checks them, serveConfigV2 against Ray Serve's schema, every cl-serve command line
+against cl-serve's parser); the operator's behaviour the product relies on, written from KubeRay's code; and the
+rendered objects do what the README's walkthrough relies on."""
 import copy
 
 import jsonschema
 import pytest
 import yaml
 
-from tests.kube_manifests import (K8S_VERSIONS, OVERLAYS, check_cli, cl_serve_command_lines, kustomize_missing,
-                                  render, validate_kuberay, validate_object, validate_serve_config)
+from tests.kube_manifests import (K8S_VERSIONS, KUBERAY_VERSIONS, OVERLAYS, check_cli, check_names,
+                                  cl_serve_command_lines, crds_missing, kustomize_missing, render, validate_kuberay,
+                                  validate_object, validate_serve_config)
 
 NAMES = [p.name for p in OVERLAYS]
 
@@ -19,6 +21,9 @@ def rendered() -> dict[str, list[dict]]:
     reason = kustomize_missing()
     if reason:
         pytest.skip(f"cannot render the overlays: {reason} (install kubectl >= 1.21)")
+    reason = crds_missing()
+    if reason:
+        pytest.skip(f"no upstream KubeRay CRDs to validate against: {reason}")
     return {p.name: render(p) for p in OVERLAYS}
 
 
@@ -55,22 +60,105 @@ def test_every_rendered_object_validates_offline(rendered, overlay, version):
 
 @pytest.mark.parametrize("mistake, message", [
     (lambda s: s["spec"].update(rayClusterConfg=s["spec"].pop("rayClusterConfig")), "rayClusterConf"),
+    (lambda s: s["spec"].update(serveConfigV3=""), "pruned by the API server"),
+    (lambda s: s["spec"]["rayClusterConfig"]["headGroupSpec"].update(rayStartParam={}), "rayStartParam"),
     (lambda s: s["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "is not of type 'string'"),
     (lambda s: s["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].pop("groupName"), "groupName"),
     (lambda s: s["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-     .update(resource={}), "resource"),
+     .update(resource={}), "pruned by the API server"),
     (lambda s: s["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
      .update(image=7), "is not of type 'string'"),
     (lambda s: s["spec"]["rayClusterConfig"].update(enableInTreeAutoscaling="yes"), "is not of type 'boolean'"),
 ])
-def test_the_kuberay_schema_catches_mistakes(rendered, mistake, message):
-    """Each of these renders fine and would be dropped or refused by a cluster: the offline check refuses it."""
+@pytest.mark.parametrize("kuberay", KUBERAY_VERSIONS)
+def test_the_upstream_crds_catch_mistakes(rendered, mistake, message, kuberay):
+    """Each of these renders fine and would be pruned or refused by a cluster: the upstream CRD refuses it."""
     service = copy.deepcopy(_one(rendered["cpu-volume"], "RayService"))
-    validate_kuberay(service, K8S_VERSIONS[-1])
+    validate_kuberay(service, kuberay)
     mistake(service)
     with pytest.raises(jsonschema.ValidationError) as e:
-        validate_kuberay(service, K8S_VERSIONS[-1])
+        validate_kuberay(service, kuberay)
     assert message in str(e.value)
+
+
+def test_names_are_checked_as_the_api_server_does(rendered):
+    pvc = copy.deepcopy(_one(rendered["cpu-volume"], "PersistentVolumeClaim"))
+    check_names(pvc)
+    pvc["spec"]["storageClassName"] = "CHANGE-ME-rwx-class"  # the placeholder main had: not a valid class name
+    with pytest.raises(ValueError, match="storageClassName 'CHANGE-ME-rwx-class' is not a valid name"):
+        check_names(pvc)
+    job = copy.deepcopy(_one(rendered["cpu-volume"], "RayJob"))
+    job["metadata"]["labels"]["cl-serve.io/stage"] = "add task!"
+    with pytest.raises(ValueError, match="not a valid label value"):
+        check_names(job)
+
+
+# --- what the KubeRay operator does with the objects (from its code at v1.4.2 and v1.7.0) -----------------------
+# ray-operator/controllers/ray/common/service.go, getServicePorts / getPortsFromCluster: the head Service carries
+# the ports declared on the head's Ray container (its name; an unnamed port becomes "<port>-port"); KubeRay's
+# defaults (client 10001, gcs-server 6379, dashboard 8265, serve 8000) apply only when that list is empty, and
+# "metrics" 8080 is added when missing. ray-operator/controllers/ray/utils/util.go, FetchHeadServiceURL(..,
+# "dashboard"): the RayService controller (rayservice_controller.go, reconcileServe -> updateServeDeployment) and the
+# RayJob controller in HTTPMode reach the dashboard through the head Service port named "dashboard", and fail with
+# "dashboard port is not found" without it: serveConfigV2 is then never submitted.
+KUBERAY_DEFAULT_PORTS = {"client": 10001, "gcs-server": 6379, "dashboard": 8265, "serve": 8000, "metrics": 8080}
+
+
+def head_service_ports(cluster_spec: dict) -> dict[str, int]:
+    container = cluster_spec["headGroupSpec"]["template"]["spec"]["containers"][0]  # FindRayContainerIndex: 0
+    ports = {p.get("name") or f"{p['containerPort']}-port": p["containerPort"] for p in container.get("ports", [])}
+    if not ports:
+        ports = {k: v for k, v in KUBERAY_DEFAULT_PORTS.items() if k != "metrics"}
+    ports.setdefault("metrics", 8080)
+    return ports
+
+
+def dashboard_url(service_name: str, ports: dict[str, int]) -> str:
+    if "dashboard" not in ports:
+        raise LookupError("dashboard port is not found")
+    return f"{service_name}:{ports['dashboard']}"
+
+
+@pytest.mark.parametrize("overlay", NAMES)
+def test_the_operator_finds_every_head_port_it_needs(rendered, overlay):
+    for obj in (_one(rendered[overlay], "RayService"), _one(rendered[overlay], "RayJob")):
+        cluster = obj["spec"].get("rayClusterConfig") or obj["spec"]["rayClusterSpec"]
+        ports = head_service_ports(cluster)
+        assert dashboard_url("head-svc", ports) == "head-svc:8265"
+        for name in ("gcs-server", "dashboard", "client", "metrics") + (("serve",) if obj["kind"] == "RayService" else ()):
+            assert ports.get(name) == KUBERAY_DEFAULT_PORTS[name], (obj["kind"], name, ports)
+
+
+def test_the_ports_main_declared_would_never_have_served():
+    """main's head declared only serve and metrics: the operator built a head Service without a dashboard port."""
+    cluster = {"headGroupSpec": {"template": {"spec": {"containers": [{"ports": [
+        {"containerPort": 8000, "name": "serve"}, {"containerPort": 8080, "name": "metrics"}]}]}}}}
+    with pytest.raises(LookupError, match="dashboard port is not found"):
+        dashboard_url("head-svc", head_service_ports(cluster))
+
+
+@pytest.mark.parametrize("overlay", NAMES)
+def test_ray_is_sized_from_limits_equal_to_requests_and_pods_are_restricted(rendered, overlay):
+    """KubeRay derives num-cpus / memory / num-gpus from the Ray container's limits (common/pod.go,
+    generateRayStartCommand): requests equal to limits make the scheduler reserve what Ray believes it has.
+    Every pod meets Pod Security 'restricted'."""
+    for obj in rendered[overlay]:
+        if obj["kind"] not in ("RayService", "RayJob", "Job"):
+            continue
+        groups = _groups(obj) if obj["kind"] != "Job" else [{"template": obj["spec"]["template"]}]
+        for group in groups:
+            pod = group["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            for c in pod["containers"]:
+                assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+                if obj["kind"] != "Job":
+                    assert c["resources"]["requests"] == c["resources"]["limits"], (obj["kind"], c["name"])
+    svc = _one(rendered[overlay], "RayService")
+    args = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    workers = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    cpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert args["autoscaling"]["max_replicas"] <= workers["maxReplicas"] * cpus  # one CPU per replica: reachable
 
 
 def test_a_broken_serve_config_or_job_is_refused(rendered):
@@ -84,8 +172,9 @@ def test_a_broken_serve_config_or_job_is_refused(rendered):
         validate_serve_config(yaml.safe_dump(config))
     job = copy.deepcopy(_one(rendered["cpu-volume"], "RayJob"))
     job["spec"]["submissionMode"] = "HttpMode"
-    with pytest.raises(jsonschema.ValidationError):
-        validate_kuberay(job, K8S_VERSIONS[0])
+    validate_kuberay(job, KUBERAY_VERSIONS[0])  # the CRD has no enum for it: the API server admits the typo ...
+    with pytest.raises(ValueError, match="submissionMode 'HttpMode'"):  # ... and the operator refuses it later
+        validate_object(job, K8S_VERSIONS[0])
     policy = copy.deepcopy(_one(rendered["cpu-volume"], "NetworkPolicy"))
     policy["spec"]["ingress"][0]["from"][0]["podSelectr"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -125,13 +214,13 @@ def test_every_ray_pod_is_selected_by_the_network_policy_and_only_serve_is_publi
     for rule in policy["spec"]["ingress"]:
         ports = {p["port"] for p in rule.get("ports", [])}
         sources = rule.get("from")
-        if sources is None:  # open to every pod of the cluster
-            assert ports == {8000}, rule
+        if sources is None:  # open to every pod of the cluster: Serve's HTTP port and the read-only metrics
+            assert ports == {8000, 8080}, rule
         elif not ports:  # every port: only cl-serve's own Ray pods
             assert sources == [{"podSelector": {"matchLabels": selector}}], rule
-        else:  # the operator: dashboard / agent / serve only
-            assert ports <= {8265, 52365, 8000} and all(
-                s["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"} for s in sources)
+        else:  # the operator: the dashboard only, from the operator's own namespace only (no pod label trusted)
+            assert ports == {8265}, rule
+            assert sources == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}]
     assert _one(objects, "RayJob")["spec"]["submissionMode"] == "HTTPMode"  # no submitter pod needs the job API
 
 

@@ -68,3 +68,18 @@ def test_the_serving_image_needs_no_torch_and_its_requirements_cover_the_server(
     assert {"ray", "onnxruntime", "pydantic", "numpy", "pillow", "python-multipart"} <= reqs
     assert {"ray", "pydantic", "numpy", "PIL"} <= loaded  # what the server really imports is listed
     assert set(import_names) <= reqs
+
+
+def test_every_image_package_is_pinned_and_every_image_runs_the_tests_python():
+    """The serving image installs exactly locked versions (onnxruntime, the CPU build, included), and both images run
+    the Python version the lock was resolved with and the tests run on."""
+    lock = _lock()
+    for line in (ROOT / "deploy" / "requirements-serve.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name = re.split(r"[\[=<>]", line)[0].strip().lower()
+            assert name in lock, f"{name} (deploy/requirements-serve.txt) is not pinned in requirements.lock"
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert re.search(rf"^FROM python:{re.escape(here)}-slim", (ROOT / "deploy" / "Dockerfile.serve").read_text(), re.M)
+    train = (ROOT / "deploy" / "Dockerfile.train").read_text()
+    assert re.search(rf"^FROM python:{re.escape(here)}-slim\S* AS python", train, re.M)
+    assert f"python{here} -m venv" in train
