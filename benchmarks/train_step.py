@@ -19,10 +19,13 @@ import torch.nn.functional as F
 HERE = Path(__file__).parent
 
 
-def measure(learner, x, y, precision: str, steps: int, compiled: bool) -> float:
+def measure(learner, x, y, precision: str, steps: int, compiled: bool, cached: bool = False) -> float:
+    """Training images/s of one step. `cached`: x holds the frozen blocks' output tokens (TokenCache) and the step
+    runs only the adapted blocks, as the trainer does with a method's `blocks`."""
     params = learner.method.trainable_parameters() + list(learner.block.parameters())
     opt = torch.optim.Adam(params, lr=1e-4)
-    fwd = torch.compile(learner.block_logits) if compiled else learner.block_logits
+    step = (lambda t: learner.block(learner.suffix(t))) if cached else learner.block_logits
+    fwd = torch.compile(step) if compiled else step
     t0 = None
     for i in range(steps + 2):  # two warm-up steps (compilation happens there)
         if i == 2:
@@ -43,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", nargs="+", type=int, default=[torch.get_num_threads()])
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to warm up)")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[0],
+                    help="adapt only the last N blocks (0: all); N > 0 times the cached-prefix step and the prefix "
+                         "pass, and the amortised rate for --epochs and --views")
+    ap.add_argument("--targets", default=None, help="comma-separated adapted projections (default: the method's)")
+    ap.add_argument("--epochs", type=int, default=10, help="epochs per task for the amortised rate")
+    ap.add_argument("--views", type=int, default=4, help="cached views per image for the amortised rate")
     ap.add_argument("--name", default="train-step")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
@@ -52,34 +61,38 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.methods import method_config_from_dict
 
     spec, weights, _, _ = from_checkpoint(a.checkpoint)
-    learner = Learner(spec, weights, method_config_from_dict({"name": a.method}))
-    learner.method.begin_task(0, lambda: {k: torch.eye(s.d_in) for k, s in learner.method.sites.items()})
-    learner.add_block([str(i) for i in range(10)])
-    side = learner.backbone.patch_embed.img_size[0]
     rows = []
-    for threads in a.threads:
-        torch.set_num_threads(threads)
-        for bs in a.batch_sizes:
-            x, y = torch.randn(bs, 3, side, side), torch.randint(0, 10, (bs,))
-            for precision in ("fp32", "bf16"):
-                for compiled in ([False, True] if a.compile else [False]):
-                    ips = measure(learner, x, y, precision, a.steps, compiled)
-                    rows.append({"threads": threads, "batch": bs, "precision": precision, "compiled": compiled,
-                                 "train_img_per_s": ips, "step_seconds": bs / ips})
-                    print(json.dumps(rows[-1]), flush=True)
-        with torch.no_grad():
-            for precision in ("fp32", "bf16"):
-                x = torch.randn(256, 3, side, side)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    learner.features(x[:32])
-                    t0 = time.perf_counter()
-                    learner.features(x)
-                rows.append({"threads": threads, "batch": 256, "precision": precision, "feature_pass_img_per_s":
-                             256 / (time.perf_counter() - t0)})
-                print(json.dumps(rows[-1]), flush=True)
+    for blocks in a.blocks:
+        mcfg = {"name": a.method, **({"blocks": blocks} if blocks else {}),
+                **({"targets": a.targets.split(",")} if a.targets else {})}
+        learner = Learner(spec, weights, method_config_from_dict(mcfg))
+        learner.method.begin_task(0, lambda: {k: torch.eye(s.d_in) for k, s in learner.method.sites.items()})
+        learner.add_block([str(i) for i in range(10)])
+        side = learner.backbone.patch_embed.img_size[0]
+        for threads in a.threads:
+            torch.set_num_threads(threads)
+            for bs in a.batch_sizes:
+                x, y = torch.randn(bs, 3, side, side), torch.randint(0, 10, (bs,))
+                for precision in ("fp32", "bf16"):
+                    prefix_ips = None
+                    if blocks:
+                        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                            learner.prefix(x)
+                            t0 = time.perf_counter()
+                            tokens = learner.prefix(x)
+                            prefix_ips = bs / (time.perf_counter() - t0)
+                    for compiled in ([False, True] if a.compile else [False]):
+                        ips = measure(learner, tokens if blocks else x, y, precision, a.steps, compiled, bool(blocks))
+                        row = {"blocks": blocks or "all", "threads": threads, "batch": bs, "precision": precision,
+                               "compiled": compiled, "train_img_per_s": ips, "step_seconds": bs / ips}
+                        if blocks:  # per image and epoch: one step, plus views/epochs of a prefix pass
+                            row.update(prefix_img_per_s=prefix_ips, epochs=a.epochs, views=a.views,
+                                       amortised_img_per_s=1 / (1 / ips + (a.views + 1) / (a.epochs * prefix_ips)))
+                        rows.append(row)
+                        print(json.dumps(rows[-1]), flush=True)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     (a.out_dir / f"{a.name}.json").write_text(json.dumps({"method": a.method, "checkpoint": str(a.checkpoint),
-                                                          "rows": rows}, indent=1))
+                                                          "targets": a.targets, "rows": rows}, indent=1))
     return 0
 
 

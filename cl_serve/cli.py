@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-tasks", type=int, help="InfLoRA: T of the threshold schedule (default 10)")
     p.add_argument("--rank-schedule", type=_rank_schedule, help="SD-LoRA-RR: FROM_TASK:RANK,... (default 1:10,5:8,9:6)")
     p.add_argument("--kd-tau", type=float, help="SD-LoRA-KD: residual threshold for folding (default 9e-4)")
+    p.add_argument("--blocks", type=int, help="adapt only the last N transformer blocks (default: all); the frozen "
+                   "blocks before them run once per image view, so training costs about N/depth of a full step")
+    p.add_argument("--adapt-tasks", type=int, help="learn branches during the first N tasks only, then keep the "
+                   "backbone fixed (first-session adaptation: no feature drift under the head's statistics)")
     p.add_argument("--alpha-init", type=float, help="SD-LoRA: initial magnitude of a new direction (default 1)")
     p.add_argument("--magnitudes", choices=("per-layer", "per-task"), default="per-task",
                    help="SD-LoRA: one magnitude per task shared by all layers (default, as the official code; the "
@@ -96,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="autocast of the training forward (bf16 is faster on CPUs and GPUs with bf16 units)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--views", type=int, default=4, help="with --blocks: augmented views per image cached for "
+                   "training (each step draws one per image)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--workers", type=int, default=1, help="train on N Ray Train workers (DDP-style; inside a Ray "
                    "cluster, e.g. a RayJob, its nodes; else a local Ray)")
@@ -187,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _method_dict(a: argparse.Namespace) -> dict[str, Any]:
     d: dict[str, Any] = {"name": a.method}
-    for key in ("rank", "eps0", "expected_tasks", "kd_tau", "alpha_init", "rank_schedule"):
+    for key in ("rank", "eps0", "expected_tasks", "kd_tau", "alpha_init", "rank_schedule", "blocks", "adapt_tasks"):
         if getattr(a, key) is not None:
             d[key] = getattr(a, key)
     if a.method.startswith("sdlora"):
@@ -280,7 +286,7 @@ def _run(a: argparse.Namespace) -> int:
         try:
             tc = TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, weight_decay=a.weight_decay,
                              optimizer=a.optimizer, schedule=a.schedule, precision=a.precision,
-                             seed=a.seed, device=a.device)
+                             seed=a.seed, device=a.device, views=a.views)
         except ValidationError as e:
             raise UserError(f"invalid training settings: {pipeline._validation_message(e)}") from None
         log = (lambda s: None) if a.json else (lambda s: print(s, file=sys.stderr))

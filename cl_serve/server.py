@@ -56,7 +56,8 @@ app = FastAPI(title="cl-serve", description="Continual image classification with
 DEFAULTS = {"poll_interval_s": 1.0, "max_request_bytes": 20 * 1024 * 1024, "max_pixels": 40_000_000,
             "max_side": 20_000, "max_aspect": 50.0, "max_request_pixels": 100_000_000,
             "max_images": 64, "default_top_k": 5, "max_concurrent_decodes": 2,
-            "max_queued_requests": 64, "request_timeout_s": 30.0, "canary_percent": 0.0}
+            "max_queued_requests": 64, "request_timeout_s": 30.0, "canary_percent": 0.0,
+            "body_timeout_s": 10.0, "image_formats": ["JPEG", "PNG", "WEBP"]}
 AUTH_ENV = "CL_SERVE_AUTH_TOKEN"
 PUBLIC_PATHS = {"/healthz", "/"}  # answered without the bearer token: probes, and the page (it asks for the token)
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -125,6 +126,27 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(buf)
 
 
+def parse_classify_json(body: bytes, max_images: int) -> ClassifyJSON:
+    """The JSON body of /classify with its structure bounded before any full parse or validation: a valid body
+    has at most `max_images` + 1 commas and 2 levels of brackets outside its base64 strings (which hold neither),
+    so a body with more is refused from two byte counts, whatever its size (a 4 M-element array costs ~10 ms, not
+    a minute of per-element validation errors). Raises BadInput."""
+    commas, opens = body.count(b","), body.count(b"[") + body.count(b"{")
+    if commas > max_images + 1:
+        raise BadInput(413, f"JSON body has {commas + 1} or more elements; a request holds at most {max_images} "
+                            f"images and top_k")
+    if opens > 2:
+        raise BadInput(422, "invalid JSON body: expected {\"images\": [\"<base64>\", ...], \"top_k\": N} "
+                            "(no nested arrays or objects)")
+    try:
+        return ClassifyJSON.model_validate_json(body)
+    except ValidationError as e:
+        if any(err["type"] == "json_invalid" for err in e.errors()):
+            raise BadInput(400, "body is not valid JSON") from None
+        raise BadInput(422, "invalid JSON body: " + "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:5])) from None
+
+
 def _replay(request: Request, body: bytes) -> Request:
     """A Request over the same scope whose body is `body` (already read under the size limit)."""
     sent = False
@@ -173,7 +195,7 @@ class Classifier:
             raise ValueError(f"canary_percent must be in [0, 100], got {config['canary_percent']}")
         settings = {**self.settings, **{k: v for k, v in config.items() if k in DEFAULTS}}
         self.limits = ImageLimits(max_pixels=settings["max_pixels"], max_side=settings["max_side"],
-                                  max_aspect=settings["max_aspect"])
+                                  max_aspect=settings["max_aspect"], formats=tuple(settings["image_formats"]))
         if settings["max_concurrent_decodes"] != self.settings["max_concurrent_decodes"]:
             self._decode_slots = asyncio.Semaphore(int(settings["max_concurrent_decodes"]))
         self.settings = settings
@@ -199,10 +221,9 @@ class Classifier:
             start += n
         return out
 
-    async def _read_images(self, request: Request) -> tuple[list[bytes], Optional[int]]:
+    async def _read_images(self, request: Request, body: bytes) -> tuple[list[bytes], Optional[int]]:
         max_images = int(self.settings["max_images"])
         top_k = _parse_top_k(request.query_params.get("top_k"))
-        body = await _read_body(request, int(self.settings["max_request_bytes"]))
         if not body:
             raise BadInput(400, "empty request body: send multipart files (field 'file') or JSON {\"images\": [...]}")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -218,15 +239,7 @@ class Classifier:
             if form_k is not None:
                 top_k = _parse_top_k(form_k)
         elif ctype == "application/json":
-            try:
-                payload = ClassifyJSON.model_validate_json(body)
-            except ValidationError as e:
-                if any(err["type"] == "json_invalid" for err in e.errors()):
-                    raise BadInput(400, "body is not valid JSON (or is nested too deeply)") from None
-                raise BadInput(422, "invalid JSON body: " + "; ".join(
-                    f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:5]))
-            except RecursionError:
-                raise BadInput(400, "JSON body is nested too deeply") from None
+            payload = parse_classify_json(body, max_images)
             if len(payload.images) > max_images:
                 raise BadInput(413, f"{len(payload.images)} images in one request; the limit is {max_images}")
             try:
@@ -249,6 +262,20 @@ class Classifier:
         version or `?version=N`. Overload protection: at most `max_queued_requests` requests per replica at once
         and `request_timeout_s` each; beyond either, 503 with Retry-After."""
         t0 = time.monotonic()
+        # The body is read first, under its own deadline and outside the in-flight count: a slow or stalled upload
+        # is dropped after body_timeout_s and never holds capacity that decoding and inference need.
+        try:
+            body = await asyncio.wait_for(_read_body(request, int(self.settings["max_request_bytes"])),
+                                          float(self.settings["body_timeout_s"]))
+        except asyncio.TimeoutError:
+            self.metrics.rejected.inc(tags={"reason": "slow_body"})
+            response = _error(408, f"request body not received within {self.settings['body_timeout_s']}s",
+                              headers={"Connection": "close"})
+            self.metrics.request(408, None, time.monotonic() - t0)
+            return response
+        except BadInput as e:
+            self.metrics.request(e.status, None, time.monotonic() - t0)
+            return _error(e.status, e.message)
         if self._inflight >= int(self.settings["max_queued_requests"]):
             self.metrics.rejected.inc(tags={"reason": "queue_full"})
             response = _error(503, f"server busy: {self._inflight} requests in progress on this replica; retry",
@@ -257,7 +284,7 @@ class Classifier:
             return response
         self._inflight += 1
         try:
-            result = await asyncio.wait_for(self._classify(request), float(self.settings["request_timeout_s"]))
+            result = await asyncio.wait_for(self._classify(request, body), float(self.settings["request_timeout_s"]))
         except asyncio.TimeoutError:
             self.metrics.rejected.inc(tags={"reason": "timeout"})
             result = _error(503, f"request took longer than {self.settings['request_timeout_s']}s; retry later",
@@ -270,7 +297,7 @@ class Classifier:
         self.metrics.request(200, result["model_version"], time.monotonic() - t0)
         return result
 
-    async def _classify(self, request: Request):
+    async def _classify(self, request: Request, body: bytes):
         canary = False
         try:
             version = _parse_version(request.query_params.get("version"))
@@ -287,7 +314,7 @@ class Classifier:
                         canary = True
                     except BadInput:  # a candidate that cannot be served: the live version answers
                         pass
-            blobs, top_k = await self._read_images(request)
+            blobs, top_k = await self._read_images(request, body)
             async with self._decode_slots:
                 x = await asyncio.to_thread(prepare_batch, blobs, model.preprocessing, self.limits,
                                             int(self.settings["max_request_pixels"]))

@@ -274,6 +274,9 @@ class Store:
 
     def _read_current(self) -> bytes | None:
         """CURRENT's first bytes, or None when there is none (a backend hook)."""
+        if self.current_path.is_symlink():  # refused without reading (or printing) what it points at
+            raise StoreError(f"broken store: CURRENT is a symbolic link; it must be a file the store writes; "
+                             f"{self.fix_hint()}")
         try:
             return self.current_path.read_bytes()[:64]
         except FileNotFoundError:
@@ -302,6 +305,8 @@ class Store:
         if not d.is_dir():
             have = ", ".join(map(str, self.versions())) or "none"
             raise StoreError(f"version {v} does not exist in {self.name} (versions: {have})")
+        if d.is_symlink():  # a version is a directory the store wrote, never a link to one elsewhere
+            raise StoreError(f"broken version {v}: {d.name} is a symbolic link, not a directory of the store")
         try:
             m = Manifest.model_validate_json((d / "manifest.json").read_text())
         except (ValidationError, ValueError, OSError) as e:

@@ -4,6 +4,10 @@ Hostile files cost little: the header is read first and the image is refused bef
 its width, height, pixel count or aspect ratio is over the limits (a 140-byte PNG can declare 500000 x 1 pixels,
 and resizing such a strip to the model's shorter side would allocate gigabytes); JPEGs are decoded at reduced
 size (`Image.draft`, DCT scaling) when the model needs far fewer pixels; truncated and corrupt files are refused.
+Before Pillow sees a byte, the format is recognised from its signature and checked against an allow-list (by
+default what a classifier's users send: JPEG, PNG, WebP; GIF and BMP on request), and a JPEG's segments up to its
+frame header are walked with a bound on their count and on fill bytes: Pillow's own marker loop runs in Python, so
+a file of millions of empty markers would otherwise cost seconds.
 Every refusal is an `ImageRejected` with an HTTP-like status: 400 corrupt, 413 too large, 415 not an image.
 """
 from __future__ import annotations
@@ -15,6 +19,44 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "MPO"}
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP")
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"P6", "PPM"), (b"P5", "PPM"))
+JPEG_MAX_SEGMENTS = 64  # segments before the frame header (real files: about 4 to 20)
+JPEG_MAX_FILL = 64  # 0xFF fill bytes allowed between segments
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the file's signature (None: not one we know)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
+
+
+def check_jpeg_segments(data: bytes) -> None:
+    """Walk a JPEG's marker segments up to its frame header (SOFn) with bounded work; raises ImageRejected."""
+    pos, segments, fill = 2, 0, 0
+    while True:
+        if pos + 4 > len(data) or data[pos] != 0xFF:
+            raise ImageRejected(400, "corrupt JPEG: no frame header where one was expected")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            fill += 1
+            if fill > JPEG_MAX_FILL:
+                raise ImageRejected(400, f"corrupt JPEG: more than {JPEG_MAX_FILL} fill bytes between segments")
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return  # SOFn: Pillow reads the size from here on
+        if marker in (0xD8, 0xD9, 0xDA) or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            raise ImageRejected(400, f"corrupt JPEG: marker 0x{marker:02X} before the frame header")
+        segments += 1
+        if segments > JPEG_MAX_SEGMENTS:
+            raise ImageRejected(400, f"corrupt JPEG: more than {JPEG_MAX_SEGMENTS} segments before the frame header")
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2:
+            raise ImageRejected(400, "corrupt JPEG: segment length under 2")
+        pos += 2 + length
 
 
 class ImageRejected(ValueError):
@@ -34,6 +76,8 @@ class ImageLimits(BaseModel):
     max_side: int = Field(20_000, gt=0, description="largest width or height")
     max_aspect: float = Field(50.0, ge=1.0, description="longer side / shorter side")
     max_file_bytes: int = Field(200 * 1024 * 1024, gt=0, description="largest encoded file read from disk")
+    formats: tuple[str, ...] = Field(DEFAULT_FORMATS, min_length=1, description=(
+        f"image formats accepted, from {sorted(ALLOWED_FORMATS)}; the rest is refused before decoding (415)"))
 
 
 def open_bounded(source: bytes | str | Path, limits: ImageLimits, min_side: int = 0,
@@ -57,8 +101,18 @@ def open_bounded(source: bytes | str | Path, limits: ImageLimits, min_side: int 
             raise ImageRejected(413, f"file is over {limits.max_file_bytes} bytes")
         if not len(fp.getbuffer()):
             raise ImageRejected(400, "empty file")
+    head = fp.getbuffer()[:4096].tobytes()
+    fmt = sniff_format(head)
+    if fmt == "MPO":
+        fmt = "JPEG"
+    if fmt not in limits.formats:
+        raise ImageRejected(415, f"not an accepted image type ({fmt or 'unknown signature'}); accepted: "
+                                 f"{', '.join(limits.formats)}")
+    if fmt == "JPEG":
+        check_jpeg_segments(fp.getbuffer().tobytes() if len(fp.getbuffer()) <= 1 << 16 else
+                            _jpeg_head(fp.getbuffer()))
     try:
-        im = Image.open(fp)
+        im = Image.open(fp, formats=[fmt] if fmt != "JPEG" else ["JPEG", "MPO"])
     except Image.DecompressionBombError:
         raise ImageRejected(413, f"image has too many pixels (limit {limits.max_pixels})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
@@ -69,8 +123,13 @@ def open_bounded(source: bytes | str | Path, limits: ImageLimits, min_side: int 
         im.close()
 
 
+def _jpeg_head(buf: memoryview) -> bytes:
+    """Enough of a large JPEG for `check_jpeg_segments`: the first 64 segments can span at most 64 x 65537 bytes."""
+    return buf[: (JPEG_MAX_SEGMENTS + 1) * 65_538 + JPEG_MAX_FILL + 8].tobytes()
+
+
 def _decode_opened(im: Image.Image, limits: ImageLimits, min_side: int, pixel_budget: int | None) -> Image.Image:
-    if im.format not in ALLOWED_FORMATS:
+    if im.format not in ALLOWED_FORMATS or ("JPEG" if im.format == "MPO" else im.format) not in limits.formats:
         raise ImageRejected(415, f"unsupported image type {im.format}")
     w, h = im.size
     if w < 1 or h < 1:

@@ -160,3 +160,41 @@ def test_method_configs_are_validated():
         method_config_from_dict({"name": "sdlora-rr", "rank_schedule": [{"from_task": 3, "rank": 4}]})
     with pytest.raises(ValidationError):
         method_config_from_dict({"name": "magic"})
+
+
+@pytest.mark.parametrize("name", ["inflora", "sdlora"])
+def test_last_blocks_with_cached_prefix_train_and_merge_exactly(backbone, datasets, name):
+    """`blocks`: branches on the last block only; training runs the frozen first block once per view (token cache),
+    the head's features equal a full forward, and the merged model still equals the learner."""
+    from trainer.train import train_adapter
+
+    spec, weights, prep = backbone
+    learner = new_learner(backbone, name, blocks=1)
+    assert learner.split == 1 and all(s.key.startswith("blocks.1.") for s in learner.sites)
+    summary, feats = train_adapter(learner, datasets[0], prep, fast_train(views=2), progress=False)
+    assert summary["cache"] == {"frozen_blocks": 1, "views": 2, "seconds": summary["cache"]["seconds"]}
+    x = torch.cat(list(eval_batches(datasets[0].eval_u8, prep, 256, "cpu")))
+    with torch.no_grad():
+        assert (feats - learner.features(x)).abs().max().item() <= 1e-5
+    learner.finish_head(feats, datasets[0].labels)
+    learn_more = train_task(learner, datasets[1], prep, fast_train(views=2), progress=False)
+    assert learn_more["train_accuracy"] > 0
+    merged = build_plain_model(spec, merged_state_dict(learner))
+    probe = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert (merged(probe) - learner(probe)).abs().max().item() <= 1e-4
+    state = merged_state_dict(learner)
+    assert torch.equal(state["blocks.0.attn.qkv.weight"], weights["blocks.0.attn.qkv.weight"])  # first block frozen
+    assert not torch.equal(state["blocks.1.attn.qkv.weight"], weights["blocks.1.attn.qkv.weight"])
+
+
+def test_adapt_tasks_keeps_the_backbone_fixed_after_the_first_tasks(backbone, datasets):
+    spec, _, prep = backbone
+    learner = new_learner(backbone, "inflora", adapt_tasks=1)
+    learn(learner, datasets, prep, 1)
+    after_first = {k: v.clone() for k, v in merged_state_dict(learner).items() if not k.startswith("head")}
+    out = train_task(learner, datasets[1], prep, fast_train(), progress=False)
+    assert out["adapted"] is False and out["method"] == {"adapted": False}
+    later = merged_state_dict(learner)
+    assert all(torch.equal(v, later[k]) for k, v in after_first.items())
+    assert learner.num_tasks == 2 and learner.method.tasks_done == 2

@@ -56,6 +56,30 @@ def test_a_current_that_is_not_ascii_digits_is_a_broken_store_everywhere(two_ver
     assert r.returncode == 0 and Store(two_version_store).current() == 2
 
 
+def test_links_are_refused_and_never_followed(two_version_store, tmp_path):
+    """A CURRENT that is a symbolic link is a broken store (what it points at is never read or printed), and a
+    version directory replaced by a link to a directory outside the store is a broken version."""
+    import shutil
+
+    current = two_version_store / "CURRENT"
+    secret = tmp_path / "secret"
+    secret.write_text("2\nroot:x:0:0\n")
+    current.unlink()
+    current.symlink_to(secret)
+    with pytest.raises(StoreError, match="CURRENT is a symbolic link") as e:
+        Store(two_version_store).current()
+    assert "root:x" not in str(e.value) and "--version 2" in str(e.value)
+    r = run_cli("rollback", "--store", str(two_version_store), "--version", "2")  # the fix it names works
+    assert r.returncode == 0 and not current.is_symlink() and Store(two_version_store).current() == 2
+    s = Store(two_version_store)
+    outside = tmp_path / "outside-0001"
+    shutil.copytree(s.version_dir(1), outside)
+    shutil.rmtree(s.version_dir(1))
+    s.version_dir(1).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(StoreError, match="broken version 1: 0001 is a symbolic link"):
+        s.manifest(1, verify=True)
+
+
 def test_status_verifies_and_says_what_a_server_would_serve(two_version_store):
     s = Store(two_version_store)
     r = run_cli("status", "--store", str(two_version_store), "--json")

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from exports.image_decode import ImageLimits, ImageRejected, open_bounded
+from exports.image_decode import ALLOWED_FORMATS, ImageLimits, ImageRejected, open_bounded
 from exports.preprocessing import Preprocessing, eval_crop, resize_and_crop, to_uint8_chw
 from trainer.errors import DataError
 
-TRAIN_IMAGE_LIMITS = ImageLimits()  # the server's defaults: what could not be served is not trained on either
+# The server's size limits (what could not be served is not trained on either); training folders may also hold the
+# formats a server refuses by default (GIF, BMP, TIFF, PPM): every format the decoder knows.
+TRAIN_IMAGE_LIMITS = ImageLimits(formats=tuple(sorted(ALLOWED_FORMATS)))
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 
 

@@ -14,10 +14,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from trainer.backbone import BackboneSpec, load_backbone
+from trainer.backbone import BackboneSpec, load_backbone, prefix_tokens, suffix_features
 from trainer.heads import build_head, head_config_from_dict
 from trainer.methods import build_method, method_config_from_dict
-from trainer.sites import find_sites, wrap_sites
+from trainer.sites import find_sites, first_adapted_block, wrap_sites
 
 
 class Learner(nn.Module):
@@ -28,7 +28,7 @@ class Learner(nn.Module):
         self.method_config = method_config
         self.head_config = head_config if head_config is not None else head_config_from_dict(None)
         self.backbone = load_backbone(spec, backbone_weights)
-        self.sites = find_sites(self.backbone, method_config.targets)
+        self.sites = find_sites(self.backbone, method_config.targets, getattr(method_config, "blocks", None))
         self.method = build_method(method_config, self.sites)
         self.wrappers = wrap_sites(self.backbone, self.sites, self.method.site_delta)
         self.head = build_head(self.head_config, self.backbone.num_features)
@@ -71,9 +71,27 @@ class Learner(nn.Module):
         self.block = None
         return summary
 
+    @property
+    def split(self) -> int:
+        """Number of leading transformer blocks that carry no branch (their output can be cached)."""
+        return first_adapted_block(self.sites)
+
+    def adapts(self, task: int) -> bool:
+        """Whether 0-based `task` learns branches (False: the backbone stays as it is, only the head learns)."""
+        limit = getattr(self.method_config, "adapt_tasks", None)
+        return bool(self.sites) and (limit is None or task < limit)
+
     # -- forward -------------------------------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the frozen leading blocks (see `split`)."""
+        return prefix_tokens(self.backbone, x, self.split)
+
+    def suffix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Features from `prefix` tokens: the adapted blocks, the norm and the pooling."""
+        return suffix_features(self.backbone, tokens, self.split)
 
     def block_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The current task's logits only (the training loss)."""
@@ -86,17 +104,18 @@ class Learner(nn.Module):
         return torch.cat([self.head(f), self.block(f)], dim=1)
 
     @torch.no_grad()
-    def feature_pass(self, batches: Iterable[torch.Tensor], moments: bool = False
+    def feature_pass(self, batches: Iterable[torch.Tensor], moments: bool = False, tokens: bool = False
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """One no-grad pass over `batches` (normalised inputs): the features (CPU, fp32) and, with `moments`,
-        C = E[x x^T] at every adapted site (InfLoRA's subspace design and memory)."""
+        """One no-grad pass over `batches` (normalised inputs, or `prefix` tokens with `tokens`): the features (CPU,
+        fp32) and, with `moments`, C = E[x x^T] at every adapted site (InfLoRA's subspace design and memory)."""
+        forward = self.suffix if tokens else self.features
         if moments:
             for w in self.wrappers.values():
                 w.start_recording()
         feats = []
         try:
             for x in batches:
-                feats.append(self.features(x).float().cpu())
+                feats.append(forward(x).float().cpu())
         finally:
             cs = {k: w.stop_recording() for k, w in self.wrappers.items()} if moments else None
         return (torch.cat(feats) if feats else torch.zeros(0, self.backbone.num_features)), cs

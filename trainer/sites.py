@@ -36,13 +36,20 @@ class Site:
         return next(e - s for t, s, e in self.rows if t == target)
 
 
-def find_sites(model: nn.Module, targets: list[str]) -> list[Site]:
-    """The sites of every transformer block for the requested targets, in block order."""
+def find_sites(model: nn.Module, targets: list[str], last_blocks: int | None = None) -> list[Site]:
+    """The sites of every transformer block (or of the last `last_blocks` only) for the requested targets, in block
+    order."""
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
         raise ValueError(f"unknown adapter target(s) {unknown}; choose from {sorted(TARGETS)}")
+    depth = len(model.blocks)
+    if last_blocks is not None and last_blocks > depth:
+        raise ValueError(f"cannot adapt the last {last_blocks} blocks: the backbone has {depth}")
+    first = depth - last_blocks if last_blocks else 0
     sites = []
     for b, block in enumerate(model.blocks):
+        if b < first:
+            continue
         by_layer: dict[str, list[tuple[str, int, int]]] = {}
         for t in targets:
             path, third = TARGETS[t]
@@ -99,6 +106,11 @@ class AdaptedLinear(nn.Module):
         c = self.moment / max(self.count, 1)
         self.moment, self.count = None, 0
         return c
+
+
+def first_adapted_block(sites: list[Site]) -> int:
+    """Index of the first transformer block that carries a site (every block before it stays frozen)."""
+    return min((int(s.key.split(".")[1]) for s in sites), default=0)
 
 
 def wrap_sites(model: nn.Module, sites: list[Site], delta_fn) -> dict[str, AdaptedLinear]:

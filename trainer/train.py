@@ -41,6 +41,10 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = Field(256, ge=1)
+    views: int = Field(4, ge=1, le=64, description=(
+        "augmented views per image cached when only the last blocks are adapted (method `blocks`)"))
+    cache_max_gib: float = Field(4.0, ge=0.0, description=(
+        "memory for those cached views; fewer views are kept when they would not fit (0: no training cache)"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,12 +102,64 @@ def make_optimizer(params, cfg: TrainConfig, total_steps: int):
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
 
 
+class TokenCache:
+    """Outputs of the frozen leading blocks (`Learner.split`) for the task's images, computed once per view.
+
+    `eval` holds the evaluation view in fp32 (moments and head features from it equal a full forward's);
+    `train` holds `views` augmented views per image (random resized crop + flip, drawn once) in the training
+    precision: each step draws one of them per image, so augmentation survives the cache."""
+
+    def __init__(self, learner: Learner, data: TaskData, mine: torch.Tensor, p: Preprocessing, cfg: TrainConfig,
+                 gen: torch.Generator, progress: bool, desc: str):
+        device = learner.device
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        n, t0 = len(data), time.time()
+        eval_u8 = data.eval_u8[mine]
+        with torch.no_grad():
+            probe = learner.prefix(normalize(eval_u8[:1].to(device).float() / 255.0, p))
+        per_view = n * probe[0].numel() * (2 if dtype == torch.bfloat16 else 4)
+        self.views = max(0, min(cfg.views, int(cfg.cache_max_gib * 2**30 // max(per_view, 1))))
+        bar = tqdm(total=len(eval_u8) + self.views * n, desc=f"{desc} caching frozen blocks", disable=not progress,
+                   unit="img", leave=False, mininterval=1.0)
+        try:
+            self.eval = self._tokens(learner, (eval_u8[i:i + cfg.eval_batch_size].to(device).float() / 255.0
+                                               for i in range(0, len(eval_u8), cfg.eval_batch_size)),
+                                     p, torch.float32, False, bar)
+            train_u8 = data.train_u8
+            self.train = torch.stack([self._tokens(
+                learner, (augment(train_u8[i:i + cfg.eval_batch_size].to(device), p.input_size, cfg.min_crop_scale, gen)
+                          for i in range(0, n, cfg.eval_batch_size)), p, dtype, cfg.precision == "bf16", bar)
+                for _ in range(self.views)]) if self.views else None
+        finally:
+            bar.close()
+        self.seconds = time.time() - t0
+
+    @staticmethod
+    @torch.no_grad()
+    def _tokens(learner: Learner, batches01, p: Preprocessing, dtype, bf16: bool, bar) -> torch.Tensor:
+        out = []
+        for x in batches01:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out.append(learner.prefix(normalize(x, p)).to(dtype))
+            bar.update(len(x))
+        return torch.cat(out)
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Tokens of images `idx`, each from one of its cached views drawn at random."""
+        v = torch.randint(self.views, (len(idx),), generator=gen).to(idx.device)
+        return self.train[v, idx]
+
+
 def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainConfig, *,
                   progress: bool = True, desc: str = "", collective: Local | None = None
                   ) -> tuple[dict[str, Any], torch.Tensor]:
     """Learn one task's branches and training block in place (begin_task, training, end_task); returns the
     summary and the features of the task's training images (eval view, final model) for the head.
-    `collective`: the other workers of a multi-worker run (trainer.collective); None is one process."""
+    `collective`: the other workers of a multi-worker run (trainer.collective); None is one process.
+
+    When the method adapts only the last blocks (`blocks`), the frozen blocks before them run once per image view
+    (`TokenCache`) and every step runs only the adapted blocks. A task past the method's `adapt_tasks` learns no
+    branch: the backbone stays as it is and only the training block (and then the head) learns."""
     coll = collective or Local()
     device = learner.device
     task = learner.num_tasks
@@ -112,9 +168,15 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
     aug_gen = gen if coll.world == 1 else torch.Generator().manual_seed(cfg.seed * 100_003 + task + 7919 * coll.rank)
     t0 = time.time()
     mine = coll.shard(len(data))
+    adapting = learner.adapts(task)
+    cache = TokenCache(learner, data, mine, p, cfg, aug_gen, progress, desc or f"task {task}") \
+        if adapting and learner.split > 0 else None
+    use_cache = cache is not None and cache.views > 0
     eval_u8 = data.eval_u8[mine].to(device)
 
     def views():
+        if cache is not None:
+            return iter(cache.eval.split(cfg.eval_batch_size))
         return eval_batches(eval_u8, p, cfg.eval_batch_size, device)
 
     def all_features(feats: torch.Tensor) -> torch.Tensor:
@@ -123,18 +185,19 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
     passes: dict[str, torch.Tensor] = {}
 
     def moments():
-        feats, cs = learner.feature_pass(views(), moments=True)
+        feats, cs = learner.feature_pass(views(), moments=True, tokens=cache is not None)
         passes["features"] = all_features(feats)  # the last pass runs the final model: the head reuses it
         return coll.mean_moments(cs, len(mine))
 
-    learner.method.begin_task(task, moments)
+    if adapting:
+        learner.method.begin_task(task, moments)
     passes.clear()
     block = learner.add_block(data.class_names)
-    method_params = learner.method.trainable_parameters()
+    method_params = learner.method.trainable_parameters() if adapting else []
     n = len(data)
     frozen = not method_params  # a frozen backbone: the features never change, so compute them once
     if frozen:
-        passes["features"] = all_features(learner.feature_pass(views())[0])
+        passes["features"] = all_features(learner.feature_pass(views(), tokens=cache is not None)[0])
         cached = passes["features"].to(device)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -144,6 +207,7 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
     learner.eval()  # frozen backbone: no dropout / drop-path while adapting
     bar = tqdm(total=total, desc=desc or f"task {task}", disable=not progress, unit="step", leave=False, mininterval=1.0)
     loss_sum, correct, seen = 0.0, 0, 0
+    t_train = time.time()
     try:
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=gen).to(device)
@@ -157,6 +221,8 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                         if frozen:
                             logits = block(cached[idx]).float()
+                        elif use_cache:
+                            logits = block(learner.suffix(cache.batch(idx, aug_gen))).float()
                         else:
                             x = normalize(augment(train_u8[idx], p.input_size, cfg.min_crop_scale, aug_gen), p)
                             logits = learner.block_logits(x).float()  # a task trains only its own logits
@@ -173,12 +239,18 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
                 bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}")
     finally:
         bar.close()
+    t_train = time.time() - t_train
     block.requires_grad_(False)
-    summary = learner.method.end_task(task, moments)
-    features = passes["features"] if "features" in passes else all_features(learner.feature_pass(views())[0])
+    summary = learner.method.end_task(task, moments) if adapting else learner.method.skip_task(task)
+    features = passes["features"] if "features" in passes else \
+        all_features(learner.feature_pass(views(), tokens=cache is not None)[0])
     out = {"task": task, "classes": data.class_names, "train_images": n, "epochs": cfg.epochs,
            "final_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-           "seconds": time.time() - t0, "method": summary}
+           "seconds": time.time() - t0, "method": summary, "adapted": adapting,
+           "train_steps_seconds": t_train,
+           "train_images_per_second": cfg.epochs * n / max(time.time() - t0, 1e-9)}
+    if cache is not None:
+        out["cache"] = {"frozen_blocks": learner.split, "views": cache.views, "seconds": cache.seconds}
     return out, features
 
 

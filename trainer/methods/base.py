@@ -48,6 +48,11 @@ class Method(nn.Module, ABC):
     def end_task(self, task: int, moments: MomentFn) -> dict[str, Any]:
         """Finish the task (freeze, fold, update memory); returns a JSON-able summary for the manifest."""
 
+    def skip_task(self, task: int) -> dict[str, Any]:
+        """Task `task` learns no branch (past the config's `adapt_tasks`): the backbone stays as it is."""
+        self.tasks_done = task + 1
+        return {"adapted": False}
+
     # ---- merging and persistence ------------------------------------------------------------------------------
     @abstractmethod
     def merged_delta(self, site: Site, target: str) -> torch.Tensor | None:

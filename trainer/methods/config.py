@@ -20,6 +20,12 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rank: int = Field(10, ge=1, le=512, description="rank of each task's branch")
+    blocks: int | None = Field(None, ge=1, le=1024, description=(
+        "adapt only the last N transformer blocks (None: every block). The frozen blocks before them run once "
+        "per image view during training (cached tokens), so a step costs about N/depth of a full one"))
+    adapt_tasks: int | None = Field(None, ge=1, description=(
+        "learn branches during the first N tasks only; later tasks keep the backbone as it is and only the head "
+        "learns (first-session adaptation, as in RanPAC/APER: no feature drift after task N). None: every task"))
 
     @field_validator("targets", check_fields=False)
     @classmethod
