@@ -33,7 +33,7 @@ def sniff_format(data: bytes) -> str | None:
     return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
 
 
-def check_jpeg_segments(data: bytes) -> None:
+def check_jpeg_segments(data: bytes | memoryview) -> None:
     """Walk a JPEG's marker segments up to its frame header (SOFn) with bounded work; raises ImageRejected."""
     pos, segments, fill = 2, 0, 0
     while True:
@@ -101,16 +101,13 @@ def open_bounded(source: bytes | str | Path, limits: ImageLimits, min_side: int 
             raise ImageRejected(413, f"file is over {limits.max_file_bytes} bytes")
         if not len(fp.getbuffer()):
             raise ImageRejected(400, "empty file")
-    head = fp.getbuffer()[:4096].tobytes()
-    fmt = sniff_format(head)
-    if fmt == "MPO":
-        fmt = "JPEG"
-    if fmt not in limits.formats:
-        raise ImageRejected(415, f"not an accepted image type ({fmt or 'unknown signature'}); accepted: "
-                                 f"{', '.join(limits.formats)}")
-    if fmt == "JPEG":
-        check_jpeg_segments(fp.getbuffer().tobytes() if len(fp.getbuffer()) <= 1 << 16 else
-                            _jpeg_head(fp.getbuffer()))
+    with fp.getbuffer() as buf:  # read in place: no copy of the file
+        fmt = sniff_format(bytes(buf[:16]))
+        if fmt not in limits.formats:
+            raise ImageRejected(415, f"not an accepted image type ({fmt or 'unknown signature'}); accepted: "
+                                     f"{', '.join(limits.formats)}")
+        if fmt == "JPEG":
+            check_jpeg_segments(buf)
     try:
         im = Image.open(fp, formats=[fmt] if fmt != "JPEG" else ["JPEG", "MPO"])
     except Image.DecompressionBombError:
@@ -123,13 +120,8 @@ def open_bounded(source: bytes | str | Path, limits: ImageLimits, min_side: int 
         im.close()
 
 
-def _jpeg_head(buf: memoryview) -> bytes:
-    """Enough of a large JPEG for `check_jpeg_segments`: the first 64 segments can span at most 64 x 65537 bytes."""
-    return buf[: (JPEG_MAX_SEGMENTS + 1) * 65_538 + JPEG_MAX_FILL + 8].tobytes()
-
-
 def _decode_opened(im: Image.Image, limits: ImageLimits, min_side: int, pixel_budget: int | None) -> Image.Image:
-    if im.format not in ALLOWED_FORMATS or ("JPEG" if im.format == "MPO" else im.format) not in limits.formats:
+    if im.format not in ALLOWED_FORMATS:
         raise ImageRejected(415, f"unsupported image type {im.format}")
     w, h = im.size
     if w < 1 or h < 1:

@@ -25,6 +25,7 @@ class Site:
     """One adapted linear layer: state-dict key of its weight's module, input width, target row ranges."""
 
     key: str  # e.g. "blocks.3.attn.qkv"
+    block: int  # index of the transformer block it belongs to
     d_in: int
     rows: tuple[tuple[str, int, int], ...]  # (target, start, stop), sorted by start
 
@@ -61,7 +62,7 @@ def find_sites(model: nn.Module, targets: list[str], last_blocks: int | None = N
         for path, rows in by_layer.items():
             lin = block.get_submodule(path)
             lin = lin.base if isinstance(lin, AdaptedLinear) else lin
-            sites.append(Site(key=f"blocks.{b}.{path}", d_in=lin.in_features, rows=tuple(sorted(rows, key=lambda r: r[1]))))
+            sites.append(Site(key=f"blocks.{b}.{path}", block=b, d_in=lin.in_features, rows=tuple(sorted(rows, key=lambda r: r[1]))))
     return sites
 
 
@@ -110,7 +111,7 @@ class AdaptedLinear(nn.Module):
 
 def first_adapted_block(sites: list[Site]) -> int:
     """Index of the first transformer block that carries a site (every block before it stays frozen)."""
-    return min((int(s.key.split(".")[1]) for s in sites), default=0)
+    return min((s.block for s in sites), default=0)
 
 
 def wrap_sites(model: nn.Module, sites: list[Site], delta_fn) -> dict[str, AdaptedLinear]:

@@ -109,26 +109,22 @@ class TokenCache:
     `train` holds `views` augmented views per image (random resized crop + flip, drawn once) in the training
     precision: each step draws one of them per image, so augmentation survives the cache."""
 
-    def __init__(self, learner: Learner, data: TaskData, mine: torch.Tensor, p: Preprocessing, cfg: TrainConfig,
+    def __init__(self, learner: Learner, data: TaskData, eval_u8: torch.Tensor, p: Preprocessing, cfg: TrainConfig,
                  gen: torch.Generator, progress: bool, desc: str):
-        device = learner.device
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        n, t0 = len(data), time.time()
-        eval_u8 = data.eval_u8[mine]
+        n, bs, t0 = len(data), cfg.eval_batch_size, time.time()
         with torch.no_grad():
-            probe = learner.prefix(normalize(eval_u8[:1].to(device).float() / 255.0, p))
+            probe = learner.prefix(next(eval_batches(eval_u8[:1], p, 1, learner.device)))
         per_view = n * probe[0].numel() * (2 if dtype == torch.bfloat16 else 4)
         self.views = max(0, min(cfg.views, int(cfg.cache_max_gib * 2**30 // max(per_view, 1))))
         bar = tqdm(total=len(eval_u8) + self.views * n, desc=f"{desc} caching frozen blocks", disable=not progress,
                    unit="img", leave=False, mininterval=1.0)
         try:
-            self.eval = self._tokens(learner, (eval_u8[i:i + cfg.eval_batch_size].to(device).float() / 255.0
-                                               for i in range(0, len(eval_u8), cfg.eval_batch_size)),
-                                     p, torch.float32, False, bar)
-            train_u8 = data.train_u8
+            self.eval = self._tokens(learner, eval_batches(eval_u8, p, bs, learner.device), torch.float32, False, bar)
+            train_u8 = data.train_u8.to(learner.device)
             self.train = torch.stack([self._tokens(
-                learner, (augment(train_u8[i:i + cfg.eval_batch_size].to(device), p.input_size, cfg.min_crop_scale, gen)
-                          for i in range(0, n, cfg.eval_batch_size)), p, dtype, cfg.precision == "bf16", bar)
+                learner, (normalize(augment(train_u8[i:i + bs], p.input_size, cfg.min_crop_scale, gen), p)
+                          for i in range(0, n, bs)), dtype, cfg.precision == "bf16", bar)
                 for _ in range(self.views)]) if self.views else None
         finally:
             bar.close()
@@ -136,11 +132,12 @@ class TokenCache:
 
     @staticmethod
     @torch.no_grad()
-    def _tokens(learner: Learner, batches01, p: Preprocessing, dtype, bf16: bool, bar) -> torch.Tensor:
+    def _tokens(learner: Learner, batches, dtype, bf16: bool, bar) -> torch.Tensor:
+        """Prefix tokens of normalised input batches, stored as `dtype`."""
         out = []
-        for x in batches01:
+        for x in batches:
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                out.append(learner.prefix(normalize(x, p)).to(dtype))
+                out.append(learner.prefix(x).to(dtype))
             bar.update(len(x))
         return torch.cat(out)
 
@@ -168,11 +165,11 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
     aug_gen = gen if coll.world == 1 else torch.Generator().manual_seed(cfg.seed * 100_003 + task + 7919 * coll.rank)
     t0 = time.time()
     mine = coll.shard(len(data))
+    eval_u8 = data.eval_u8[mine].to(device)
     adapting = learner.adapts(task)
-    cache = TokenCache(learner, data, mine, p, cfg, aug_gen, progress, desc or f"task {task}") \
+    cache = TokenCache(learner, data, eval_u8, p, cfg, aug_gen, progress, desc or f"task {task}") \
         if adapting and learner.split > 0 else None
     use_cache = cache is not None and cache.views > 0
-    eval_u8 = data.eval_u8[mine].to(device)
 
     def views():
         if cache is not None:
