@@ -5,7 +5,7 @@ limit (so the schema is exact while no framework reads an unbounded body first).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -17,7 +17,8 @@ class ClassifyJSON(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    images: list[StrictStr] = Field(min_length=1, description="base64-encoded image files (JPEG, PNG, WebP, ...)")
+    images: list[Annotated[StrictStr, Field(min_length=1)]] = Field(
+        min_length=1, description="base64-encoded image files (JPEG, PNG or WebP by default)")
     top_k: Optional[StrictInt] = Field(None, ge=1, le=MAX_TOP_K, description="labels per image (default 5)")
 
 

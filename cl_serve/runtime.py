@@ -140,7 +140,7 @@ class ModelWatcher:
         self.refused: dict[int, str] = {}
         self.store_error: str | None = None  # CURRENT unreadable or broken (the reason includes the fix)
         self.fix_hint: str | None = None  # computed once per refusal: which version to roll back to
-        self._refused_stamp: dict[int, float] = {}
+        self._refused_stamp: dict[int, tuple] = {}  # the version's files when it was refused
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.swaps = 0
@@ -177,23 +177,34 @@ class ModelWatcher:
             self.last_error = self.store_error = str(e)
             return
         self.store_error = None
+        if want is None and self.model is not None:  # CURRENT was deleted under a serving replica
+            self.store_error = (f"broken store: CURRENT is missing; version {self.model.version} keeps serving; "
+                                f"{self.store.fix_hint()}")
+            return
         if want is None or (self.model is not None and self.model.version == want):
             return
         self.load(want)
 
+    def _version_stamp(self, version: int) -> tuple:
+        """What a refusal is tied to: every file of the version with its size and modification time, so restoring
+        any file (not only the manifest) makes the version worth trying again."""
+        d = self.store.version_dir(version)
+        try:
+            return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in d.iterdir() if p.is_file()))
+        except OSError:
+            return ()
+
     def load(self, version: int) -> bool:
         """Load and swap to `version`; on failure keep the old model and record why (not retried until the
-        version's manifest changes)."""
+        version's files change)."""
         with self._lock:
-            manifest = self.store.version_dir(version) / "manifest.json"
-            stamp = manifest.stat().st_mtime if manifest.exists() else -1.0
-            if version in self.refused and self._refused_stamp.get(version) == stamp:
+            if self.refusal(version) is not None:
                 return False
+            stamp = self._version_stamp(version)
             try:
                 new = load_version(self.store, version, self.intra_op_threads)
             except StoreError as e:
-                self.refused[version] = str(e)
-                self._refused_stamp[version] = stamp
+                self.refused[version], self._refused_stamp[version] = str(e), stamp
                 self.last_error = f"refused version {version}: {e}"
                 self.fix_hint = self.store.fix_hint()
                 log.warning(self.last_error)
@@ -206,6 +217,17 @@ class ModelWatcher:
             self.on_event("swap", version)
             return True
 
+    def refusal(self, version: int) -> str | None:
+        """Why `version` was refused, or None. A refusal lapses as soon as any of the version's files changes (a
+        restored file is tried again, without a restart)."""
+        if version not in self.refused:
+            return None
+        if self._refused_stamp.get(version) != self._version_stamp(version):
+            self.refused.pop(version, None)
+            self._refused_stamp.pop(version, None)
+            return None
+        return self.refused[version]
+
     def newest_candidate(self) -> int | None:
         """The newest version above the served one that the release gate refused (a candidate), for the canary;
         looked up at most once per poll interval (a few manifest reads, never a hash check)."""
@@ -216,7 +238,7 @@ class ModelWatcher:
         found = None
         try:
             for v in sorted((v for v in self.store.versions() if v > serving), reverse=True):
-                if v in self.refused:
+                if self.refusal(v) is not None:
                     continue
                 gate = self.store.manifest(v, verify=False).gate or {}
                 if gate and not gate.get("passed", True):
@@ -240,12 +262,14 @@ class ModelWatcher:
                 return self._cache[version]
             if version not in self.store.versions():
                 raise BadInput(404, f"version {version} does not exist")
-            if version in self.refused:
-                raise BadInput(409, f"version {version} cannot be served: {self.refused[version]}")
+            refused = self.refusal(version)
+            if refused is not None:
+                raise BadInput(409, f"version {version} cannot be served: {refused}")
+            stamp = self._version_stamp(version)
             try:
                 loaded = load_version(self.store, version, self.intra_op_threads)
             except StoreError as e:
-                self.refused[version] = str(e)
+                self.refused[version], self._refused_stamp[version] = str(e), stamp
                 self.on_event("refused", version)
                 raise BadInput(409, f"version {version} cannot be served: {e}") from None
             self._cache[version] = loaded
@@ -280,8 +304,9 @@ class ModelWatcher:
                         or {str(t["task"]): t["accuracy"] for t in test},
                         "accuracy_source": "gate" if gate else ("test" if test else None),
                         "gate": None if not gate else {"passed": gate["passed"], "reasons": gate["reasons"]}})
-            if v in self.refused:
-                row["state"], row["error"] = "refused", self.refused[v]
+            refused = self.refusal(v)
+            if refused is not None:
+                row["state"], row["error"] = "refused", refused
             elif v == current:
                 row["state"] = "live"
             elif gate and not gate["passed"]:

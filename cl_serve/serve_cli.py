@@ -82,7 +82,7 @@ def serve_forever(a) -> None:
           auth_token=a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN") or None)
     auth = "bearer token required" if (a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN")) else "no auth token"
     print(f"cl-serve: serving {a.store} on http://{a.host}:{a.port} (page /, POST /classify, GET /v1/versions, "
-          f"/v1/model, /healthz, /docs; {auth}); metrics on http://127.0.0.1:{a.metrics_port}/metrics; Ctrl-C stops",
+          f"/v1/model, /healthz, /openapi.json; {auth}); metrics on http://127.0.0.1:{a.metrics_port}/metrics; Ctrl-C stops",
           flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:

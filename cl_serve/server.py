@@ -8,7 +8,7 @@
     GET  /v1/model   version, labels, tasks, method, metrics, ONNX file and providers of the served model
     GET  /v1/versions   every version: parent, task, classes, per-task accuracy, release gate, state
     GET  /           a page to try the model (cl_serve/static/index.html)
-    GET  /docs, /openapi.json   the typed API (request bodies, responses, errors)
+    GET  /openapi.json          the typed API (request bodies, responses, errors)
 
 Every error, of any route or status (404, 405 and 422 included), is `{"error": ..., "status": ...}`. Bodies are
 read as a stream and refused past `max_request_bytes`; images are decoded under `exports.image_decode`'s bounds
@@ -51,7 +51,10 @@ from cl_serve.serve_metrics import ServerMetrics
 from exports.image_decode import ImageLimits
 
 log = logging.getLogger("cl_serve")
-app = FastAPI(title="cl-serve", description="Continual image classification with zero-downtime model swaps")
+# No /docs or /redoc: FastAPI's pages load their scripts from a CDN (broken offline, and a third party on an
+# operator's page); /openapi.json stays. No trailing-slash redirects: they echo the request's Host header.
+app = FastAPI(title="cl-serve", description="Continual image classification with zero-downtime model swaps",
+              docs_url=None, redoc_url=None, redirect_slashes=False)
 
 DEFAULTS = {"poll_interval_s": 1.0, "max_request_bytes": 20 * 1024 * 1024, "max_pixels": 40_000_000,
             "max_side": 20_000, "max_aspect": 50.0, "max_request_pixels": 100_000_000,

@@ -79,3 +79,14 @@ def test_formats_are_an_allow_list():
     Image.new("RGB", (16, 16), (200, 10, 10)).save(jpeg, "JPEG", progressive=True)
     assert open_bounded(jpeg.getvalue(), ImageLimits()).size == (16, 16)
     assert open_bounded(_png(), ImageLimits()).size == (8, 8)
+
+
+def test_the_schema_says_what_the_server_accepts():
+    """An empty image string is refused by the schema itself, so /openapi.json (minLength 1) and the server agree."""
+    from cl_serve.api_models import ClassifyJSON
+
+    item = ClassifyJSON.model_json_schema()["properties"]["images"]["items"]
+    assert item.get("minLength") == 1
+    with pytest.raises(BadInput) as e:
+        parse_classify_json(b'{"images": [""]}', max_images=64)
+    assert e.value.status == 422

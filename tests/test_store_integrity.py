@@ -213,3 +213,29 @@ def test_symlink_loops_and_dangling_class_folders_are_reported(tmp_path, tasks, 
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "loop (symlink loop" in r.stderr and "gone (dangling symlink" in r.stderr
     assert tree_snapshot(two_version_store) == before
+
+
+def test_a_restored_version_is_served_again_and_a_deleted_current_is_reported(two_version_store):
+    """A refusal lapses when any of the version's files changes: restoring the file makes the version servable
+    without a restart. A CURRENT deleted under a serving replica is a store error with the fix, not silence."""
+    s = Store(two_version_store)
+    onnx = s.version_dir(2) / s.manifest(2, verify=False).onnx["file"]
+    good = onnx.read_bytes()
+    onnx.write_bytes(good[:100] + b"\x00garbage\x00" + good[109:])
+    w = ModelWatcher(str(two_version_store), poll_interval_s=60)
+    try:
+        with pytest.raises(Exception, match="cannot be served"):
+            w.model_for(2)
+        assert w.refusal(2) is not None and w.model is None
+        onnx.write_bytes(good)  # the operator restores the file
+        assert w.refusal(2) is None
+        assert w.model_for(2).version == 2
+        w.check()
+        assert w.model is not None and w.model.version == 2 and w.store_error is None
+        (two_version_store / "CURRENT").unlink()
+        w.check()
+        assert w.model.version == 2  # keeps serving
+        assert "CURRENT is missing" in w.store_error and "--version 2" in w.store_error
+        assert "CURRENT is missing" in w.status()["store_error"]
+    finally:
+        w.stop()
