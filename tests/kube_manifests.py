@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shlex
 import shutil
@@ -50,7 +51,7 @@ def render(overlay: Path) -> list[dict]:
 
 # KubeRay's own CRDs (unmodified upstream files) for the operator versions the manifests are checked against.
 KUBERAY_VERSIONS = ("v1.4.2", "v1.7.0")
-KUBERAY_CRDS = Path(__import__("os").environ.get("CL_SERVE_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay"))
+KUBERAY_CRDS = Path(os.environ.get("CL_SERVE_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay"))
 _PLURAL = {"RayService": "rayservices", "RayJob": "rayjobs", "RayCluster": "rayclusters"}
 
 
