@@ -86,6 +86,12 @@ def hostile_cases(good: bytes) -> dict[str, dict]:
         "multipart garbage": raw(b"--b\r\nContent-Disposition: form-data\r\n\r\n" + b"x" * 100,
                                  "multipart/form-data; boundary=b"),
         "no content type": {"content": b"abc"},
+        # issue #18's cases, sized under the test server's 2 MB body limit so that parsing, not the limit, refuses
+        "JSON array of 900000 integers": raw(b'{"images": [' + b",".join([b"1"] * 900_000) + b"]}"),
+        "JPEG of 450000 empty APP1 segments": files(b"\xff\xd8" + b"\xff\xe1\x00\x02" * 450_000),
+        "JPEG with 1.8 MB of fill bytes": files(b"\xff\xd8\xff\xe0\x00\x02" + b"\xff" * 1_800_000),
+        "GIF with a comment of 900000 sub-blocks": files(b"GIF89a\x01\x00\x01\x00\x00\x00\x00\x21\xfe"
+                                                         + b"\x01A" * 900_000 + b"\x00;"),
     }
 
 

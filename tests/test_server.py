@@ -101,6 +101,7 @@ def test_classify_matches_the_torch_merged_model(server, tasks):
 
 
 def test_bad_inputs_get_4xx_json_and_the_replica_keeps_serving(server, tasks):
+    _ensure_live(server, tasks)  # does not rely on an earlier test having published a version
     c = server["client"]
     good = _png(next(tasks[0]["test"].rglob("*.png")))
     buf = io.BytesIO()
