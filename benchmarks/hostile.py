@@ -6,7 +6,8 @@ Starts a local `cl-serve serve` on a tiny generated store, then sends (1) the ho
 `hostile_cases` (image bombs, extreme aspect ratios, malformed JSON and multipart, oversized bodies, bad
 top_k) and (2) the most expensive requests the limits still admit (the largest PNG, the per-request pixel budget
 filled, 64 ordinary images). For each: status, wall time, and the growth of the replica's peak RSS (VmHWM, reset
-before every request through /proc/PID/clear_refs where allowed). Prints a table and the worst time and memory.
+before every request through /proc/PID/clear_refs where allowed). Prints a table and the worst time and memory,
+and the replica's resident size when idle before the run and after it (memory given back, or kept).
 The same `hostile_cases` are asserted (4xx, bounded time) in tests/test_server.py.
 """
 from __future__ import annotations
@@ -133,6 +134,13 @@ def _peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def _rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _reset_peak(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as f:
@@ -167,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     serve_cli.wait_until_healthy(url)
     pid = _replica_pids()[0]
+    with httpx.Client(base_url=url, timeout=120) as c:  # warm: the first requests load the model and the batcher
+        for _ in range(5):
+            c.post("/classify", files=[("file", ("a.png", good, "image/png"))])
+    idle_rss = _rss_mib(pid)
     rows = []
     try:
         with httpx.Client(base_url=url, timeout=120) as c:
@@ -186,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{group:20s} {name:42s} {status!s:>5} {took:7.3f}s "
                           f"{'' if growth is None else f'{growth:+8.1f} MiB'}", flush=True)
             ok = c.post("/classify", files=[("file", ("a.png", good, "image/png"))]).status_code
+            time.sleep(1.0)
+            after_rss = _rss_mib(pid)
     finally:
         serve_cli.stop()
     fivexx = [r for r in rows if not isinstance(r["status"], int) or r["status"] >= 500]
@@ -193,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     worst_m = max((r for r in rows if r["peak_rss_growth_mib"] is not None),
                   key=lambda r: r["peak_rss_growth_mib"], default=None)
     summary = {"requests": len(rows), "5xx_or_failed": len(fivexx), "served_after": ok,
+               "replica_rss_idle_mib": round(idle_rss, 1), "replica_rss_after_run_mib": round(after_rss, 1),
+               "replica_rss_kept_mib": round(after_rss - idle_rss, 1),
                "worst_seconds": worst_t, "worst_peak_rss_growth": worst_m, "replica_peak_rss_mib": _peak_rss_mib(pid)
                if os.path.exists(f"/proc/{pid}") else None, "cpu_count": os.cpu_count()}
     print(json.dumps({k: v for k, v in summary.items()}, indent=1))

@@ -15,9 +15,10 @@ import sys
 from typing import Any
 
 from cl_serve.demo import PRETRAIN_STEPS
+from cl_serve.errors import UserError
 
 DEFAULT_STORE = os.environ.get("CL_SERVE_STORE", "./cl-store")
-METHODS = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora", "none")
+METHODS = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora", "none", "auto")
 HEADS = ("task-local", "aligned", "analytic")
 
 
@@ -59,7 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help='extra timm.create_model arguments with --backbone, e.g. \'{"img_size": 32}\'')
     p.add_argument("--seed", type=int, default=0, help="with --backbone and no --pretrained: the seed of the random "
                    "initialisation (recorded in store.json; default 0, so the same weights every time)")
-    p.add_argument("--method", choices=METHODS, default="inflora", help="continual-learning method (default inflora)")
+    p.add_argument("--method", choices=METHODS, default="inflora", help="continual-learning method (default inflora); "
+                   "auto: on the first task, keep the --adapter only if it beats the frozen backbone on held-out "
+                   "images (and pick the analytic head's width from --projections)")
+    p.add_argument("--adapter", choices=[m for m in METHODS if m not in ("none", "auto")], default="inflora",
+                   help="with --method auto: the adapter tried against the frozen backbone (default inflora; the "
+                        "adapter flags below configure it, --adapt-tasks defaults to 1 there)")
+    p.add_argument("--projections", type=lambda t: [int(x) for x in t.split(",")], metavar="M,M,...",
+                   help="with --method auto and the analytic head: widths to choose from (default 0,2048,5000)")
     p.add_argument("--rank", type=int, help="rank of each task's branch (default 10)")
     p.add_argument("--targets", help="comma-separated adapted projections: q,k,v,proj,fc1,fc2 "
                    "(default k,v for InfLoRA, q,v for SD-LoRA)")
@@ -176,12 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline CPU demo: self-pretrained tiny ViT, three tasks, per-task accuracy")
     p.add_argument("--workdir", default="demo-run")
-    p.add_argument("--method", choices=METHODS, default="none",
-                   help="adapter method (default none: the frozen backbone, best in the CPU benchmark)")
+    p.add_argument("--method", choices=[m for m in METHODS if m != "auto"], default="inflora",
+                   help="adapter learned on the first task, compared with the frozen backbone (default inflora; "
+                        "none: the frozen backbone only)")
     p.add_argument("--head", choices=HEADS, default="analytic")
     p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS,
                    help="optimiser steps of the demo backbone's pretraining (bounded by steps, not time)")
     p.add_argument("--no-serve", action="store_true", help="skip the serving part of the demo")
+    p.add_argument("--seed", type=int, default=0, help="training seed of the tasks (batch order, augmentation)")
     p.add_argument("--screenshot", metavar="PNG", help="save a picture of the web page classifying an image "
                    "(needs chromium, chromedriver and selenium)")
 
@@ -192,11 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _method_dict(a: argparse.Namespace) -> dict[str, Any]:
-    d: dict[str, Any] = {"name": a.method}
+    if a.method == "auto":
+        candidate = _adapter_dict(a, a.adapter)
+        candidate.setdefault("adapt_tasks", 1)
+        return {"name": "auto", "candidate": candidate,
+                **({"projections": a.projections} if a.projections else {})}
+    if a.projections:
+        raise UserError("--projections chooses among widths with --method auto; use --projection M otherwise")
+    return _adapter_dict(a, a.method)
+
+
+def _adapter_dict(a: argparse.Namespace, name: str) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": name}
     for key in ("rank", "eps0", "expected_tasks", "kd_tau", "alpha_init", "rank_schedule", "blocks", "adapt_tasks"):
         if getattr(a, key) is not None:
             d[key] = getattr(a, key)
-    if a.method.startswith("sdlora"):
+    if name.startswith("sdlora"):
         d["magnitudes"] = a.magnitudes
     if a.targets:
         d["targets"] = [t.strip() for t in a.targets.split(",") if t.strip()]
@@ -304,6 +325,13 @@ def _run(a: argparse.Namespace) -> int:
                   f"{r['train_seconds']:.1f}s training on {r['device']}, {r['seconds']:.1f}s total")
             print(f"  train accuracy {r['metrics']['train_accuracy']:.3f}; method: {json.dumps(r['method_summary'])[:300]}"
                   f"; head: {json.dumps(r['head_summary'])[:200]}")
+            if r["auto"]:
+                c = r["auto"]["chosen"]
+                print(f"  method auto chose {c['method']}" + (f" with M = {c['projection']}" if c["projection"] is not None
+                                                             else "")
+                      + f": held-out accuracy adapter ({r['auto']['candidate']['name']}) "
+                        f"{c['adapter_held_out_accuracy']:.3f}, frozen {c['frozen_held_out_accuracy']:.3f} on "
+                        f"{r['auto']['held_out_images']} images (margin {r['auto']['margin']:g}; in the manifest)")
             if r["onnx"]:
                 print(f"  model.onnx parity max |diff| {r['onnx']['parity_max_abs_diff']:.2e}")
             if "test" in r["metrics"]:
@@ -373,7 +401,7 @@ def _run(a: argparse.Namespace) -> int:
         from cl_serve.demo import run_demo
 
         run_demo(a.workdir, method=a.method, head=a.head, pretrain_steps=a.pretrain_steps, serve=not a.no_serve,
-                 screenshot=a.screenshot)
+                 screenshot=a.screenshot, seed=a.seed)
     elif a.command == "bench":
         import importlib
 

@@ -28,7 +28,9 @@ from trainer.learner import Learner
 from trainer.merge import build_plain_model, merged_state_dict
 from trainer.ray_train import LearnerFactory, train_task_on_ray
 from trainer.heads import head_config_from_dict
+from trainer.auto import choose_method
 from trainer.methods import method_config_from_dict
+from trainer.methods.config import AutoConfig, NoneConfig
 from trainer.train import TrainConfig, predict, resolve_device, train_task
 
 
@@ -66,7 +68,8 @@ def init_store(root: str | Path, *, method: dict[str, Any], head: dict[str, Any]
         spec, weights, prep, card = bb.from_checkpoint(local_copy(checkpoint, single_file=True))
     else:
         spec, weights, prep, card = bb.from_timm(backbone, pretrained, timm_kwargs, seed)
-    probe = Learner(spec, weights, mcfg, hcfg)  # fails early if the targets do not fit this architecture
+    probe = Learner(spec, weights, mcfg.candidate if isinstance(mcfg, AutoConfig) else mcfg, hcfg)  # fails early
+    # if the targets do not fit this architecture
     del probe
     with store.lock():
         store.backbone_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +97,10 @@ def learner_factory(store: Store, version: int | None) -> LearnerFactory:
     spec, weights = _backbone(store)
     cfg = store.config()
     if version is None:
-        return LearnerFactory(spec, weights, None, parse_method(cfg.method), parse_head(cfg.head))
+        mcfg = parse_method(cfg.method)
+        if isinstance(mcfg, AutoConfig):  # add-task decides on the first task; a learner before it holds nothing
+            mcfg = NoneConfig()
+        return LearnerFactory(spec, weights, None, mcfg, parse_head(cfg.head))
     store.manifest(version, verify=True)
     path = store.version_dir(version) / "learner.safetensors"
     from safetensors import safe_open
@@ -158,7 +164,23 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         decode_seconds = time.time() - t_decode
         for line in data.corrupt:
             log(f"skipped corrupt image {line}")
-        factory = learner_factory(store, parent)
+        factory, choice = learner_factory(store, parent), None
+        mcfg = parse_method(cfg.method)
+        if parent is None and isinstance(mcfg, AutoConfig):
+            spec, weights = _backbone(store)
+            log(f"method auto: trying the frozen backbone and {mcfg.candidate.name} on {1 - mcfg.holdout:.0%} of each "
+                f"class, scoring on the rest")
+            try:
+                winner, head, choice = choose_method(spec, weights, mcfg, parse_head(cfg.head), data, prep, train,
+                                                     progress=progress, log=log)
+            except ValueError as e:
+                raise UserError(f"method auto: {e}") from None
+            c = choice["chosen"]
+            log(f"method auto: chose {c['method']}" + (f", M = {c['projection']}" if c["projection"] is not None
+                                                        else "")
+                + f" (held-out accuracy: adapter {c['adapter_held_out_accuracy']:.3f}, frozen "
+                  f"{c['frozen_held_out_accuracy']:.3f}, margin {choice['margin']:g}); training it on every image")
+            factory = LearnerFactory(spec, weights, None, winner, head)
         if workers > 1:
             log(f"training on {workers} Ray Train workers ({gpus_per_worker:g} GPU each)")
             learner, summary = train_task_on_ray(factory, data, prep, train, workers=workers,
@@ -195,9 +217,12 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
             onnx_info = None
             if export:
                 onnx_info = {**_export(model, writer.file("model.onnx"), prep, labels, writer.version,
-                                       cfg.method["name"]), "file": "model.onnx"}
+                                       learner.method_config.name), "file": "model.onnx"}
             manifest = Manifest(version=writer.version, parent=parent, task_index=task_index, labels=labels,
-                                tasks=tasks, preprocessing=prep, method=cfg.method, head=cfg.head,
+                                tasks=tasks, preprocessing=prep,
+                                method={**learner.method_config.model_dump(),
+                                        **({"chosen_by": choice} if choice else {})},
+                                head=learner.head_config.model_dump(),
                                 backbone=cfg.backbone,
                                 metrics=metrics, onnx=onnx_info, gate=gate, files={},
                                 training={**train.model_dump(), "device": str(device), "seconds": summary["seconds"],
@@ -213,7 +238,7 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
             "total_classes": len(labels), "seconds": time.time() - t0, "train_seconds": summary["seconds"],
             "decode_seconds": decode_seconds, "metrics": metrics, "method_summary": summary["method"],
             "head_summary": summary["head"], "onnx": onnx_info, "device": str(device), "gate": gate,
-            "live": gate is None or gate["passed"]}
+            "live": gate is None or gate["passed"], "method": learner.method_config.name, "auto": choice}
 
 
 def run_gate(store: Store, policy, model, parent_manifest: Manifest | None, labels: list[str],

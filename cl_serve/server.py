@@ -48,6 +48,7 @@ from cl_serve.api_models import (MAX_TOP_K, ClassifyJSON, ClassifyMultipart, Cla
 from cl_serve.loopback import patch_replica_grpc
 from cl_serve.runtime import BadInput, ModelWatcher, prepare_batch, top_k_predictions
 from cl_serve.serve_metrics import ServerMetrics
+from cl_serve.memory_return import MemoryReturn
 from exports.image_decode import ImageLimits
 
 log = logging.getLogger("cl_serve")
@@ -182,6 +183,7 @@ class Classifier:
         # Decoding is where a request's memory goes (up to ~300 MiB for the largest admitted image): at most this
         # many requests decode at once per replica; the others wait their turn.
         self._decode_slots = asyncio.Semaphore(int(self.settings["max_concurrent_decodes"]))
+        self._memory = MemoryReturn()
         self._infer.set_max_batch_size(max_batch_size)
         self._infer.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
 
@@ -294,6 +296,8 @@ class Classifier:
                             headers={"Retry-After": "5"})
         finally:
             self._inflight -= 1
+            if self._inflight == 0:
+                await asyncio.to_thread(self._memory.give_back_if_grown)
         if isinstance(result, JSONResponse):
             self.metrics.request(result.status_code, None, time.monotonic() - t0)
             return result

@@ -1,7 +1,9 @@
 """Parity gate: ONNX Runtime must reproduce the merged torch model's logits before a version is published.
 
 Random inputs at several batch sizes (so the dynamic batch axis is exercised); fp32 exports must agree within
-1e-4 max abs logit difference, fp16 exports within a looser bound. Above it, `ParityError` refuses the export.
+1e-4 max abs logit difference, fp16 exports within a looser bound, both scaled by the largest |logit| when that is
+above 1 (float rounding is relative: a ridge head over unnormalised features can produce logits in the hundreds on
+random inputs). Above it, `ParityError` refuses the export.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def check_parity(model: torch.nn.Module, onnx_path: str | Path, input_size: int,
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     gen = torch.Generator().manual_seed(seed)
-    worst = 0.0
+    worst, scale = 0.0, 1.0
     model = model.float().eval()
     for b in batch_sizes:
         x = torch.randn(b, 3, input_size, input_size, generator=gen)
@@ -40,6 +42,8 @@ def check_parity(model: torch.nn.Module, onnx_path: str | Path, input_size: int,
         if got.shape != ref.shape:
             raise ParityError(f"ONNX output shape {got.shape} != torch {ref.shape} at batch {b}")
         worst = max(worst, float(np.abs(got - ref).max()))
-    if not np.isfinite(worst) or worst > tol:
-        raise ParityError(f"ONNX Runtime logits differ from torch by {worst:.3g} (tolerance {tol:g}); not publishing")
+        scale = max(scale, float(np.abs(ref).max()))
+    if not np.isfinite(worst) or worst > tol * scale:
+        raise ParityError(f"ONNX Runtime logits differ from torch by {worst:.3g} (tolerance {tol:g} x largest |logit| "
+                          f"{scale:.3g}); not publishing")
     return worst

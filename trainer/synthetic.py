@@ -75,13 +75,32 @@ def render(name: str, size: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def write_image_folder(root: str | Path, names: list[str], per_class: int, size: int = 32, seed: int = 0) -> Path:
-    """Write root/<class>/<n>.png for every class name; returns root."""
+def render_drawing(name: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """One random line drawing of class `name`: the shape's outline in dark ink on light paper, no colour.
+
+    A different domain from `render` (filled colour on a dark background): what a backbone pretrained on the
+    coloured images has to adapt to. The colour part of the name is ignored, so only the shape tells classes apart.
+    """
+    shape = name.split("-", 1)[1]
+    m = _mask(shape, size, rng)
+    edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+    if rng.uniform() < 0.5:  # a thicker pen half of the time
+        edge = edge | np.roll(edge, 1, 0) | np.roll(edge, 1, 1)
+    paper, ink = rng.uniform(200, 250), rng.uniform(10, 70)
+    img = np.where(edge, ink, paper).astype(np.float32) + rng.normal(0, 10, (size, size))
+    return Image.fromarray(np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, axis=2))
+
+
+def write_image_folder(root: str | Path, names: list[str], per_class: int, size: int = 32, seed: int = 0,
+                       style: str = "colour") -> Path:
+    """Write root/<class>/<n>.png for every class name (`style` "colour": `render`, "drawing": `render_drawing`);
+    returns root."""
+    draw = {"colour": render, "drawing": render_drawing}[style]
     root = Path(root)
     for ci, name in enumerate(names):
         rng = np.random.default_rng([seed, ci, sum(map(ord, name))])
         d = root / name
         d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            render(name, size, rng).save(d / f"{i:04d}.png")
+            draw(name, size, rng).save(d / f"{i:04d}.png")
     return root

@@ -17,6 +17,7 @@ from exports.preprocessing import Preprocessing
 from trainer.collective import Local
 from trainer.data import TaskData
 from trainer.learner import Learner
+from trainer.heads.drift import fit_drift
 
 
 class TrainConfig(BaseModel):
@@ -186,6 +187,10 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
         passes["features"] = all_features(feats)  # the last pass runs the final model: the head reuses it
         return coll.mean_moments(cs, len(mine))
 
+    # Features of this task's images on the backbone as it was: with those after the update they fit the map that
+    # moves the head's statistics of earlier classes (trainer.heads.drift)
+    before = all_features(learner.feature_pass(views(), tokens=cache is not None)[0]) \
+        if adapting and learner.head.num_classes and learner.head.tracks_drift else None
     if adapting:
         learner.method.begin_task(task, moments)
     passes.clear()
@@ -241,10 +246,11 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
     summary = learner.method.end_task(task, moments) if adapting else learner.method.skip_task(task)
     features = passes["features"] if "features" in passes else \
         all_features(learner.feature_pass(views(), tokens=cache is not None)[0])
+    drift = learner.head.transport(fit_drift(before, features, seed=task)) if before is not None else None
     out = {"task": task, "classes": data.class_names, "train_images": n, "epochs": cfg.epochs,
            "final_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
            "seconds": time.time() - t0, "method": summary, "adapted": adapting,
-           "train_steps_seconds": t_train,
+           "train_steps_seconds": t_train, "drift": drift,
            "train_images_per_second": cfg.epochs * n / max(time.time() - t0, 1e-9)}
     if cache is not None:
         out["cache"] = {"frozen_blocks": learner.split, "views": cache.views, "seconds": cache.seconds}

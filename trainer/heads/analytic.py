@@ -8,8 +8,16 @@ error on the other 20 % (never test data). On a frozen backbone the head after T
 fitted on all T tasks at once. The merged model's head is two layers for M > 0 (Linear(d, M, no bias), ReLU,
 Linear(M, C, no bias)) and one plain Linear (zero bias) for M = 0.
 
-State: W_rand (4 d M bytes) and G (8 M^2 bytes) are fixed-size; each class adds one column of Q (8 M bytes) and one
-row of W (4 M bytes).
+Drift: the head also keeps each class's feature mean and count and the pooled within-class scatter
+S = sum (f - mu_c)(f - mu_c)^T (d x d). With `drift = "transport"`, when a later task moves the backbone, `transport`
+moves them with the fitted map (trainer.heads.drift) and rebuilds G and Q for the earlier classes from them: exactly
+for M = 0 (G = S + sum n_c mu_c mu_c^T, Q_c = n_c mu_c), and for M > 0 from min(n_c, `drift_samples`) seeded samples
+of N(mu_c, S / N) per class pushed through the projection and weighted to n_c. The current task's sums stay exact.
+With `drift = "ignore"` (the default: transport did not close the gap in our measurements, see docs/design.md) the
+old sums stay as they were computed (exact on a frozen backbone, stale otherwise).
+
+State: W_rand (4 d M bytes), G (8 M^2 bytes) and S (8 d^2 bytes) are fixed-size; each class adds one column of Q
+(8 M bytes), one row of W (4 M bytes) and its mean and count (8 d + 8 bytes).
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.heads.base import Head, linear
+from trainer.heads.drift import DriftMap
 
 
 class AnalyticHead(Head):
@@ -32,6 +41,9 @@ class AnalyticHead(Head):
         self.register_buffer("G", torch.zeros(width, width, dtype=torch.float64))
         self.register_buffer("Q", torch.zeros(width, 0, dtype=torch.float64))
         self.register_buffer("weight", torch.zeros(0, width))
+        self.register_buffer("class_means", torch.zeros(0, dim, dtype=torch.float64))
+        self.register_buffer("class_counts", torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("scatter", torch.zeros(dim, dim, dtype=torch.float64))
         self.ridge: float | None = None
 
     @property
@@ -72,12 +84,59 @@ class AnalyticHead(Head):
         n_new = self._check(features, labels, block)
         h = self.expand(features.detach().double().cpu())
         y = F.one_hot(labels.cpu(), n_new).double()
+        self._keep_class_stats(features.detach().double().cpu(), labels.cpu(), n_new)
         self.G = self.G + h.T @ h
         self.Q = torch.cat([self.Q, h.T @ y], dim=1)
         self.task_sizes.append(n_new)
         self.ridge = self.choose_ridge(h, y)
         self.solve(self.ridge)
         return {"ridge": self.ridge}
+
+    def _keep_class_stats(self, f: torch.Tensor, labels: torch.Tensor, n_new: int) -> None:
+        means, counts = [], []
+        for c in range(n_new):
+            fc = f[labels == c]
+            mu = fc.mean(0) if len(fc) else torch.zeros(self.dim, dtype=torch.float64)
+            self.scatter = self.scatter + (fc - mu).T @ (fc - mu)
+            means.append(mu)
+            counts.append(float(len(fc)))
+        self.class_means = torch.cat([self.class_means, torch.stack(means)])
+        self.class_counts = torch.cat([self.class_counts, torch.tensor(counts, dtype=torch.float64)])
+
+    @property
+    def tracks_drift(self) -> bool:
+        return self.config.drift == "transport"
+
+    def transport(self, drift: DriftMap) -> dict[str, Any]:
+        """Move the earlier classes' statistics onto the new backbone's features and rebuild G and Q from them."""
+        if self.config.drift == "ignore" or self.num_classes == 0:
+            return {"transported": False, "reason": f"drift = {self.config.drift}" if self.num_classes else
+                    "no earlier classes"}
+        if self.class_means.shape[0] != self.num_classes:
+            return {"transported": False, "reason": "this learner was saved before the head kept class means "
+                                                    "(no statistics to move)"}
+        self.class_means = drift.means(self.class_means)
+        self.scatter = drift.covariance(self.scatter)
+        n = self.class_counts
+        if self.config.projection == 0:
+            self.G = self.scatter + (self.class_means * n[:, None]).T @ self.class_means
+            self.Q = (self.class_means * n[:, None]).T.contiguous()
+            return {"transported": True, **drift.summary()}
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        cov = self.scatter / max(float(n.sum()), 1.0)
+        chol = torch.linalg.cholesky(cov + 1e-6 * float(torch.diagonal(cov).mean().clamp_min(1e-12)) * eye)
+        gen = torch.Generator().manual_seed(self.config.seed * 6151 + len(self.task_sizes))
+        G = torch.zeros_like(self.G)
+        Q = torch.zeros_like(self.Q)
+        for c in range(self.num_classes):
+            k = int(min(max(n[c].item(), 1), self.config.drift_samples))
+            x = self.class_means[c] + torch.randn(k, self.dim, generator=gen, dtype=torch.float64) @ chol.T
+            h = self.expand(x.float()).double()
+            w = float(n[c]) / k
+            G += w * h.T @ h
+            Q[:, c] = w * h.sum(0)
+        self.G, self.Q = G, Q
+        return {"transported": True, **drift.summary()}
 
     def solve(self, ridge: float) -> None:
         eye = torch.eye(self.width, dtype=torch.float64)
@@ -94,15 +153,20 @@ class AnalyticHead(Head):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         ridge = torch.tensor([self.ridge if self.ridge is not None else float("nan")], dtype=torch.float64)
-        return {"w_rand": self.w_rand, "G": self.G, "Q": self.Q, "weight": self.weight, "ridge": ridge}
+        return {"w_rand": self.w_rand, "G": self.G, "Q": self.Q, "weight": self.weight, "ridge": ridge,
+                "class_means": self.class_means, "class_counts": self.class_counts, "scatter": self.scatter}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if tensors["G"].shape != self.G.shape:
             raise ValueError(f"analytic head state has width {tensors['G'].shape[0]}, the config says {self.width}")
         self.w_rand, self.G, self.Q = tensors["w_rand"].float(), tensors["G"].double(), tensors["Q"].double()
         self.weight = tensors["weight"].float()
+        if "class_means" in tensors:  # learners saved before drift transport have no class statistics
+            self.class_means = tensors["class_means"].double()
+            self.class_counts = tensors["class_counts"].double()
+            self.scatter = tensors["scatter"].double()
         r = float(tensors["ridge"][0])
         self.ridge = None if r != r else r
 
     def per_class_bytes(self) -> int:
-        return 8 * self.width + 4 * self.width
+        return 8 * self.width + 4 * self.width + 8 * self.dim + 8

@@ -51,6 +51,16 @@ class Head(nn.Module, ABC):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore from `tensors()` output (after `task_sizes` is set)."""
 
+    @property
+    def tracks_drift(self) -> bool:
+        """Whether `transport` should be called when the backbone moves (it needs the features before the update)."""
+        return False
+
+    def transport(self, drift) -> dict[str, Any]:
+        """The backbone moved (`drift`: a trainer.heads.drift.DriftMap fitted on the current task): move what the
+        head stores about earlier classes. Heads that store no feature statistics have nothing to move."""
+        return {"transported": False, "reason": f"the {self.name} head keeps no feature statistics"}
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"head.{k}": v.detach().cpu().contiguous() for k, v in self.tensors().items()}
 

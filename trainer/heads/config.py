@@ -52,6 +52,10 @@ class AnalyticConfig(_Head):
     ridge_min_exp: int = Field(-8, ge=-30, le=30)
     ridge_max_exp: int = Field(8, ge=-30, le=30)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share of the task's data for lambda")
+    drift: Literal["transport", "ignore"] = Field("ignore", description=(
+        "when a task moves the backbone, move the earlier classes' statistics with a linear map fitted on the task's "
+        "features before and after (transport), or keep them as computed (ignore)"))
+    drift_samples: int = Field(256, ge=1, le=100_000, description="samples per earlier class when M > 0")
 
 
 HeadConfig = Annotated[Union[TaskLocalConfig, AlignedConfig, AnalyticConfig], Field(discriminator="name")]

@@ -12,6 +12,8 @@ def build_method(config: MethodConfig, sites) -> Method:
     from trainer.methods.frozen import Frozen
     from trainer.methods.seqlora import SeqLoRA
 
+    if config.family == "auto":
+        raise ValueError("method 'auto' is not a method: trainer.auto.choose_method picks one on the first task")
     cls = {"inflora": InfLoRA, "sdlora": SDLoRA, "seq-lora": SeqLoRA, "none": Frozen}[config.family]
     return cls(config, sites)
 

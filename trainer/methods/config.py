@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 from trainer.sites import TARGETS
 
-METHOD_NAMES = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora", "none")
+METHOD_NAMES = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora", "none", "auto")
 
 
 class _Common(BaseModel):
@@ -118,7 +118,39 @@ class NoneConfig(BaseModel):
         return "none"
 
 
-MethodConfig = Annotated[Union[InfLoRAConfig, SDLoRAConfig, SeqLoRAConfig, NoneConfig], Field(discriminator="name")]
+AdapterConfig = Annotated[Union[InfLoRAConfig, SDLoRAConfig, SeqLoRAConfig, NoneConfig], Field(discriminator="name")]
+
+
+class AutoConfig(BaseModel):
+    """Decide on the first task: the frozen backbone and the `candidate` adapter are each trained on the task's
+    images minus a held-out share and scored on that share; the adapter is kept only if it wins by `margin`. With
+    the analytic head, its projection width M is chosen the same way among `projections` whose G (8 M^2 bytes)
+    fits `max_head_mib`. The winner is what every later task uses (recorded in each version's manifest)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["auto"] = "auto"
+    candidate: Annotated[Union[InfLoRAConfig, SDLoRAConfig, SeqLoRAConfig], Field(discriminator="name")] = Field(
+        default_factory=lambda: InfLoRAConfig(adapt_tasks=1))
+    holdout: float = Field(0.2, gt=0.0, lt=1.0, description="share of each class's images held out for the choice")
+    margin: float = Field(0.01, ge=0.0, le=1.0, description="held-out accuracy the adapter must win by")
+    projections: list[int] = Field(default_factory=lambda: [0, 2048, 5000], min_length=1)
+    max_head_mib: float = Field(256.0, gt=0.0, description="memory cap for the analytic head's G (8 M^2 bytes)")
+    seed: int = 0
+
+    @field_validator("projections")
+    @classmethod
+    def _projections(cls, v: list[int]) -> list[int]:
+        if any(m < 0 or m > 65536 for m in v):
+            raise ValueError(f"projections must lie in 0..65536, got {v}")
+        return sorted(set(v))
+
+    @property
+    def family(self) -> str:
+        return "auto"
+
+
+MethodConfig = Annotated[Union[InfLoRAConfig, SDLoRAConfig, SeqLoRAConfig, NoneConfig, AutoConfig],
+                         Field(discriminator="name")]
 _ADAPTER = TypeAdapter(MethodConfig)
 
 

@@ -1,0 +1,49 @@
+"""Give memory back to the operating system after a request that grew the replica.
+
+glibc's allocator keeps freed heap pages (and per-thread arenas) for reuse, so after one large decode or JSON
+body a replica's resident size stays at its high-water mark: over a run of hostile requests it only climbs. When
+no request is in flight and the resident size has grown by more than `slack_mib` over the smallest size seen,
+`malloc_trim(0)` returns the free pages at the top of every arena. On a libc without `malloc_trim` (musl, macOS)
+this does nothing. Reading the resident size costs one small read of /proc/self/statm.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+
+def resident_mib() -> float | None:
+    """This process's resident set size in MiB (None where /proc is not available)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class MemoryReturn:
+    def __init__(self, slack_mib: float = 64.0):
+        self.slack_mib = slack_mib
+        self.baseline = resident_mib()
+        self.trims = 0
+        try:
+            self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def give_back_if_grown(self) -> bool:
+        """Trim when the process grew past baseline + slack; returns whether it trimmed."""
+        now = resident_mib()
+        if now is None or self._trim is None:
+            return False
+        if self.baseline is None or now < self.baseline:
+            self.baseline = now
+        if now - self.baseline <= self.slack_mib:
+            return False
+        self._trim(0)
+        self.trims += 1
+        after = resident_mib()
+        if after is not None and after < self.baseline + self.slack_mib:
+            self.baseline = min(self.baseline, after)
+        return True
