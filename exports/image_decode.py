@@ -3,7 +3,8 @@
 Hostile files cost little: the header is read first and the image is refused before any pixel is allocated when
 its width, height, pixel count or aspect ratio is over the limits (a 140-byte PNG can declare 500000 x 1 pixels,
 and resizing such a strip to the model's shorter side would allocate gigabytes); JPEGs are decoded at reduced
-size (`Image.draft`, DCT scaling) when the model needs far fewer pixels; truncated and corrupt files are refused.
+size (`Image.draft`, DCT scaling) when the model needs far fewer pixels, and any other image much larger than needed
+is box-reduced before its mode conversion; truncated and corrupt files are refused.
 Before Pillow sees a byte, the format is recognised from its signature and checked against an allow-list (by
 default what a classifier's users send: JPEG, PNG, WebP; GIF and BMP on request), and a JPEG's segments up to its
 frame header are walked with a bound on their count and on fill bytes: Pillow's own marker loop runs in Python, so
@@ -120,6 +121,22 @@ def open_bounded(source: bytes | str | Path, limits: ImageLimits, min_side: int 
         im.close()
 
 
+_REDUCIBLE = {"RGB": "RGB", "L": "L", "RGBA": "RGB", "LA": "L"}  # mode -> the colour channels convert("RGB") keeps
+
+
+def _reduce_to_rgb(im: Image.Image, factor: int) -> Image.Image:
+    """convert("RGB") then reduce(factor), without a full-size RGB copy. Alpha is dropped first, as convert does
+    (Pillow's reduce of an RGBA image would weight colours by alpha): the colour channels are reduced one at a time."""
+    keep = _REDUCIBLE[im.mode]
+    if keep == im.mode:
+        small = im.reduce(factor)
+    elif keep == "L":
+        small = im.getchannel("L").reduce(factor)
+    else:
+        small = Image.merge("RGB", [im.getchannel(c).reduce(factor) for c in "RGB"])
+    return small if small.mode == "RGB" else small.convert("RGB")
+
+
 def _decode_opened(im: Image.Image, limits: ImageLimits, min_side: int, pixel_budget: int | None) -> Image.Image:
     if im.format not in ALLOWED_FORMATS:
         raise ImageRejected(415, f"unsupported image type {im.format}")
@@ -141,6 +158,12 @@ def _decode_opened(im: Image.Image, limits: ImageLimits, min_side: int, pixel_bu
                                  f"send fewer or smaller images")
     try:
         im.load()
+        # A decoded image far larger than the model needs is box-reduced by an integer factor (keeping at least twice
+        # min_side, as Pillow's own reducing_gap does) before any mode conversion: the conversion then copies a
+        # small image instead of a second full-size one (an RGBA PNG or WebP of 40 Mpx: 160 MB instead of 280 MB).
+        factor = min(im.size) // (2 * min_side) if min_side > 0 else 1
+        if factor >= 2 and im.mode in _REDUCIBLE:
+            return _reduce_to_rgb(im, factor)
         return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise ImageRejected(400, f"truncated or corrupt image: {e}") from None

@@ -90,3 +90,62 @@ def test_the_schema_says_what_the_server_accepts():
     with pytest.raises(BadInput) as e:
         parse_classify_json(b'{"images": [""]}', max_images=64)
     assert e.value.status == 422
+
+
+def test_freed_heap_memory_is_given_back_once_the_process_grew_past_its_slack():
+    """What a replica does when no request is in flight: glibc keeps freed heap pages until malloc_trim."""
+    import ctypes
+    import sys
+
+    from cl_serve.memory_return import MemoryReturn, resident_mib
+
+    if not sys.platform.startswith("linux") or resident_mib() is None:
+        pytest.skip("needs /proc and glibc")
+    libc = ctypes.CDLL("libc.so.6")
+    # as a long-running replica ends up: glibc's thresholds grow with the sizes it has seen; fix them here so the
+    # blocks below sit in the heap and are not trimmed automatically (M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3)
+    libc.mallopt(-1, 1 << 30)
+    libc.mallopt(-3, 1 << 20)
+    try:
+        _trim_after_growth(MemoryReturn(slack_mib=32), resident_mib)
+    finally:
+        libc.mallopt(-1, 128 * 1024)
+        libc.mallopt(-3, 128 * 1024)
+
+
+def _trim_after_growth(keeper, resident_mib):
+    import numpy as np
+
+    assert not keeper.give_back_if_grown()  # nothing grew: no trim
+    # 150 MB of 100 kB blocks (heap, not mmap), each followed by a small block that stays: the freed space is not
+    # at the top of the heap, so only malloc_trim gives it back (as after a decode whose results outlive it)
+    chunks, pins = [], []
+    for _ in range(1500):
+        chunks.append(np.ones(100_000 // 8))
+        pins.append(np.ones(4))
+    grown = resident_mib()
+    del chunks
+    assert resident_mib() > grown - 50  # the allocator kept the pages by itself
+    assert keeper.give_back_if_grown() and keeper.trims == 1
+    assert resident_mib() < grown - 100
+    del pins
+
+
+def test_a_large_image_is_reduced_before_conversion_and_preprocesses_as_the_full_decode_does():
+    """The reduction that bounds decode memory must not change what the model sees beyond rounding."""
+    import numpy as np
+
+    from exports.preprocessing import Preprocessing, eval_crop
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (6, 8, 4), dtype=np.uint8)  # content at the scale the model sees, random alpha
+    img = Image.fromarray(np.kron(base, np.ones((300, 300, 1), np.uint8)), "RGBA")  # 2400 x 1800
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    p = Preprocessing.from_crop_pct(32, 0.875, (0.5,) * 3, (0.5,) * 3)
+    reduced = open_bounded(buf.getvalue(), ImageLimits(), min_side=p.scale_size)
+    full = open_bounded(buf.getvalue(), ImageLimits(), min_side=0)
+    assert reduced.mode == full.mode == "RGB"
+    assert min(reduced.size) < min(full.size) // 2 and min(reduced.size) >= 2 * p.scale_size
+    diff = np.abs(eval_crop(reduced, p).astype(int) - eval_crop(full, p).astype(int))
+    assert diff.mean() < 1.0 and diff.max() <= 24
