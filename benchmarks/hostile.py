@@ -150,6 +150,46 @@ def _reset_peak(pid: int) -> bool:
         return False
 
 
+def slowloris(client, url: str, image: bytes, connections: int, probes: int = 8) -> dict:
+    """`connections` sockets send the headers of POST /classify (Content-Length 1000) and one body byte, then
+    stall; meanwhile `probes` legitimate classifies and /healthz calls are timed. Then the stalled sockets are read:
+    each should have been answered 408 when the body deadline passed."""
+    import socket
+
+    host, port = url.split("//")[1].split(":")
+    head = (f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n\r\n{").encode()
+    socks = []
+    try:
+        for _ in range(connections):
+            s = socket.create_connection((host, int(port)), timeout=60)
+            s.sendall(head)
+            socks.append(s)
+        time.sleep(0.5)
+        statuses, times = [], []
+        for _ in range(probes):
+            t0 = time.monotonic()
+            statuses.append(client.post("/classify", files=[("file", ("a.png", image, "image/png"))]).status_code)
+            t1 = time.monotonic()
+            statuses.append(client.get("/healthz").status_code)
+            times += [t1 - t0, time.monotonic() - t1]
+        answers: dict[str, int] = {}
+        for s in socks:
+            try:
+                code = s.recv(64).split(b" ")[1].decode()
+            except (OSError, IndexError):
+                code = "no answer"
+            answers[code] = answers.get(code, 0) + 1
+    finally:
+        for s in socks:
+            s.close()
+    out = {"connections": connections, "legitimate_statuses": sorted(set(statuses)),
+           "legitimate_slowest_seconds": round(max(times), 3), "stalled_answers": answers}
+    print(f"slowloris of {connections}: legitimate {out['legitimate_statuses']}, slowest "
+          f"{out['legitimate_slowest_seconds']}s; stalled uploads answered {answers}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--name", default="hostile-cpu")
@@ -198,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{group:20s} {name:42s} {status!s:>5} {took:7.3f}s "
                           f"{'' if growth is None else f'{growth:+8.1f} MiB'}", flush=True)
             ok = c.post("/classify", files=[("file", ("a.png", good, "image/png"))]).status_code
+            slow = [slowloris(c, url, good, n) for n in (64, 500)]
             time.sleep(1.0)
             after_rss = _rss_mib(pid)
     finally:
@@ -206,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     worst_t = max(rows, key=lambda r: r["seconds"])
     worst_m = max((r for r in rows if r["peak_rss_growth_mib"] is not None),
                   key=lambda r: r["peak_rss_growth_mib"], default=None)
-    summary = {"requests": len(rows), "5xx_or_failed": len(fivexx), "served_after": ok,
+    summary = {"requests": len(rows), "5xx_or_failed": len(fivexx), "served_after": ok, "slowloris": slow,
                "replica_rss_idle_mib": round(idle_rss, 1), "replica_rss_after_run_mib": round(after_rss, 1),
                "replica_rss_kept_mib": round(after_rss - idle_rss, 1),
                "worst_seconds": worst_t, "worst_peak_rss_growth": worst_m, "replica_peak_rss_mib": _peak_rss_mib(pid)
@@ -214,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in summary.items()}, indent=1))
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"{a.name}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
-    return 0 if not fivexx and ok == 200 else 1
+    slow_ok = all(r["legitimate_statuses"] == [200] for r in slow)
+    return 0 if not fivexx and ok == 200 and slow_ok else 1
 
 
 if __name__ == "__main__":

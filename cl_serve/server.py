@@ -46,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cl_serve.api_models import (MAX_TOP_K, ClassifyJSON, ClassifyMultipart, ClassifyResponse, error_responses,
                                  openapi_body)
 from cl_serve.loopback import patch_replica_grpc
+from cl_serve.request_parsing import BodyBudget, parse_classify_json, parse_top_k, parse_version, read_body, replay
 from cl_serve.runtime import BadInput, ModelWatcher, prepare_batch, top_k_predictions
 from cl_serve.serve_metrics import ServerMetrics
 from cl_serve.memory_return import MemoryReturn
@@ -61,7 +62,8 @@ DEFAULTS = {"poll_interval_s": 1.0, "max_request_bytes": 20 * 1024 * 1024, "max_
             "max_side": 20_000, "max_aspect": 50.0, "max_request_pixels": 100_000_000,
             "max_images": 64, "default_top_k": 5, "max_concurrent_decodes": 2,
             "max_queued_requests": 64, "request_timeout_s": 30.0, "canary_percent": 0.0,
-            "body_timeout_s": 10.0, "image_formats": ["JPEG", "PNG", "WEBP"]}
+            "body_timeout_s": 10.0, "image_formats": ["JPEG", "PNG", "WEBP"],
+            "max_body_bytes_in_flight": 256 * 1024 * 1024}
 AUTH_ENV = "CL_SERVE_AUTH_TOKEN"
 PUBLIC_PATHS = {"/healthz", "/"}  # answered without the bearer token: probes, and the page (it asks for the token)
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -94,78 +96,12 @@ async def _require_token(request: Request, call_next):
     return await call_next(request)
 
 
-def _parse_version(value: Any) -> Optional[int]:
-    """?version=N: decimal digits, nothing else (absent: the live version)."""
-    if value is None:
-        return None
-    if not re.fullmatch(r"[0-9]{1,9}", value):
-        raise BadInput(422, f"version must be a version number, got {str(value)[:20]!r}")
-    return int(value)
-
-
-def _parse_top_k(value: Any) -> Optional[int]:
-    """top_k from a query or form field: decimal digits in 1..MAX_TOP_K, nothing else."""
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else ""
-    if not re.fullmatch(r"[0-9]{1,4}", text) or not 1 <= int(text) <= MAX_TOP_K:
-        raise BadInput(422, f"top_k must be an integer from 1 to {MAX_TOP_K}, got {str(value)[:20]!r}")
-    return int(text)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, read as a stream and refused (413) as soon as it passes `limit` bytes, whether or not
-    a Content-Length was sent."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not re.fullmatch(r"[0-9]{1,18}", declared.strip()):
-            raise BadInput(400, "invalid Content-Length header")
-        if int(declared) > limit:
-            raise BadInput(413, f"request body is {declared} bytes; the limit is {limit}")
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise BadInput(413, f"request body is over the limit of {limit} bytes")
-    return bytes(buf)
-
-
-def parse_classify_json(body: bytes, max_images: int) -> ClassifyJSON:
-    """The JSON body of /classify with its structure bounded before any full parse or validation: a valid body
-    has at most `max_images` + 1 commas and 2 levels of brackets outside its base64 strings (which hold neither),
-    so a body with more is refused from two byte counts, whatever its size (a 4 M-element array costs ~25 ms here, not
-    a minute of per-element validation errors). Raises BadInput."""
-    commas, opens = body.count(b","), body.count(b"[") + body.count(b"{")
-    if commas > max_images + 1:
-        raise BadInput(413, f"JSON body has {commas + 1} or more elements; a request holds at most {max_images} "
-                            f"images and top_k")
-    if opens > 2:
-        raise BadInput(422, "invalid JSON body: expected {\"images\": [\"<base64>\", ...], \"top_k\": N} "
-                            "(no nested arrays or objects)")
-    try:
-        return ClassifyJSON.model_validate_json(body)
-    except ValidationError as e:
-        if any(err["type"] == "json_invalid" for err in e.errors()):
-            raise BadInput(400, "body is not valid JSON") from None
-        raise BadInput(422, "invalid JSON body: " + "; ".join(
-            f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:5])) from None
-
-
-def _replay(request: Request, body: bytes) -> Request:
-    """A Request over the same scope whose body is `body` (already read under the size limit)."""
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return Request(request.scope, receive)
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256, health_check_period_s=5)
+# max_ongoing_requests is Serve's per-replica cap on requests handed to a replica, which holds a request while its
+# body arrives: it is set high because a waiting upload costs a coroutine, and what needs bounding is bounded by the
+# app: body bytes being received (max_body_bytes_in_flight), decoding and inference (max_queued_requests, decode
+# slots), and time (body_timeout_s, request_timeout_s). At 256, 500 stalled uploads held every slot until their
+# deadline and legitimate requests waited 15 s behind them.
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4096, health_check_period_s=5)
 @serve.ingress(app)
 class Classifier:
     def __init__(self, store: str, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
@@ -184,6 +120,7 @@ class Classifier:
         # many requests decode at once per replica; the others wait their turn.
         self._decode_slots = asyncio.Semaphore(int(self.settings["max_concurrent_decodes"]))
         self._memory = MemoryReturn()
+        self._bodies = BodyBudget(int(self.settings["max_body_bytes_in_flight"]))
         self._infer.set_max_batch_size(max_batch_size)
         self._infer.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
 
@@ -204,6 +141,7 @@ class Classifier:
         if settings["max_concurrent_decodes"] != self.settings["max_concurrent_decodes"]:
             self._decode_slots = asyncio.Semaphore(int(settings["max_concurrent_decodes"]))
         self.settings = settings
+        self._bodies.limit = int(settings["max_body_bytes_in_flight"])
         self.watcher.poll_interval_s = float(self.settings["poll_interval_s"])
         if "version" in config:
             self.watcher.pinned = config["version"]
@@ -228,12 +166,12 @@ class Classifier:
 
     async def _read_images(self, request: Request, body: bytes) -> tuple[list[bytes], Optional[int]]:
         max_images = int(self.settings["max_images"])
-        top_k = _parse_top_k(request.query_params.get("top_k"))
+        top_k = parse_top_k(request.query_params.get("top_k"))
         if not body:
             raise BadInput(400, "empty request body: send multipart files (field 'file') or JSON {\"images\": [...]}")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
-            form = await _replay(request, body).form(max_files=max_images + 1, max_fields=16)
+            form = await replay(request, body).form(max_files=max_images + 1, max_fields=16)
             try:
                 blobs = [await f.read() for f in form.getlist("file") if hasattr(f, "read")]
                 form_k = form.get("top_k")
@@ -242,7 +180,7 @@ class Classifier:
             if not blobs:
                 raise BadInput(400, "multipart request without any 'file' field")
             if form_k is not None:
-                top_k = _parse_top_k(form_k)
+                top_k = parse_top_k(form_k)
         elif ctype == "application/json":
             payload = parse_classify_json(body, max_images)
             if len(payload.images) > max_images:
@@ -270,7 +208,7 @@ class Classifier:
         # The body is read first, under its own deadline and outside the in-flight count: a slow or stalled upload
         # is dropped after body_timeout_s and never holds capacity that decoding and inference need.
         try:
-            body = await asyncio.wait_for(_read_body(request, int(self.settings["max_request_bytes"])),
+            body = await asyncio.wait_for(read_body(request, int(self.settings["max_request_bytes"]), self._bodies),
                                           float(self.settings["body_timeout_s"]))
         except asyncio.TimeoutError:
             self.metrics.rejected.inc(tags={"reason": "slow_body"})
@@ -280,7 +218,9 @@ class Classifier:
             return response
         except BadInput as e:
             self.metrics.request(e.status, None, time.monotonic() - t0)
-            return _error(e.status, e.message)
+            if e.status == 503:
+                self.metrics.rejected.inc(tags={"reason": "body_budget"})
+            return _error(e.status, e.message, headers={"Retry-After": "1"} if e.status == 503 else None)
         if self._inflight >= int(self.settings["max_queued_requests"]):
             self.metrics.rejected.inc(tags={"reason": "queue_full"})
             response = _error(503, f"server busy: {self._inflight} requests in progress on this replica; retry",
@@ -307,7 +247,7 @@ class Classifier:
     async def _classify(self, request: Request, body: bytes):
         canary = False
         try:
-            version = _parse_version(request.query_params.get("version"))
+            version = parse_version(request.query_params.get("version"))
             model = self.watcher.model
             if version is not None:
                 model = await asyncio.to_thread(self.watcher.model_for, version)

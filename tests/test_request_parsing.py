@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cl_serve.runtime import BadInput
-from cl_serve.server import parse_classify_json
+from cl_serve.request_parsing import BodyBudget, parse_classify_json, read_body
 from exports.image_decode import ImageLimits, ImageRejected, open_bounded
 
 
@@ -149,3 +149,37 @@ def test_a_large_image_is_reduced_before_conversion_and_preprocesses_as_the_full
     assert min(reduced.size) < min(full.size) // 2 and min(reduced.size) >= 2 * p.scale_size
     diff = np.abs(eval_crop(reduced, p).astype(int) - eval_crop(full, p).astype(int))
     assert diff.mean() < 1.0 and diff.max() <= 24
+
+
+def _request(body_chunks: list[bytes], headers: dict[str, str]):
+    from starlette.requests import Request
+
+    chunks = list(body_chunks)
+
+    async def receive():
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/classify",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    return Request(scope, receive)
+
+
+def test_request_bodies_share_a_byte_budget_and_give_it_back():
+    import asyncio
+
+    budget = BodyBudget(1000)
+    body = asyncio.run(read_body(_request([b"x" * 300, b"y" * 300], {"content-length": "600"}), 10_000, budget))
+    assert body == b"x" * 300 + b"y" * 300 and budget.used == 0  # given back once read
+    budget.take(700)  # other uploads in progress
+    with pytest.raises(BadInput) as e:
+        asyncio.run(read_body(_request([b"x" * 600], {"content-length": "600"}), 10_000, budget))
+    assert e.value.status == 503 and budget.used == 700
+    with pytest.raises(BadInput) as e:  # no Content-Length: counted as it arrives
+        asyncio.run(read_body(_request([b"x" * 200, b"x" * 200], {}), 10_000, budget))
+    assert e.value.status == 503 and budget.used == 700
+    budget.give(700)
+    with pytest.raises(BadInput) as e:
+        asyncio.run(read_body(_request([b"x" * 600], {}), 500, budget))
+    assert e.value.status == 413 and budget.used == 0
