@@ -4,7 +4,7 @@
         --checkpoint ../shared/backbones/vit-s4-32-tin100/model.safetensors --name c100-cpu
 
 `--tasks-root` is what ../shared/tools/to_imagefolder.py writes: train/task-NN/<class>/ and test/task-NN/<class>/.
-Each adapter run trains its branches once, with the product's own trainer (`trainer.train.train_adapter`: the
+Each adapter run trains its branches once, with the product's own trainer (`cl_serve.trainer.train.train_adapter`: the
 same code `cl-serve add-task` runs); the heads do not change the adapter's training (they are computed after each
 task from the task's features), so every head is fitted on that one run from the same features, exactly as
 `train_task` fits the store's head. After each task the merged body (branches folded in: what the server runs)
@@ -42,7 +42,7 @@ def task_dirs(root: Path, split: str, n: int | None) -> list[Path]:
 
 def load_split(dirs: list[Path], prep, classes_per_task: int | None, images: int | None, train_view: bool):
     """Decode each task directory once (at most `classes_per_task` classes and `images` images per class)."""
-    from trainer.data import load_task_data, scan_image_folder
+    from cl_serve.trainer.data import load_task_data, scan_image_folder
 
     out = []
     for d in dirs:
@@ -57,7 +57,7 @@ def load_split(dirs: list[Path], prep, classes_per_task: int | None, images: int
 
 def union(datasets):
     """One TaskData holding every class of `datasets` (joint training)."""
-    from trainer.data import TaskData
+    from cl_serve.trainer.data import TaskData
 
     names, offset, labels = [], 0, []
     for d in datasets:
@@ -70,7 +70,7 @@ def union(datasets):
 
 @torch.no_grad()
 def body_features(body, u8, prep, device, batch: int = 256) -> torch.Tensor:
-    from trainer.train import eval_batches
+    from cl_serve.trainer.train import eval_batches
 
     return torch.cat([body(x).float().cpu() for x in eval_batches(u8, prep, batch, device)])
 
@@ -84,8 +84,8 @@ class TestTokens:
 
     @torch.no_grad()
     def features(self, body, j: int, u8: torch.Tensor, batch: int = 256) -> torch.Tensor:
-        from trainer.backbone import prefix_tokens, suffix_features
-        from trainer.train import eval_batches
+        from cl_serve.trainer.backbone import prefix_tokens, suffix_features
+        from cl_serve.trainer.train import eval_batches
 
         if not self.split:
             return body_features(body, u8, self.prep, self.device, batch)
@@ -109,12 +109,12 @@ def ncm_logits(means: list[torch.Tensor]):
 def run_adapter(name: str, mcfg: dict, heads_cfg: dict, trains, tests, spec, weights, prep, tcfg, device,
                 simplecil: bool = False, refit: bool = False, all_tests: bool = False) -> dict:
     """One adapter run over `trains` with every head of `heads_cfg` fitted on it (see the module docstring)."""
-    from trainer.heads import build_head, head_config_from_dict
-    from trainer.learner import Learner
-    from trainer.merge import merged_body_state
-    from trainer.methods import method_config_from_dict
-    from trainer.backbone import load_backbone
-    from trainer.train import TrainConfig, train_adapter
+    from cl_serve.trainer.heads import build_head, head_config_from_dict
+    from cl_serve.trainer.learner import Learner
+    from cl_serve.trainer.merge import merged_body_state
+    from cl_serve.trainer.methods import method_config_from_dict
+    from cl_serve.trainer.backbone import load_backbone
+    from cl_serve.trainer.train import TrainConfig, train_adapter
 
     learner = Learner(spec, weights, method_config_from_dict(mcfg),
                       head_config_from_dict(heads_cfg.get("task-local"))).to_device(device)
@@ -174,10 +174,10 @@ def refit_final(learner, heads_cfg, trains, tests, spec, prep, device) -> dict:
     """A_T of the statistics-based heads refitted on every task's training features under the *final* model: what
     the stored, older-feature statistics cost. Uses the old images, which the product never keeps: a measurement.
     The aligned head starts from the run's own learned task blocks (the learner's head is task-local)."""
-    from trainer.backbone import load_backbone
-    from trainer.heads import build_head, head_config_from_dict
-    from trainer.heads.base import linear
-    from trainer.merge import merged_body_state
+    from cl_serve.trainer.backbone import load_backbone
+    from cl_serve.trainer.heads import build_head, head_config_from_dict
+    from cl_serve.trainer.heads.base import linear
+    from cl_serve.trainer.merge import merged_body_state
 
     body = load_backbone(spec, merged_body_state(learner)).to(device)
     feats = [body_features(body, d.eval_u8, prep, device) for d in trains]
@@ -226,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from trainer.backbone import from_checkpoint
-    from trainer.methods import method_config_from_dict
-    from trainer.train import resolve_device
+    from cl_serve.trainer.backbone import from_checkpoint
+    from cl_serve.trainer.methods import method_config_from_dict
+    from cl_serve.trainer.train import resolve_device
 
     cfg = json.loads(a.config.read_text())
     prof = cfg["profiles"][a.profile] if a.profile else {}

@@ -19,12 +19,12 @@ from torch import nn
 
 def run(workdir: Path, projection: int, drift: str, lr: float, epochs: int) -> list[dict]:
     from cl_serve.demo import TASKS, make_tasks, pretrain_backbone, PRETRAIN_STEPS
-    from trainer import backbone as bb
-    from trainer.data import load_task_data, scan_image_folder
-    from trainer.heads import build_head, head_config_from_dict
-    from trainer.learner import Learner
-    from trainer.methods import method_config_from_dict
-    from trainer.train import TrainConfig, eval_batches, train_task
+    from cl_serve.trainer import backbone as bb
+    from cl_serve.trainer.data import load_task_data, scan_image_folder
+    from cl_serve.trainer.heads import build_head, head_config_from_dict
+    from cl_serve.trainer.learner import Learner
+    from cl_serve.trainer.methods import method_config_from_dict
+    from cl_serve.trainer.train import TrainConfig, eval_batches, train_task
 
     ckpt = pretrain_backbone(workdir / "backbone", PRETRAIN_STEPS)
     root = workdir / "data-drawings"

@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     from cl_serve import pipeline, serve_cli
-    from trainer.synthetic import class_names, write_image_folder
-    from trainer.train import TrainConfig
+    from cl_serve.trainer.synthetic import class_names, write_image_folder
+    from cl_serve.trainer.train import TrainConfig
 
     work = Path(tempfile.mkdtemp(prefix="cl-hostile-"))
     store = work / "store"

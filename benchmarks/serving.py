@@ -55,12 +55,12 @@ def _time(fn, repeats: int) -> list[float]:
 
 
 def cost_vs_tasks(model_key: str, task_counts, repeats: int, big_batch: int) -> list[dict]:
-    from exports.onnx_export import export_onnx
-    from exports.preprocessing import Preprocessing
-    from trainer.backbone import from_timm
-    from trainer.learner import Learner
-    from trainer.merge import build_plain_model, merged_state_dict
-    from trainer.methods import method_config_from_dict
+    from cl_serve.export.onnx_export import export_onnx
+    from cl_serve.contract.preprocessing import Preprocessing
+    from cl_serve.trainer.backbone import from_timm
+    from cl_serve.trainer.learner import Learner
+    from cl_serve.trainer.merge import build_plain_model, merged_state_dict
+    from cl_serve.trainer.methods import method_config_from_dict
     import onnxruntime as ort
 
     name, kw = MODELS[model_key]
@@ -141,8 +141,8 @@ def end_to_end(quick: bool, requests: int, model_key: str) -> dict:
     from cl_serve import pipeline, serve_cli
     from cl_serve.runtime import load_version
     from cl_serve.store import Store
-    from trainer.synthetic import class_names, write_image_folder
-    from trainer.train import TrainConfig
+    from cl_serve.trainer.synthetic import class_names, write_image_folder
+    from cl_serve.trainer.train import TrainConfig
 
     name, kw = MODELS[model_key]
     work = Path(tempfile.mkdtemp(prefix="cl-serving-"))
@@ -164,7 +164,7 @@ def end_to_end(quick: bool, requests: int, model_key: str) -> dict:
         for row in loads:
             print(json.dumps(row), flush=True)
         m = load_version(Store(store), Store(store).current())
-        from exports.preprocessing import preprocess_image
+        from cl_serve.contract.preprocessing import preprocess_image
         from PIL import Image
         import io
 

@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
 
-    from trainer.backbone import from_checkpoint
-    from trainer.learner import Learner
-    from trainer.methods import method_config_from_dict
+    from cl_serve.trainer.backbone import from_checkpoint
+    from cl_serve.trainer.learner import Learner
+    from cl_serve.trainer.methods import method_config_from_dict
 
     spec, weights, _, _ = from_checkpoint(a.checkpoint)
     rows = []

@@ -276,7 +276,8 @@ def _print_json(obj: Any) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """Writers take the store lock first, before torch is imported: a second writer is refused at once."""
-    from cl_serve.store import LOCK_HINTS, open_store
+    from cl_serve.store import LOCK_HINTS
+    from cl_serve.open_store import open_store
 
     if a.command not in LOCK_HINTS:
         return _run(a)
@@ -300,7 +301,7 @@ def _run(a: argparse.Namespace) -> int:
             _print_policy(pipeline.set_policy(a.store, gate_data=a.gate_data, max_drop=a.max_drop,
                                               min_new_accuracy=a.min_new_accuracy))
     elif a.command == "add-task":
-        from trainer.train import TrainConfig
+        from cl_serve.trainer.train import TrainConfig
         from pydantic import ValidationError
         from cl_serve.errors import UserError
 
@@ -377,7 +378,7 @@ def _run(a: argparse.Namespace) -> int:
             policy = pipeline.set_policy(a.store, gate_data=a.gate_data, max_drop=a.max_drop,
                                          min_new_accuracy=a.min_new_accuracy, off=a.off)
         else:
-            from cl_serve.store import open_store
+            from cl_serve.open_store import open_store
 
             policy = open_store(a.store).policy()
         _print_json(policy.model_dump()) if a.json else _print_policy(policy)
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     user_errors: tuple[type[BaseException], ...] = (UserError,)
     if a.command not in ("serve", "classify"):
         try:
-            from trainer.errors import BackboneError, DataError
+            from cl_serve.trainer.errors import BackboneError, DataError
 
             user_errors += (DataError, BackboneError)
         except ImportError:

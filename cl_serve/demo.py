@@ -5,7 +5,7 @@
    not depend on how busy the machine is) on 24 generated "pretext" classes of filled coloured shapes, and
    saves it as a local checkpoint with a card (cached in the work directory).
 2. Three tasks of four classes each, from a domain the backbone never saw: line drawings (dark outlines on light
-   paper, no colour; `trainer.synthetic.render_drawing`). They go through the same store and code path as
+   paper, no colour; `cl_serve.trainer.synthetic.render_drawing`). They go through the same store and code path as
    `cl-serve init` + `cl-serve add-task` twice: with InfLoRA branches learned on the first task and the backbone
    kept after it (`--method inflora --adapt-tasks 1`: first-session adaptation), and on the frozen backbone
    (`--method none`), both under the analytic head.
@@ -35,9 +35,9 @@ def pretrain_backbone(out_dir: Path, steps: int, seed: int = 0) -> Path:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from trainer.backbone import BackboneSpec, create_model
-    from trainer.synthetic import class_names, render
-    from trainer.train import augment
+    from cl_serve.trainer.backbone import BackboneSpec, create_model
+    from cl_serve.trainer.synthetic import class_names, render
+    from cl_serve.trainer.train import augment
 
     ckpt, card_path = out_dir / "model.safetensors", out_dir / "card.json"
     if ckpt.is_file() and card_path.is_file() and json.loads(card_path.read_text()).get("steps") == steps:
@@ -78,7 +78,7 @@ def pretrain_backbone(out_dir: Path, steps: int, seed: int = 0) -> Path:
 
 def make_tasks(root: Path) -> list[tuple[Path, Path]]:
     """Three tasks of line-drawing classes (a domain the pretext classes do not cover): (train dir, test dir) each."""
-    from trainer.synthetic import class_names, write_image_folder
+    from cl_serve.trainer.synthetic import class_names, write_image_folder
 
     names = class_names(TASKS * CLASSES_PER_TASK, offset=PRETEXT_CLASSES)
     out = []
@@ -96,7 +96,7 @@ def learn_tasks(store: Path, method: dict, head: str, ckpt: Path, tasks: list[tu
                 gate: Path | None, max_drop: float, seed: int = 0) -> list[list[float]]:
     """A fresh store learning every task in turn; returns the R matrix (accuracy per task after each task)."""
     from cl_serve import pipeline
-    from trainer.train import TrainConfig
+    from cl_serve.trainer.train import TrainConfig
 
     shutil.rmtree(store, ignore_errors=True)
     pipeline.init_store(store, method=method, head={"name": head}, checkpoint=ckpt)

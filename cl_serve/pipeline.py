@@ -1,6 +1,6 @@
 """The publishing pipeline behind the CLI: init a store, add a task, evaluate, re-export, roll back, status.
 
-Data flows trainer -> exports -> store: a task is validated before anything is trained, learned with the store's
+Data flows trainer -> export -> store: a task is validated before anything is trained, learned with the store's
 method, merged into a plain timm model, exported to ONNX and parity-checked, then published as a new immutable
 version under the writer lock. Nothing here is imported by the server.
 """
@@ -20,18 +20,19 @@ from cl_serve import release_gate
 from cl_serve.errors import StoreError, UserError
 from cl_serve.remote_inputs import is_url, local_copy
 from cl_serve.store import (LOCK_HINTS, Manifest, ReleasePolicy, Store, StoreConfig, TaskRecord, atomic_write_text,
-                            open_store, sha256_file)
-from exports.preprocessing import Preprocessing
-from trainer import backbone as bb
-from trainer.data import TaskData, check_known_classes, check_new_classes, load_task_data, scan_image_folder
-from trainer.learner import Learner
-from trainer.merge import build_plain_model, merged_state_dict
-from trainer.ray_train import LearnerFactory, train_task_on_ray
-from trainer.heads import head_config_from_dict
-from trainer.auto import choose_method
-from trainer.methods import method_config_from_dict
-from trainer.methods.config import AutoConfig, NoneConfig
-from trainer.train import TrainConfig, predict, resolve_device, train_task
+                            sha256_file)
+from cl_serve.open_store import open_store
+from cl_serve.contract.preprocessing import Preprocessing
+from cl_serve.trainer import backbone as bb
+from cl_serve.trainer.data import TaskData, check_known_classes, check_new_classes, load_task_data, scan_image_folder
+from cl_serve.trainer.learner import Learner
+from cl_serve.trainer.merge import build_plain_model, merged_state_dict
+from cl_serve.trainer.ray_train import LearnerFactory, train_task_on_ray
+from cl_serve.trainer.heads import head_config_from_dict
+from cl_serve.trainer.auto import choose_method
+from cl_serve.trainer.methods import method_config_from_dict
+from cl_serve.trainer.methods.config import AutoConfig, NoneConfig
+from cl_serve.trainer.train import TrainConfig, predict, resolve_device, train_task
 
 
 def _validation_message(e: ValidationError) -> str:
@@ -142,7 +143,7 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
              log: Callable[[str], None] = lambda s: None, workers: int = 1,
              gpus_per_worker: float = 0.0) -> dict[str, Any]:
     """Learn the classes in `data_dir` on top of the live version and publish the result as a new version
-    (`workers` > 1: on that many Ray Train workers, see trainer.ray_train)."""
+    (`workers` > 1: on that many Ray Train workers, see cl_serve.trainer.ray_train)."""
     store = open_store(root)
     cfg = store.config()
     prep = cfg.preprocessing
@@ -302,8 +303,8 @@ def promote(root: str | Path, version: int, wait: bool = False) -> dict[str, Any
 
 def _export(model, path: Path, prep: Preprocessing, labels: list[str], version: int, method: str,
             fp16: bool = False, opset: int | None = None) -> dict[str, Any]:
-    from exports.onnx_export import OPSET, export_onnx
-    from exports.parity import check_parity
+    from cl_serve.export.onnx_export import OPSET, export_onnx
+    from cl_serve.export.parity import check_parity
 
     info = export_onnx(model, path, preprocessing=prep, labels=labels, fp16=fp16, opset=opset or OPSET,
                        metadata={"version": str(version), "method": method})

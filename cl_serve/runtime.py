@@ -19,9 +19,10 @@ from typing import Any, Callable
 
 import numpy as np
 from cl_serve.errors import StoreError
-from cl_serve.store import Manifest, Store, open_store
-from exports.image_decode import ImageLimits, ImageRejected, open_bounded
-from exports.preprocessing import Preprocessing, preprocess_image
+from cl_serve.store import Manifest, Store
+from cl_serve.open_store import open_store
+from cl_serve.contract.image_decode import ImageLimits, ImageRejected, open_bounded
+from cl_serve.contract.preprocessing import Preprocessing, preprocess_image
 
 log = logging.getLogger("cl_serve")
 
@@ -351,7 +352,7 @@ class ModelWatcher:
 
 
 def prepare_batch(blobs: list[bytes], p: Preprocessing, limits: ImageLimits, max_request_pixels: int) -> np.ndarray:
-    """Decode (bounded, see exports.image_decode) and preprocess every image of a request: float32 (n, 3, H, W).
+    """Decode (bounded, see cl_serve.contract.image_decode) and preprocess every image of a request: float32 (n, 3, H, W).
     The request's images together may decode to at most `max_request_pixels` pixels."""
     out, budget = [], max_request_pixels
     for i, b in enumerate(blobs):

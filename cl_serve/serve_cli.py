@@ -15,7 +15,7 @@ import urllib.request
 
 from cl_serve.errors import UserError
 from cl_serve.loopback import use_loopback_ray
-from cl_serve.store import open_store
+from cl_serve.open_store import open_store
 
 
 def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,

@@ -11,7 +11,7 @@
     GET  /openapi.json          the typed API (request bodies, responses, errors)
 
 Every error, of any route or status (404, 405 and 422 included), is `{"error": ..., "status": ...}`. Bodies are
-read as a stream and refused past `max_request_bytes`; images are decoded under `exports.image_decode`'s bounds
+read as a stream and refused past `max_request_bytes`; images are decoded under `cl_serve.contract.image_decode`'s bounds
 and a per-request pixel budget, so no input costs more than a bounded amount of time and memory. With a bearer
 token (`--auth-token` or $CL_SERVE_AUTH_TOKEN) every route but /healthz and the page needs `Authorization: Bearer
 <token>`. Overload protection: `max_queued_requests` per replica and `request_timeout_s` (503 + Retry-After);
@@ -50,7 +50,7 @@ from cl_serve.request_parsing import BodyBudget, parse_classify_json, parse_top_
 from cl_serve.runtime import BadInput, ModelWatcher, prepare_batch, top_k_predictions
 from cl_serve.serve_metrics import ServerMetrics
 from cl_serve.memory_return import MemoryReturn
-from exports.image_decode import ImageLimits
+from cl_serve.contract.image_decode import ImageLimits
 
 log = logging.getLogger("cl_serve")
 # No /docs or /redoc: FastAPI's pages load their scripts from a CDN (broken offline, and a third party on an

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cl_serve.errors import StoreError
-from exports.preprocessing import Preprocessing
+from cl_serve.contract.preprocessing import Preprocessing
 
 FORMAT_VERSION = 1
 VERSION_FILES = ("learner.safetensors", "merged.safetensors", "model.onnx")
@@ -77,7 +77,7 @@ class StoreConfig(BaseModel):
 
     format_version: int = FORMAT_VERSION
     created_at: str = Field(default_factory=utc_now)
-    backbone: dict[str, Any]  # trainer.backbone.BackboneSpec as a dict
+    backbone: dict[str, Any]  # cl_serve.trainer.backbone.BackboneSpec as a dict
     backbone_sha256: str
     method: dict[str, Any]  # the method config (name + hyper-parameters)
     head: dict[str, Any] = Field(default_factory=lambda: {"name": "task-local"})  # the head strategy and settings
@@ -155,15 +155,6 @@ def fault_point(name: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def open_store(root: str | Path) -> "Store":
-    """A store by path, or by URL (s3://bucket/prefix, gs://..., any fsspec URL) for object storage."""
-    if "://" in str(root):
-        from cl_serve.object_store import MirroredStore
-
-        return MirroredStore(str(root))
-    return Store(root)
 
 
 def vname(v: int) -> str:

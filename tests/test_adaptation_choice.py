@@ -1,4 +1,4 @@
-"""Drift transport of the analytic head's statistics, and `--method auto` (trainer.heads.drift, trainer.auto)."""
+"""Drift transport of the analytic head's statistics, and `--method auto` (cl_serve.trainer.heads.drift, cl_serve.trainer.auto)."""
 import json
 
 import pytest
@@ -9,7 +9,7 @@ from tests.conftest import TINY, TINY_MODEL, fast_train
 
 
 def test_drift_map_recovers_an_affine_change_and_leaves_uncovered_directions_alone():
-    from trainer.heads.drift import fit_drift
+    from cl_serve.trainer.heads.drift import fit_drift
 
     gen = torch.Generator().manual_seed(0)
     d = 8
@@ -29,8 +29,8 @@ def test_drift_map_recovers_an_affine_change_and_leaves_uncovered_directions_alo
 
 def test_analytic_head_without_projection_transports_exactly_under_a_linear_drift():
     """For M = 0, the moved statistics equal the sums recomputed on the moved features (the head's stated claim)."""
-    from trainer.heads import build_head, head_config_from_dict
-    from trainer.heads.drift import DriftMap
+    from cl_serve.trainer.heads import build_head, head_config_from_dict
+    from cl_serve.trainer.heads.drift import DriftMap
 
     gen = torch.Generator().manual_seed(1)
     d = 6
@@ -53,7 +53,7 @@ def test_analytic_head_without_projection_transports_exactly_under_a_linear_drif
 
 def test_method_auto_decides_on_the_first_task_records_why_and_keeps_the_winner(tmp_path, tasks):
     from cl_serve import pipeline
-    from cl_serve.store import open_store
+    from cl_serve.open_store import open_store
 
     store = tmp_path / "s"
     pipeline.init_store(store, method={"name": "auto", "candidate": {"name": "inflora", "rank": 4, "adapt_tasks": 1},

@@ -8,12 +8,12 @@ from safetensors.torch import load_file
 from cl_serve import pipeline
 from cl_serve.store import Store
 from tests.conftest import TINY, TINY_MODEL, fast_train, init_tiny_store, run_cli
-from trainer.data import load_task_data, scan_image_folder
-from trainer.heads import head_config_from_dict
-from trainer.learner import Learner
-from trainer.merge import build_plain_model, merged_state_dict
-from trainer.methods import method_config_from_dict
-from trainer.train import eval_batches, train_task
+from cl_serve.trainer.data import load_task_data, scan_image_folder
+from cl_serve.trainer.heads import head_config_from_dict
+from cl_serve.trainer.learner import Learner
+from cl_serve.trainer.merge import build_plain_model, merged_state_dict
+from cl_serve.trainer.methods import method_config_from_dict
+from cl_serve.trainer.train import eval_batches, train_task
 
 METHODS = ["inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora", "none"]
 HEADS = {"task-local": {"name": "task-local"}, "aligned": {"name": "aligned", "epochs": 2, "samples_per_class": 32},
@@ -50,8 +50,8 @@ def test_every_method_and_head_merges_into_one_plain_model(backbone, datasets, m
 
 @pytest.mark.parametrize("head", [HEADS["aligned"], HEADS["analytic"], {"name": "analytic", "projection": 0}])
 def test_heads_export_to_onnx_with_parity(tmp_path, backbone, datasets, head):
-    from exports.onnx_export import export_onnx
-    from exports.parity import check_parity
+    from cl_serve.export.onnx_export import export_onnx
+    from cl_serve.export.parity import check_parity
 
     spec, _, prep = backbone
     learner = learner_for(backbone, "inflora", head)
@@ -90,8 +90,8 @@ def test_analytic_head_after_three_tasks_equals_ridge_on_all_tasks_at_once(backb
 def test_statistics_heads_keep_old_tasks_better_than_task_local(backbone, datasets, tests_data, method):
     """Three tasks; mean accuracy on tasks 0 and 1 afterwards (argmax over all 9 classes). The heads do not change
     the adapter's training, so each (method, seed) trains once and every head (default settings) is fitted on it."""
-    from trainer.heads import build_head
-    from trainer.train import train_adapter
+    from cl_serve.trainer.heads import build_head
+    from cl_serve.trainer.train import train_adapter
 
     _, _, prep = backbone
     scores = {}

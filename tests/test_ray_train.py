@@ -7,7 +7,7 @@ import torch
 from cl_serve import pipeline
 from cl_serve.store import Store
 from tests.conftest import fast_train
-from trainer.ray_train import train_task_on_ray
+from cl_serve.trainer.ray_train import train_task_on_ray
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,8 +27,8 @@ def _subspace_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("method,head", [("none", "task-local"), ("none", "analytic"), ("inflora", "analytic")])
 def test_two_workers_learn_what_one_process_learns(tmp_path, tasks, method, head):
     from tests.conftest import TINY, TINY_MODEL, method_dict
-    from trainer.data import load_task_data, scan_image_folder
-    from trainer.train import train_task
+    from cl_serve.trainer.data import load_task_data, scan_image_folder
+    from cl_serve.trainer.train import train_task
 
     store = tmp_path / "store"
     pipeline.init_store(store, method=method_dict(method), head={"name": head, "projection": 64}
@@ -44,7 +44,7 @@ def test_two_workers_learn_what_one_process_learns(tmp_path, tasks, method, head
     a, b = one.method.state_tensors(), two.method.state_tensors()
     assert a.keys() == b.keys() and two.labels == one.labels
     if method == "none":
-        from trainer.merge import merged_state_dict
+        from cl_serve.trainer.merge import merged_state_dict
 
         ma, mb = merged_state_dict(one), merged_state_dict(two)
         worst = max(float((ma[k] - mb[k]).abs().max()) for k in ma)
@@ -60,7 +60,7 @@ def test_two_workers_learn_what_one_process_learns(tmp_path, tasks, method, head
         m = s.manifest(r["version"])
         assert m.training["workers"] == 2 and m.parent == 1
         from safetensors.torch import load_file
-        from trainer.merge import merged_state_dict
+        from cl_serve.trainer.merge import merged_state_dict
 
         published, expected = load_file(str(s.version_dir(r["version"]) / "merged.safetensors")), merged_state_dict(one)
         assert max(float((published[k] - expected[k]).abs().max()) for k in expected) < 1e-4

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cl_serve.runtime import BadInput
 from cl_serve.request_parsing import BodyBudget, parse_classify_json, read_body
-from exports.image_decode import ImageLimits, ImageRejected, open_bounded
+from cl_serve.contract.image_decode import ImageLimits, ImageRejected, open_bounded
 
 
 def _png(size=(8, 8)) -> bytes:
@@ -135,7 +135,7 @@ def test_a_large_image_is_reduced_before_conversion_and_preprocesses_as_the_full
     """The reduction that bounds decode memory must not change what the model sees beyond rounding."""
     import numpy as np
 
-    from exports.preprocessing import Preprocessing, eval_crop
+    from cl_serve.contract.preprocessing import Preprocessing, eval_crop
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (6, 8, 4), dtype=np.uint8)  # content at the scale the model sees, random alpha

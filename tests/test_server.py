@@ -17,7 +17,7 @@ from PIL import Image
 
 from cl_serve import pipeline
 from cl_serve.store import Store, vname
-from exports.preprocessing import preprocess_image
+from cl_serve.contract.preprocessing import preprocess_image
 from benchmarks.hostile import hostile_cases
 from tests.conftest import fast_train, init_tiny_store
 
@@ -385,7 +385,7 @@ def _redeploy(server, **settings):
 
 def test_the_canary_sends_its_share_of_requests_to_the_newest_candidate(server, tasks, monkeypatch, tmp_path):
     from cl_serve import release_gate
-    from trainer.synthetic import class_names, write_image_folder
+    from cl_serve.trainer.synthetic import class_names, write_image_folder
 
     c, store = server["client"], server["store"]
     live = _ensure_live(server, tasks)

@@ -2,7 +2,7 @@
 
 While a task trains, the learner holds a plain linear *block* for that task's classes: the training loss only
 sees the block's logits (the adapter's signal, identical for every head). When the task ends, the head strategy
-(`trainer.heads`) takes the block and the features of the task's training images and updates the logits over
+(`cl_serve.trainer.heads`) takes the block and the features of the task's training images and updates the logits over
 all seen classes; inference takes the argmax of the head. `state()` / `from_state()` round-trip everything needed
 to learn the next task (learner.safetensors), the backbone weights excepted.
 """
@@ -14,10 +14,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from trainer.backbone import BackboneSpec, load_backbone, prefix_tokens, suffix_features
-from trainer.heads import build_head, head_config_from_dict
-from trainer.methods import build_method, method_config_from_dict
-from trainer.sites import find_sites, first_adapted_block, wrap_sites
+from cl_serve.trainer.backbone import BackboneSpec, load_backbone, prefix_tokens, suffix_features
+from cl_serve.trainer.heads import build_head, head_config_from_dict
+from cl_serve.trainer.methods import build_method, method_config_from_dict
+from cl_serve.trainer.sites import find_sites, first_adapted_block, wrap_sites
 
 
 class Learner(nn.Module):

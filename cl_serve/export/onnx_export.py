@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from exports.preprocessing import Preprocessing
+from cl_serve.contract.preprocessing import Preprocessing
 
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"

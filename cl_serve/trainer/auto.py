@@ -16,12 +16,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from exports.preprocessing import Preprocessing
-from trainer.data import TaskData
-from trainer.heads import build_head
-from trainer.learner import Learner
-from trainer.methods.config import AutoConfig, NoneConfig
-from trainer.train import TrainConfig, eval_batches, resolve_device, train_task
+from cl_serve.contract.preprocessing import Preprocessing
+from cl_serve.trainer.data import TaskData
+from cl_serve.trainer.heads import build_head
+from cl_serve.trainer.learner import Learner
+from cl_serve.trainer.methods.config import AutoConfig, NoneConfig
+from cl_serve.trainer.train import TrainConfig, eval_batches, resolve_device, train_task
 
 
 def split_task(data: TaskData, holdout: float, seed: int) -> tuple[TaskData, TaskData]:

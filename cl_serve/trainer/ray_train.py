@@ -2,7 +2,7 @@
 
 A `TorchTrainer` starts N workers (DDP-style: gloo on CPU, NCCL on GPU); each rebuilds the learner from the
 parent's state, trains on its share of every batch with gradients summed across workers, and reduces InfLoRA's
-second moments and the head's features through `trainer.collective.TorchDistributed`, so the N workers end with
+second moments and the head's features through `cl_serve.trainer.collective.TorchDistributed`, so the N workers end with
 the same learner, equal to a one-process run up to float summation order on a frozen backbone (and up to the
 augmentation's random crops, drawn per worker, with adapters). Worker 0 hands the learner's state (safetensors
 bytes) to a zero-CPU `_Inbox` actor the driver created, through Ray's object store, so workers on other nodes (GPU
@@ -20,18 +20,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from exports.preprocessing import Preprocessing
-from trainer.data import TaskData
-from trainer.learner import Learner
-from trainer.train import TrainConfig
+from cl_serve.contract.preprocessing import Preprocessing
+from cl_serve.trainer.data import TaskData
+from cl_serve.trainer.learner import Learner
+from cl_serve.trainer.train import TrainConfig
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from trainer.collective import TorchDistributed
-    from trainer.train import train_task
+    from cl_serve.trainer.collective import TorchDistributed
+    from cl_serve.trainer.train import train_task
 
     payload = ray.get(config["payload"])
     coll = TorchDistributed()

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.methods.base import Method, MomentFn
-from trainer.sites import Site
+from cl_serve.trainer.methods.base import Method, MomentFn
+from cl_serve.trainer.sites import Site
 
 
 class Frozen(Method):

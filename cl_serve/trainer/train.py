@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from exports.preprocessing import Preprocessing
-from trainer.collective import Local
-from trainer.data import TaskData
-from trainer.learner import Learner
-from trainer.heads.drift import fit_drift
+from cl_serve.contract.preprocessing import Preprocessing
+from cl_serve.trainer.collective import Local
+from cl_serve.trainer.data import TaskData
+from cl_serve.trainer.learner import Learner
+from cl_serve.trainer.heads.drift import fit_drift
 
 
 class TrainConfig(BaseModel):
@@ -63,7 +63,7 @@ def normalize(x01: torch.Tensor, p: Preprocessing) -> torch.Tensor:
 
 
 def eval_batches(images_u8: torch.Tensor, p: Preprocessing, batch_size: int, device) -> Iterator[torch.Tensor]:
-    """Normalised evaluation views, batch by batch, on `device` (same arithmetic as exports.preprocessing)."""
+    """Normalised evaluation views, batch by batch, on `device` (same arithmetic as cl_serve.contract.preprocessing)."""
     for i in range(0, len(images_u8), batch_size):
         yield normalize(images_u8[i:i + batch_size].to(device).float() / 255.0, p)
 
@@ -153,7 +153,7 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
                   ) -> tuple[dict[str, Any], torch.Tensor]:
     """Learn one task's branches and training block in place (begin_task, training, end_task); returns the
     summary and the features of the task's training images (eval view, final model) for the head.
-    `collective`: the other workers of a multi-worker run (trainer.collective); None is one process.
+    `collective`: the other workers of a multi-worker run (cl_serve.trainer.collective); None is one process.
 
     When the method adapts only the last blocks (`blocks`), the frozen blocks before them run once per image view
     (`TokenCache`) and every step runs only the adapted blocks. A task past the method's `adapt_tasks` learns no
@@ -188,7 +188,7 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
         return coll.mean_moments(cs, len(mine))
 
     # Features of this task's images on the backbone as it was: with those after the update they fit the map that
-    # moves the head's statistics of earlier classes (trainer.heads.drift)
+    # moves the head's statistics of earlier classes (cl_serve.trainer.heads.drift)
     before = all_features(learner.feature_pass(views(), tokens=cache is not None)[0]) \
         if adapting and learner.head.num_classes and learner.head.tracks_drift else None
     if adapting:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.methods.base import Method, MomentFn, branch_key, module_key
-from trainer.sites import Site
+from cl_serve.trainer.methods.base import Method, MomentFn, branch_key, module_key
+from cl_serve.trainer.sites import Site
 
 
 def _orthonormal(m: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from trainer.sites import Site
+from cl_serve.trainer.sites import Site
 
 # Runs one no-grad pass of the current model over the task's images and returns {site key: C = E[x x^T]}.
 MomentFn = Callable[[], dict[str, torch.Tensor]]

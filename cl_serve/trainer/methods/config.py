@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from trainer.sites import TARGETS
+from cl_serve.trainer.sites import TARGETS
 
 METHOD_NAMES = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora", "none", "auto")
 

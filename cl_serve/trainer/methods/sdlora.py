@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.methods.base import Method, MomentFn, branch_key as _k, kaiming_rows
-from trainer.sites import Site
+from cl_serve.trainer.methods.base import Method, MomentFn, branch_key as _k, kaiming_rows
+from cl_serve.trainer.sites import Site
 
 
 class SDLoRA(Method):

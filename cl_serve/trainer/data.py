@@ -3,7 +3,7 @@
 An ImageFolder directory holds one sub-folder per class. Everything is checked before any training starts, so
 a bad directory fails with one clear line and nothing is written. Decoded images are kept twice, both uint8:
 the training view (shorter side resized to `scale_size`, centre square) that augmentation crops from, and the
-evaluation view (`exports.preprocessing.eval_crop`, exactly what the server feeds the model).
+evaluation view (`cl_serve.contract.preprocessing.eval_crop`, exactly what the server feeds the model).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from exports.image_decode import ALLOWED_FORMATS, ImageLimits, ImageRejected, open_bounded
-from exports.preprocessing import Preprocessing, eval_crop, resize_and_crop, to_uint8_chw
-from trainer.errors import DataError
+from cl_serve.contract.image_decode import ALLOWED_FORMATS, ImageLimits, ImageRejected, open_bounded
+from cl_serve.contract.preprocessing import Preprocessing, eval_crop, resize_and_crop, to_uint8_chw
+from cl_serve.trainer.errors import DataError
 
 # The server's size limits (what could not be served is not trained on either); training folders may also hold the
 # formats a server refuses by default (GIF, BMP, TIFF, PPM): every format the decoder knows.

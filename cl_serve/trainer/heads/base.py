@@ -57,7 +57,7 @@ class Head(nn.Module, ABC):
         return False
 
     def transport(self, drift) -> dict[str, Any]:
-        """The backbone moved (`drift`: a trainer.heads.drift.DriftMap fitted on the current task): move what the
+        """The backbone moved (`drift`: a cl_serve.trainer.heads.drift.DriftMap fitted on the current task): move what the
         head stores about earlier classes. Heads that store no feature statistics have nothing to move."""
         return {"transported": False, "reason": f"the {self.name} head keeps no feature statistics"}
 

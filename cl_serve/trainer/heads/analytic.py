@@ -10,7 +10,7 @@ Linear(M, C, no bias)) and one plain Linear (zero bias) for M = 0.
 
 Drift: the head also keeps each class's feature mean and count and the pooled within-class scatter
 S = sum (f - mu_c)(f - mu_c)^T (d x d). With `drift = "transport"`, when a later task moves the backbone, `transport`
-moves them with the fitted map (trainer.heads.drift) and rebuilds G and Q for the earlier classes from them: exactly
+moves them with the fitted map (cl_serve.trainer.heads.drift) and rebuilds G and Q for the earlier classes from them: exactly
 for M = 0 (G = S + sum n_c mu_c mu_c^T, Q_c = n_c mu_c), and for M > 0 from min(n_c, `drift_samples`) seeded samples
 of N(mu_c, S / N) per class pushed through the projection and weighted to n_c. The current task's sums stay exact.
 With `drift = "ignore"` (the default: transport did not close the gap in our measurements, see docs/design.md) the
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.heads.base import Head, linear
-from trainer.heads.drift import DriftMap
+from cl_serve.trainer.heads.base import Head, linear
+from cl_serve.trainer.heads.drift import DriftMap
 
 
 class AnalyticHead(Head):

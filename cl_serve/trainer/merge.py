@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.backbone import BackboneSpec, create_model
-from trainer.learner import Learner
+from cl_serve.trainer.backbone import BackboneSpec, create_model
+from cl_serve.trainer.learner import Learner
 
 
 @torch.no_grad()

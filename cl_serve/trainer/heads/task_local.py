@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.heads.base import Head, linear
+from cl_serve.trainer.heads.base import Head, linear
 
 
 class TaskLocalHead(Head):

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from exports.preprocessing import Preprocessing
-from trainer.errors import BackboneError
+from cl_serve.contract.preprocessing import Preprocessing
+from cl_serve.trainer.errors import BackboneError
 
 # Keyword arguments that only concern the pretraining head or regularisation: a frozen, adapted backbone
 # is always built without them.
