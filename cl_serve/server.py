@@ -204,6 +204,13 @@ class Classifier:
         """Classify one or more images (multipart field `file`, repeatable, or JSON base64 `images`), with the live
         version or `?version=N`. Overload protection: at most `max_queued_requests` requests per replica at once
         and `request_timeout_s` each; beyond either, 503 with Retry-After."""
+        try:
+            return await self._handle(request)
+        finally:  # the last request out gives back what the others grew (cl_serve.memory_return)
+            if self._inflight == 0 and self._bodies.used == 0:
+                await asyncio.to_thread(self._memory.give_back_if_grown)
+
+    async def _handle(self, request: Request):
         t0 = time.monotonic()
         # The body is read first, under its own deadline and outside the in-flight count: a slow or stalled upload
         # is dropped after body_timeout_s and never holds capacity that decoding and inference need.
@@ -236,8 +243,6 @@ class Classifier:
                             headers={"Retry-After": "5"})
         finally:
             self._inflight -= 1
-            if self._inflight == 0:
-                await asyncio.to_thread(self._memory.give_back_if_grown)
         if isinstance(result, JSONResponse):
             self.metrics.request(result.status_code, None, time.monotonic() - t0)
             return result
