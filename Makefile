@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean bench-smoke lock deploy-check
+.PHONY: demo test test-fast install clean bench-smoke lock deploy-check
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The fast tier: unit and in-process checks only (no Ray, no S3 server, no fresh processes)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # Render every deploy overlay (kubectl's kustomize) and validate each object offline; make test runs the same checks
 deploy-check: $(STAMP)

@@ -6,11 +6,30 @@ from pathlib import Path
 
 import pytest
 
-from trainer.synthetic import class_names, write_image_folder
+from cl_serve.trainer.synthetic import class_names, write_image_folder
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_MODEL = "vit_tiny_patch16_224"
 N_TASKS, PER_TASK = 4, 3
+
+
+SLOW_MODULES = {"test_server", "test_ray_train", "test_object_store"}  # Ray Serve, Ray Train, an S3 server
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` (left out by `make test-fast`): tests that start Ray or an S3 server, and tests that run a fresh
+    process (fault injection that kills it, a second process meeting a lock, `python -c` import checks)."""
+    import inspect
+    import re
+
+    for item in items:
+        try:
+            src = inspect.getsource(item.function)
+        except (AttributeError, OSError, TypeError):
+            src = ""
+        if (item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or item.get_closest_marker("serving")
+                or re.search(r"process=True|env=|subprocess\.|Popen|real_ray_cluster", src + item.name)):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +69,7 @@ def backbone():
     """(spec, weights, preprocessing) of a randomly initialised tiny ViT, shared by the trainer-level tests."""
     import torch
 
-    from trainer.backbone import from_timm
+    from cl_serve.trainer.backbone import from_timm
 
     torch.manual_seed(0)  # the same random backbone whichever test asks first
     spec, weights, prep, _ = from_timm(TINY_MODEL, False, TINY)
@@ -60,7 +79,7 @@ def backbone():
 @pytest.fixture(scope="session")
 def datasets(tasks, backbone):
     """The generated tasks' training data, decoded."""
-    from trainer.data import load_task_data, scan_image_folder
+    from cl_serve.trainer.data import load_task_data, scan_image_folder
 
     return [load_task_data(scan_image_folder(t["train"]), backbone[2]) for t in tasks]
 
@@ -77,15 +96,35 @@ def init_tiny_store(path: Path, method: str = "inflora", **kw) -> Path:
 
 
 def fast_train(**kw):
-    from trainer.train import TrainConfig
+    from cl_serve.trainer.train import TrainConfig
 
     return TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 2e-3, "device": "cpu", **kw})
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`cl-serve ARGS` in a fresh Python process."""
-    return subprocess.run([sys.executable, "-m", "cl_serve.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, process: bool = False
+            ) -> subprocess.CompletedProcess:
+    """`cl-serve ARGS`: in this process (stdout, stderr and the exit code captured as a subprocess would report
+    them), or in a fresh Python process when it matters: `env` (fault injection kills the process) or `process`
+    (another process than the test's, e.g. to meet a lock the test holds)."""
+    if env is not None or process:
+        return subprocess.run([sys.executable, "-m", "cl_serve.cli", *args], capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, **(env or {})})
+    import contextlib
+    import io
+    import traceback
+
+    from cl_serve.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:  # what a subprocess would print before exiting 1
+            traceback.print_exc()
+            rc = 1
+    return subprocess.CompletedProcess(["cl-serve", *args], rc, out.getvalue(), err.getvalue())
 
 
 def tree_snapshot(root: Path) -> dict:

@@ -123,7 +123,7 @@ def test_aligned_head_statistics_survive_a_fresh_process(tmp_path, tasks):
     assert r.returncode == 0, r.stderr
     train = ["--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu"]
     for t in range(3):
-        r = run_cli("add-task", "--store", str(store), "--data", str(tasks[t]["train"]), *train)
+        r = run_cli("add-task", "--store", str(store), "--data", str(tasks[t]["train"]), *train, process=True)
         assert r.returncode == 0, r.stderr
     s = Store(store)
     st = run_cli("status", "--store", str(store))

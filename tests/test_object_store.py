@@ -76,7 +76,7 @@ def test_versions_round_trip_through_the_bucket_and_the_watcher_follows(s3_store
 
 def test_a_second_writer_is_refused_by_the_lease(s3_store, tasks):
     with MirroredStore(s3_store).lock():
-        r = run_cli("add-task", "--store", s3_store, "--data", str(tasks[1]["train"]), *CLI_TRAIN)
+        r = run_cli("add-task", "--store", s3_store, "--data", str(tasks[1]["train"]), *CLI_TRAIN, process=True)
     assert r.returncode == 2 and "locked by another writer" in r.stderr and f"pid {os.getpid()}" in r.stderr
     assert MirroredStore(s3_store).versions() == [1]
     r = run_cli("add-task", "--store", s3_store, "--data", str(tasks[1]["train"]), *CLI_TRAIN)  # released
@@ -126,7 +126,7 @@ def test_inputs_staged_in_the_bucket_are_synchronised_not_just_cached(s3, tasks)
 
     from cl_serve.errors import UserError
     from cl_serve.remote_inputs import local_copy
-    from trainer.data import scan_image_folder
+    from cl_serve.trainer.data import scan_image_folder
 
     source = tasks[1]["train"]
     _upload(source, "s3://models/inputs/week-2")
@@ -158,8 +158,8 @@ def test_init_and_add_task_read_the_backbone_and_the_task_from_the_bucket(s3, ta
     whole bootstrap and a task without any shared volume, as the object-store deploy overlay runs them."""
     from safetensors.torch import save_file
 
-    from cl_serve.store import open_store
-    from trainer.backbone import from_timm
+    from cl_serve.open_store import open_store
+    from cl_serve.trainer.backbone import from_timm
 
     staged = tmp_path / "staging"
     (staged / "backbone").mkdir(parents=True)

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from cl_serve import pipeline
 from cl_serve.store import Store
 from tests.conftest import TINY, TINY_MODEL, fast_train, init_tiny_store, run_cli, tree_snapshot
-from trainer.data import load_task_data, scan_image_folder
-from trainer.learner import Learner
-from trainer.merge import merged_state_dict
-from trainer.methods import method_config_from_dict
-from trainer.train import train_task
+from cl_serve.trainer.data import load_task_data, scan_image_folder
+from cl_serve.trainer.learner import Learner
+from cl_serve.trainer.merge import merged_state_dict
+from cl_serve.trainer.methods import method_config_from_dict
+from cl_serve.trainer.train import train_task
 
 CLI_TRAIN = ["--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu"]
 
@@ -112,14 +112,15 @@ def test_concurrent_writer_is_refused_at_once_and_store_unchanged(tasks, one_ver
     before = tree_snapshot(one_version_store)
     with s.lock():
         t0 = time.time()
-        r = run_cli("add-task", "--store", str(one_version_store), "--data", str(tasks[1]["train"]), *CLI_TRAIN)
+        r = run_cli("add-task", "--store", str(one_version_store), "--data", str(tasks[1]["train"]), *CLI_TRAIN,
+                    process=True)
         assert r.returncode == 2 and "locked by another writer" in r.stderr and f"pid {os.getpid()}" in r.stderr
         assert time.time() - t0 < 30
     assert tree_snapshot(one_version_store) == before
     with s.lock():
         with Store(one_version_store).lock():  # re-entrant in one process: the CLI locks before the pipeline does
             pass
-        r = run_cli("rollback", "--store", str(one_version_store), "--version", "1")  # the inner exit kept it
+        r = run_cli("rollback", "--store", str(one_version_store), "--version", "1", process=True)  # still held
         assert r.returncode == 2 and "locked by another writer" in r.stderr
 
 
@@ -166,7 +167,7 @@ def test_killed_add_task_leaves_previous_version_live_and_rerun_succeeds(tasks, 
 def test_add_task_in_fresh_processes_equals_one_long_process(tmp_path, tasks, method):
     store = init_tiny_store(tmp_path / "store", method)
     for t in range(3):
-        r = run_cli("add-task", "--store", str(store), "--data", str(tasks[t]["train"]), *CLI_TRAIN)
+        r = run_cli("add-task", "--store", str(store), "--data", str(tasks[t]["train"]), *CLI_TRAIN, process=True)
         assert r.returncode == 0, r.stderr
     s = Store(store)
     spec, weights = pipeline._backbone(s)
