@@ -20,7 +20,7 @@ LAYERS = {
     "store": ["cl_serve.store", "cl_serve.object_store", "cl_serve.open_store", "cl_serve.remote_inputs"],
     "serving": ["cl_serve.server", "cl_serve.runtime", "cl_serve.request_parsing", "cl_serve.serve_metrics",
                 "cl_serve.memory_return", "cl_serve.serve_cli", "cl_serve.client", "cl_serve.demo_serving"],
-    "commands": ["cl_serve.cli", "cl_serve.pipeline", "cl_serve.demo"],
+    "commands": ["cl_serve.cli", "cl_serve.commands", "cl_serve.pipeline", "cl_serve.demo"],
     "package": ["cl_serve"],  # the package's own __init__: a docstring, imports nothing
 }
 ALLOWED = {

@@ -1,0 +1,83 @@
+"""`cl-serve export`, `policy`, `promote` and `rollback`: act on the versions a store already holds."""
+from __future__ import annotations
+
+import argparse
+
+from cl_serve.commands.common import Command, policy_args, print_json, print_policy, store_arg
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="re-export a version's merged weights to ONNX (parity-checked)")
+    store_arg(p)
+    p.add_argument("--version", type=int, help="default: the live version")
+    p.add_argument("--fp16", action="store_true", help="attach a half-precision ONNX file for GPUs (served in "
+                   "preference to the fp32 one on a CUDA provider)")
+    p.add_argument("--opset", type=int, choices=range(17, 22), metavar="{17..21}",
+                   help="ONNX opset (default 18); the version's file is replaced atomically, never in place")
+
+
+def _export(a: argparse.Namespace) -> int:
+    from cl_serve import pipeline
+
+    r = pipeline.export_version(a.store, a.version, fp16=a.fp16, opset=a.opset)
+    print(f"exported version {r['version']} to {r['file']} (opset {r['opset']}, {r['dtype']}, "
+          f"parity {r['parity_max_abs_diff']:.2e})")
+    return 0
+
+
+def _policy_parser(sub) -> None:
+    p = sub.add_parser("policy", help="show or change the release gate: when a new version may go live by itself")
+    store_arg(p)
+    policy_args(p)
+    p.add_argument("--off", action="store_true", help="no gate: every published version goes live")
+    p.add_argument("--json", action="store_true")
+
+
+def _policy(a: argparse.Namespace) -> int:
+    from cl_serve import pipeline
+
+    if a.off or a.gate_data or a.max_drop is not None or a.min_new_accuracy is not None:
+        policy = pipeline.set_policy(a.store, gate_data=a.gate_data, max_drop=a.max_drop,
+                                     min_new_accuracy=a.min_new_accuracy, off=a.off)
+    else:
+        from cl_serve.open_store import open_store
+
+        policy = open_store(a.store).policy()
+    print_json(policy.model_dump()) if a.json else print_policy(policy)
+    return 0
+
+
+def _promote_parser(sub) -> None:
+    p = sub.add_parser("promote", help="make a version live by hand (e.g. a candidate the release gate refused)")
+    store_arg(p)
+    p.add_argument("version", type=int)
+    p.add_argument("--wait", action="store_true")
+
+
+def _promote(a: argparse.Namespace) -> int:
+    from cl_serve import pipeline
+
+    r = pipeline.promote(a.store, a.version, wait=a.wait)
+    note = "" if r["gate"] is None or r["gate"]["passed"] else \
+        f" (promoted by hand; the gate had said: {'; '.join(r['gate']['reasons'])})"
+    print(f"version {r['version']} is live{note}")
+    return 0
+
+
+def _rollback_parser(sub) -> None:
+    p = sub.add_parser("rollback", help="make an earlier version live again (servers swap to it)")
+    store_arg(p)
+    p.add_argument("--version", type=int, required=True)
+    p.add_argument("--wait", action="store_true")
+
+
+def _rollback(a: argparse.Namespace) -> int:
+    from cl_serve import pipeline
+
+    v = pipeline.rollback(a.store, a.version, wait=a.wait)
+    print(f"version {v} is live")
+    return 0
+
+
+COMMANDS = [Command("export", _export_parser, _export), Command("policy", _policy_parser, _policy),
+            Command("promote", _promote_parser, _promote), Command("rollback", _rollback_parser, _rollback)]
