@@ -13,7 +13,6 @@ import argparse
 import sys
 
 from cl_serve.commands import all_commands
-from cl_serve.commands.common import DEFAULT_STORE, HEADS, METHODS  # noqa: F401  (the CLI's vocabulary)
 
 
 def build_parser() -> argparse.ArgumentParser:

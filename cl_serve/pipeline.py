@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from cl_serve import release_gate
 from cl_serve.errors import StoreError, UserError
-from cl_serve.remote_inputs import is_url, local_copy
-from cl_serve.store import (LOCK_HINTS, Manifest, ReleasePolicy, Store, StoreConfig, TaskRecord, atomic_write_text,
+from cl_serve.remote_inputs import local_copy
+from cl_serve.contract.store_schema import TaskRecord
+from cl_serve.store import (LOCK_HINTS, Manifest, Store, StoreConfig, atomic_write_text,
                             sha256_file)
 from cl_serve.open_store import open_store
 from cl_serve.contract.preprocessing import Preprocessing
@@ -33,6 +34,7 @@ from cl_serve.trainer.auto import choose_method
 from cl_serve.trainer.methods import method_config_from_dict
 from cl_serve.trainer.methods.config import AutoConfig, NoneConfig
 from cl_serve.trainer.train import TrainConfig, predict, resolve_device, train_task
+from cl_serve.versions import promote, rollback, set_policy, status  # noqa: F401  (the pipeline's other commands)
 
 
 def _validation_message(e: ValidationError) -> str:
@@ -143,103 +145,141 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
              log: Callable[[str], None] = lambda s: None, workers: int = 1,
              gpus_per_worker: float = 0.0) -> dict[str, Any]:
     """Learn the classes in `data_dir` on top of the live version and publish the result as a new version
-    (`workers` > 1: on that many Ray Train workers, see cl_serve.trainer.ray_train)."""
+    (`workers` > 1: on that many Ray Train workers, see cl_serve.trainer.ray_train). The stages, in order: check
+    the inputs against the live version, decode, choose the method (only `auto`, on the first task), train,
+    merge, evaluate and gate, publish."""
     store = open_store(root)
     cfg = store.config()
-    prep = cfg.preprocessing
     t0 = time.time()
     with store.lock(wait=wait):
         parent = store.current()
         parent_manifest = store.manifest(parent, verify=True) if parent is not None else None
-        known = parent_manifest.labels if parent_manifest else []
-        found = scan_image_folder(local_copy(data_dir, progress=progress))
-        check_new_classes(found, known)
-        test_found = None
-        if test_data is not None:
-            test_found = scan_image_folder(local_copy(test_data, progress=progress))
-            check_known_classes(test_found, known + sorted(found))
-        device = resolve_device(train.device)
+        found, test_found = _check_inputs(data_dir, test_data, parent_manifest, progress)
+        resolve_device(train.device)  # an unavailable device is an error before any decoding
         log(f"decoding {sum(len(v) for v in found.values())} images of {len(found)} new classes from {data_dir}")
         t_decode = time.time()
-        data = load_task_data(found, prep, strict=strict)
+        data = load_task_data(found, cfg.preprocessing, strict=strict)
         decode_seconds = time.time() - t_decode
         for line in data.corrupt:
             log(f"skipped corrupt image {line}")
-        factory, choice = learner_factory(store, parent), None
-        mcfg = parse_method(cfg.method)
-        if parent is None and isinstance(mcfg, AutoConfig):
-            spec, weights = _backbone(store)
-            log(f"method auto: trying the frozen backbone and {mcfg.candidate.name} on {1 - mcfg.holdout:.0%} of each "
-                f"class, scoring on the rest")
-            try:
-                winner, head, choice = choose_method(spec, weights, mcfg, parse_head(cfg.head), data, prep, train,
-                                                     progress=progress, log=log)
-            except ValueError as e:
-                raise UserError(f"method auto: {e}") from None
-            c = choice["chosen"]
-            log(f"method auto: chose {c['method']}" + (f", M = {c['projection']}" if c["projection"] is not None
-                                                        else "")
-                + f" (held-out accuracy: adapter {c['adapter_held_out_accuracy']:.3f}, frozen "
-                  f"{c['frozen_held_out_accuracy']:.3f}, margin {choice['margin']:g}); training it on every image")
-            factory = LearnerFactory(spec, weights, None, winner, head)
-        if workers > 1:
-            log(f"training on {workers} Ray Train workers ({gpus_per_worker:g} GPU each)")
-            learner, summary = train_task_on_ray(factory, data, prep, train, workers=workers,
-                                                 gpus_per_worker=gpus_per_worker)
-            summary["workers"] = workers
-            task_index = learner.num_tasks - 1
-        else:
-            learner = factory().to_device(device)
-            task_index = learner.num_tasks
-            summary = train_task(learner, data, prep, train, progress=progress, desc=f"task {task_index}")
-            learner.to_device("cpu")
+        factory, choice = _choose(store, parent, data, train, progress, log)
+        learner, summary, task_index = _train(factory, data, cfg.preprocessing, train, workers, gpus_per_worker,
+                                              progress, log)
         merged = merged_state_dict(learner)
         model = build_plain_model(bb.BackboneSpec(**cfg.backbone), merged)
-        labels = list(learner.labels)
         tasks = (parent_manifest.tasks if parent_manifest else []) + [
             TaskRecord(index=task_index, labels=data.class_names, version=0)]
-        metrics: dict[str, Any] = {"train_accuracy": summary["train_accuracy"], "final_loss": summary["final_loss"]}
-        if test_found is not None:
-            test = load_task_data(test_found, prep, train_view=False, class_names=labels)
-            metrics["test"] = accuracy_report(model, test, labels, tasks, prep, train.eval_batch_size)
-        gate = None
-        if store.policy().gate_data:
-            gate = run_gate(store, store.policy(), model, parent_manifest, labels, tasks, train.eval_batch_size, log)
-        writer = store.new_version()
-        tasks[-1] = tasks[-1].model_copy(update={"version": writer.version})
-        try:
-            tensors, meta = learner.state()
-            save_file(tensors, str(writer.file("learner.safetensors")), metadata=meta)
-            save_file(merged, str(writer.file("merged.safetensors")),
-                      metadata={"timm_model": cfg.backbone["timm_model"],
-                                "timm_kwargs": json.dumps(cfg.backbone.get("timm_kwargs", {})),
-                                "labels": json.dumps(labels),
-                                "head": "linear" if "head.weight" in merged else "random-projection"})
-            onnx_info = None
-            if export:
-                onnx_info = {**_export(model, writer.file("model.onnx"), prep, labels, writer.version,
-                                       learner.method_config.name), "file": "model.onnx"}
-            manifest = Manifest(version=writer.version, parent=parent, task_index=task_index, labels=labels,
-                                tasks=tasks, preprocessing=prep,
-                                method={**learner.method_config.model_dump(),
-                                        **({"chosen_by": choice} if choice else {})},
-                                head=learner.head_config.model_dump(),
-                                backbone=cfg.backbone,
-                                metrics=metrics, onnx=onnx_info, gate=gate, files={},
-                                training={**train.model_dump(), "device": str(device), "seconds": summary["seconds"],
-                                          "workers": workers,
-                                          "train_images": summary["train_images"], "corrupt_skipped": len(data.corrupt),
-                                          "method_summary": summary["method"], "head_summary": summary["head"],
-                                          "head_state_bytes": learner.head.state_bytes()})
-            version = store.publish(writer, manifest, make_current=gate is None or gate["passed"])
-        except BaseException:
-            writer.discard()
-            raise
+        metrics, gate = _evaluate_and_gate(store, model, learner, parent_manifest, tasks, test_found, summary,
+                                           train, log)
+        version, onnx_info = _publish(store, learner, merged, model, parent, task_index, tasks, metrics, gate,
+                                      choice, summary, train, len(data.corrupt), workers, export)
     return {"version": version, "parent": parent, "task": task_index, "classes_added": data.class_names,
-            "total_classes": len(labels), "seconds": time.time() - t0, "train_seconds": summary["seconds"],
+            "total_classes": len(learner.labels), "seconds": time.time() - t0, "train_seconds": summary["seconds"],
             "decode_seconds": decode_seconds, "metrics": metrics, "method_summary": summary["method"],
-            "head_summary": summary["head"], "onnx": onnx_info, "device": str(device), "gate": gate,
-            "live": gate is None or gate["passed"], "method": learner.method_config.name, "auto": choice}
+            "head_summary": summary["head"], "onnx": onnx_info, "device": str(resolve_device(train.device)),
+            "gate": gate, "live": gate is None or gate["passed"], "method": learner.method_config.name,
+            "auto": choice}
+
+
+def _check_inputs(data_dir, test_data, parent_manifest: Manifest | None, progress: bool):
+    """The task's classes (all new) and the test folder's (all known after this task), before any decoding."""
+    known = parent_manifest.labels if parent_manifest else []
+    found = scan_image_folder(local_copy(data_dir, progress=progress))
+    check_new_classes(found, known)
+    test_found = None
+    if test_data is not None:
+        test_found = scan_image_folder(local_copy(test_data, progress=progress))
+        check_known_classes(test_found, known + sorted(found))
+    return found, test_found
+
+
+def _choose(store: Store, parent: int | None, data: TaskData, train: TrainConfig, progress: bool,
+            log: Callable[[str], None]) -> tuple[LearnerFactory, dict[str, Any] | None]:
+    """The learner to train: the parent's; a fresh one; or, for `auto` on the first task, the measured winner."""
+    cfg = store.config()
+    mcfg = parse_method(cfg.method)
+    if parent is not None or not isinstance(mcfg, AutoConfig):
+        return learner_factory(store, parent), None
+    spec, weights = _backbone(store)
+    log(f"method auto: trying the frozen backbone and {mcfg.candidate.name} on {1 - mcfg.holdout:.0%} of each "
+        f"class, scoring on the rest")
+    try:
+        winner, head, choice = choose_method(spec, weights, mcfg, parse_head(cfg.head), data, cfg.preprocessing,
+                                             train, progress=progress, log=log)
+    except ValueError as e:
+        raise UserError(f"method auto: {e}") from None
+    c = choice["chosen"]
+    log(f"method auto: chose {c['method']}" + (f", M = {c['projection']}" if c["projection"] is not None else "")
+        + f" (held-out accuracy: adapter {c['adapter_held_out_accuracy']:.3f}, frozen "
+          f"{c['frozen_held_out_accuracy']:.3f}, margin {choice['margin']:g}); training it on every image")
+    return LearnerFactory(spec, weights, None, winner, head), choice
+
+
+def _train(factory: LearnerFactory, data: TaskData, prep: Preprocessing, train: TrainConfig, workers: int,
+           gpus_per_worker: float, progress: bool, log: Callable[[str], None]):
+    """(learner on the CPU, training summary, task index), here or on Ray Train workers."""
+    if workers > 1:
+        log(f"training on {workers} Ray Train workers ({gpus_per_worker:g} GPU each)")
+        learner, summary = train_task_on_ray(factory, data, prep, train, workers=workers,
+                                             gpus_per_worker=gpus_per_worker)
+        summary["workers"] = workers
+        return learner, summary, learner.num_tasks - 1
+    learner = factory().to_device(resolve_device(train.device))
+    task_index = learner.num_tasks
+    summary = train_task(learner, data, prep, train, progress=progress, desc=f"task {task_index}")
+    learner.to_device("cpu")
+    return learner, summary, task_index
+
+
+def _evaluate_and_gate(store: Store, model, learner: Learner, parent_manifest: Manifest | None,
+                       tasks: list[TaskRecord], test_found, summary: dict[str, Any], train: TrainConfig,
+                       log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Training metrics, test accuracy when a test folder was given, and the release gate's decision."""
+    prep, labels = store.config().preprocessing, list(learner.labels)
+    metrics: dict[str, Any] = {"train_accuracy": summary["train_accuracy"], "final_loss": summary["final_loss"]}
+    if test_found is not None:
+        test = load_task_data(test_found, prep, train_view=False, class_names=labels)
+        metrics["test"] = accuracy_report(model, test, labels, tasks, prep, train.eval_batch_size)
+    gate = None
+    if store.policy().gate_data:
+        gate = run_gate(store, store.policy(), model, parent_manifest, labels, tasks, train.eval_batch_size, log)
+    return metrics, gate
+
+
+def _publish(store: Store, learner: Learner, merged: dict[str, torch.Tensor], model, parent: int | None,
+             task_index: int, tasks: list[TaskRecord], metrics: dict[str, Any], gate: dict[str, Any] | None,
+             choice: dict[str, Any] | None, summary: dict[str, Any], train: TrainConfig, corrupt: int, workers: int,
+             export: bool) -> tuple[int, dict[str, Any] | None]:
+    """Write the learner, the merged weights and (with `export`) the parity-checked ONNX file into a new version,
+    then publish it: live if the gate passed or there is none, else a candidate. Nothing is left on a failure."""
+    cfg, labels = store.config(), list(learner.labels)
+    writer = store.new_version()
+    tasks[-1] = tasks[-1].model_copy(update={"version": writer.version})
+    try:
+        tensors, meta = learner.state()
+        save_file(tensors, str(writer.file("learner.safetensors")), metadata=meta)
+        save_file(merged, str(writer.file("merged.safetensors")),
+                  metadata={"timm_model": cfg.backbone["timm_model"],
+                            "timm_kwargs": json.dumps(cfg.backbone.get("timm_kwargs", {})),
+                            "labels": json.dumps(labels),
+                            "head": "linear" if "head.weight" in merged else "random-projection"})
+        onnx_info = None
+        if export:
+            onnx_info = {**_export(model, writer.file("model.onnx"), cfg.preprocessing, labels, writer.version,
+                                   learner.method_config.name), "file": "model.onnx"}
+        manifest = Manifest(
+            version=writer.version, parent=parent, task_index=task_index, labels=labels, tasks=tasks,
+            preprocessing=cfg.preprocessing, backbone=cfg.backbone, metrics=metrics, onnx=onnx_info, gate=gate,
+            method={**learner.method_config.model_dump(), **({"chosen_by": choice} if choice else {})},
+            head=learner.head_config.model_dump(), files={},
+            training={**train.model_dump(), "device": str(resolve_device(train.device)),
+                      "seconds": summary["seconds"], "workers": workers, "train_images": summary["train_images"],
+                      "corrupt_skipped": corrupt, "method_summary": summary["method"],
+                      "head_summary": summary["head"], "head_state_bytes": learner.head.state_bytes()})
+        return store.publish(writer, manifest, make_current=gate is None or gate["passed"]), onnx_info
+    except BaseException:
+        writer.discard()
+        raise
 
 
 def run_gate(store: Store, policy, model, parent_manifest: Manifest | None, labels: list[str],
@@ -269,36 +309,6 @@ def run_gate(store: Store, policy, model, parent_manifest: Manifest | None, labe
                                    gate_images={p["task"]: p["images"] for p in new["per_task"]})
     return {**decision, "gate_data": policy.gate_data, "parent": parent_manifest.version if parent_manifest else None,
             "accuracy": new["accuracy"]}
-
-
-def set_policy(root: str | Path, *, gate_data: str | Path | None = None, max_drop: float | None = None,
-               min_new_accuracy: float | None = None, off: bool = False) -> ReleasePolicy:
-    """Change the store's release policy (only the fields given); `off` removes the gate."""
-    store = open_store(root)
-    store.config()
-    with store.lock():
-        current = store.policy()
-        update: dict[str, Any] = {"gate_data": None} if off else {}
-        if gate_data is not None:
-            scan_image_folder(local_copy(gate_data))  # a folder that cannot be read is refused now, not later
-            update["gate_data"] = str(gate_data).rstrip("/") if is_url(gate_data) else str(Path(gate_data).resolve())
-        if max_drop is not None:
-            update["max_drop"] = max_drop
-        if min_new_accuracy is not None:
-            update["min_new_accuracy"] = min_new_accuracy
-        try:
-            policy = ReleasePolicy(**{**current.model_dump(), **update})
-        except ValidationError as e:
-            raise UserError(f"invalid policy: {_validation_message(e)}") from None
-        store.set_policy(policy)
-    return policy
-
-
-def promote(root: str | Path, version: int, wait: bool = False) -> dict[str, Any]:
-    """Make a version live by hand (a candidate the gate refused, or any verified version)."""
-    rollback(root, version, wait=wait)
-    m = open_store(root).manifest(version, verify=False)
-    return {"version": version, "gate": m.gate}
 
 
 def _export(model, path: Path, prep: Preprocessing, labels: list[str], version: int, method: str,
@@ -346,62 +356,3 @@ def evaluate(root: str | Path, data_dir: str | Path, version: int | None = None,
     data = load_task_data(found, m.preprocessing, train_view=False, class_names=m.labels)
     report = accuracy_report(load_merged_model(store, v), data, m.labels, m.tasks, m.preprocessing, batch_size)
     return {"version": v, **report}
-
-
-def rollback(root: str | Path, version: int, wait: bool = False) -> int:
-    """Point CURRENT at an existing (verified) version; the server swaps to it. Also repairs a broken CURRENT."""
-    store = open_store(root)
-    store.config()
-    with store.lock(wait=wait):
-        store.set_current(version)
-    return version
-
-
-def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
-    """What the store holds and what a server started on it would serve.
-
-    Every version is verified (sha256 of each listed file; `fast` reads the manifests only and says so). A
-    version is `ok`, or `broken` with the reason; `serving` is the version a server would load (the live one, if it
-    verifies and has an ONNX file), or None with the reason and the fix; `healthy` is False when it is None while
-    versions exist or when CURRENT itself is broken.
-    """
-    store = open_store(root)
-    cfg = store.config()
-    try:
-        current, current_error = store.current(), None
-    except StoreError as e:
-        current, current_error = None, str(e)
-    versions, by_version = [], {}
-    for v in store.versions():
-        row: dict[str, Any] = {"version": v, "live": v == current}
-        try:
-            m = store.manifest(v, verify=not fast)
-            row.update({"parent": m.parent, "task": m.task_index, "classes": len(m.labels),
-                        "new_classes": len(m.tasks[-1].labels) if m.tasks else 0, "created_at": m.created_at,
-                        "test_accuracy": (m.metrics.get("test") or {}).get("accuracy"),
-                        "onnx": m.onnx_file() is not None, "state": "ok" if not fast else "not verified",
-                        "gate": None if m.gate is None else {"passed": m.gate["passed"], "reasons": m.gate["reasons"]},
-                        "candidate": m.gate is not None and not m.gate["passed"] and v != current})
-            by_version[v] = m
-        except StoreError as e:
-            row.update({"state": "broken", "error": str(e)})
-        versions.append(row)
-    live = by_version.get(current)
-    serving: dict[str, Any] = {"version": None}
-    if current_error:
-        serving["reason"] = current_error
-    elif current is None:
-        serving["reason"] = "no version is live yet: publish one with `cl-serve add-task`"
-    elif live is None:
-        serving["reason"] = f"live version {current} is broken: a server refuses it; {store.fix_hint()}"
-    elif live.onnx_file() is None:
-        serving["reason"] = (f"live version {current} has no ONNX file (published with --no-export); "
-                             f"run `cl-serve export --store {store.root} --version {current}`")
-    else:
-        serving = {"version": current}
-    healthy = current_error is None and (serving["version"] is not None or not versions)
-    return {"store": store.name, "method": cfg.method, "head": cfg.head, "backbone": cfg.backbone,
-            "preprocessing": cfg.preprocessing.model_dump(), "current": current, "current_error": current_error,
-            "verified": not fast, "serving": serving, "healthy": healthy, "policy": store.policy().model_dump(),
-            "tasks": len(live.tasks) if live else 0, "classes": len(live.labels) if live else 0,
-            "versions": versions}

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -39,11 +38,10 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cl_serve.api_models import (MAX_TOP_K, ClassifyJSON, ClassifyMultipart, ClassifyResponse, error_responses,
+from cl_serve.api_models import (ClassifyJSON, ClassifyMultipart, ClassifyResponse, error_responses,
                                  openapi_body)
 from cl_serve.loopback import patch_replica_grpc
 from cl_serve.request_parsing import BodyBudget, parse_classify_json, parse_top_k, parse_version, read_body, replay

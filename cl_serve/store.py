@@ -21,27 +21,20 @@ import re
 import shutil
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
+from cl_serve.contract.store_schema import (FORMAT_VERSION, Manifest, ReleasePolicy, StoreConfig, describe_error,
+                                            utc_now)
 from cl_serve.errors import StoreError
-from cl_serve.contract.preprocessing import Preprocessing
 
-FORMAT_VERSION = 1
-VERSION_FILES = ("learner.safetensors", "merged.safetensors", "model.onnx")
-PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a file name inside a version directory, nothing else
 # What the user of each writing command can do when another writer holds the store's lock.
 LOCK_HINTS = {"add-task": "retry later or pass --wait", "rollback": "retry later or pass --wait",
               "promote": "retry later or pass --wait", "policy": "retry later",
               "export": "retry when it has finished (`cl-serve status` shows the store)"}
 CURRENT_FORMAT = re.compile(rb"[0-9]{1,9}\n?")  # CURRENT: ASCII digits, one optional newline
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -68,85 +61,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-class StoreConfig(BaseModel):
-    """store.json: fixed when the store is created."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format_version: int = FORMAT_VERSION
-    created_at: str = Field(default_factory=utc_now)
-    backbone: dict[str, Any]  # cl_serve.trainer.backbone.BackboneSpec as a dict
-    backbone_sha256: str
-    method: dict[str, Any]  # the method config (name + hyper-parameters)
-    head: dict[str, Any] = Field(default_factory=lambda: {"name": "task-local"})  # the head strategy and settings
-    preprocessing: Preprocessing
-
-
-class ReleasePolicy(BaseModel):
-    """policy.json: when a newly trained version may go live by itself (changeable at any time)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    gate_data: str | None = Field(None, description="ImageFolder of held-out images of old and new classes; "
-                                                    "None: every version goes live when published")
-    max_drop: float = Field(0.05, ge=0.0, le=1.0, description="largest accuracy drop allowed on any earlier task, "
-                                                              "against the parent version, on the gate data")
-    min_new_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="accuracy the new task must reach")
-
-
-class TaskRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    index: int
-    labels: list[str]
-    version: int
-
-
-class Manifest(BaseModel):
-    """manifest.json of one immutable version."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format_version: int = FORMAT_VERSION
-    version: int
-    parent: int | None
-    task_index: int
-    created_at: str = Field(default_factory=utc_now)
-    labels: list[str]  # class-index order
-    tasks: list[TaskRecord]
-    preprocessing: Preprocessing
-    method: dict[str, Any]
-    head: dict[str, Any] = Field(default_factory=lambda: {"name": "task-local"})
-    backbone: dict[str, Any]
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    training: dict[str, Any] = Field(default_factory=dict)
-    onnx: dict[str, Any] | None = None  # export info; "file" names the ONNX file (default model.onnx)
-    onnx_fp16: dict[str, Any] | None = None  # the same for the fp16 export, when there is one
-    gate: dict[str, Any] | None = None  # the release gate's decision (cl_serve.release_gate), when a policy ran
-    files: dict[str, str]  # file name -> sha256
-
-    @field_validator("files")
-    @classmethod
-    def _plain_names(cls, files: dict[str, str]) -> dict[str, str]:
-        bad = [n for n in files if not PLAIN_NAME.fullmatch(n) or n == "manifest.json"]
-        if bad:
-            raise ValueError(f"file names must be plain names inside the version directory, got {bad[:3]}")
-        return files
-
-    def onnx_file(self, fp16: bool = False) -> str | None:
-        """The version's ONNX file name (fp16: the half-precision one), or None when it has none."""
-        info = self.onnx_fp16 if fp16 else self.onnx
-        name = (info or {}).get("file", "model.fp16.onnx" if fp16 else "model.onnx")
-        return name if name in self.files else None
-
-
-def describe_error(e: Exception) -> str:
-    """One line for a user: a validation error's first field and message, else the exception's first line."""
-    if isinstance(e, ValidationError) and e.errors():
-        err = e.errors()[0]
-        return f"{'.'.join(str(x) for x in err['loc']) or 'value'}: {err['msg']}"
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def fault_point(name: str) -> None:

@@ -68,9 +68,9 @@ def _status_parser(sub) -> None:
 
 
 def _status(a: argparse.Namespace) -> int:
-    from cl_serve import pipeline
+    from cl_serve import versions
 
-    r = pipeline.status(a.store, fast=a.fast)
+    r = versions.status(a.store, fast=a.fast)
     if a.json:
         print_json(r)
     else:

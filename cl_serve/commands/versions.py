@@ -34,10 +34,10 @@ def _policy_parser(sub) -> None:
 
 
 def _policy(a: argparse.Namespace) -> int:
-    from cl_serve import pipeline
+    from cl_serve import versions
 
     if a.off or a.gate_data or a.max_drop is not None or a.min_new_accuracy is not None:
-        policy = pipeline.set_policy(a.store, gate_data=a.gate_data, max_drop=a.max_drop,
+        policy = versions.set_policy(a.store, gate_data=a.gate_data, max_drop=a.max_drop,
                                      min_new_accuracy=a.min_new_accuracy, off=a.off)
     else:
         from cl_serve.open_store import open_store
@@ -55,9 +55,9 @@ def _promote_parser(sub) -> None:
 
 
 def _promote(a: argparse.Namespace) -> int:
-    from cl_serve import pipeline
+    from cl_serve import versions
 
-    r = pipeline.promote(a.store, a.version, wait=a.wait)
+    r = versions.promote(a.store, a.version, wait=a.wait)
     note = "" if r["gate"] is None or r["gate"]["passed"] else \
         f" (promoted by hand; the gate had said: {'; '.join(r['gate']['reasons'])})"
     print(f"version {r['version']} is live{note}")
@@ -72,9 +72,9 @@ def _rollback_parser(sub) -> None:
 
 
 def _rollback(a: argparse.Namespace) -> int:
-    from cl_serve import pipeline
+    from cl_serve import versions
 
-    v = pipeline.rollback(a.store, a.version, wait=a.wait)
+    v = versions.rollback(a.store, a.version, wait=a.wait)
     print(f"version {v} is live")
     return 0
 

@@ -154,8 +154,8 @@ def _decode_opened(im: Image.Image, limits: ImageLimits, min_side: int, pixel_bu
         im.draft("RGB", (min_side, min_side))  # decode at 1/2, 1/4 or 1/8 size when that still covers min_side
     dw, dh = im.size
     if pixel_budget is not None and dw * dh > pixel_budget:
-        raise ImageRejected(413, f"the images of this request decode to more pixels than allowed; "
-                                 f"send fewer or smaller images")
+        raise ImageRejected(413, "the images of this request decode to more pixels than allowed; "
+                                 "send fewer or smaller images")
     try:
         im.load()
         # A decoded image far larger than the model needs is box-reduced by an integer factor (keeping at least twice

@@ -148,68 +148,16 @@ class TokenCache:
         return self.train[v, idx]
 
 
-def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainConfig, *,
-                  progress: bool = True, desc: str = "", collective: Local | None = None
-                  ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Learn one task's branches and training block in place (begin_task, training, end_task); returns the
-    summary and the features of the task's training images (eval view, final model) for the head.
-    `collective`: the other workers of a multi-worker run (cl_serve.trainer.collective); None is one process.
-
-    When the method adapts only the last blocks (`blocks`), the frozen blocks before them run once per image view
-    (`TokenCache`) and every step runs only the adapted blocks. A task past the method's `adapt_tasks` learns no
-    branch: the backbone stays as it is and only the training block (and then the head) learns."""
-    coll = collective or Local()
-    device = learner.device
-    task = learner.num_tasks
-    torch.manual_seed(cfg.seed * 100_003 + task)
-    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + task)  # batch order: the same on every worker
-    aug_gen = gen if coll.world == 1 else torch.Generator().manual_seed(cfg.seed * 100_003 + task + 7919 * coll.rank)
-    t0 = time.time()
-    mine = coll.shard(len(data))
-    eval_u8 = data.eval_u8[mine].to(device)
-    adapting = learner.adapts(task)
-    cache = TokenCache(learner, data, eval_u8, p, cfg, aug_gen, progress, desc or f"task {task}") \
-        if adapting and learner.split > 0 else None
-    use_cache = cache is not None and cache.views > 0
-
-    def views():
-        if cache is not None:
-            return iter(cache.eval.split(cfg.eval_batch_size))
-        return eval_batches(eval_u8, p, cfg.eval_batch_size, device)
-
-    def all_features(feats: torch.Tensor) -> torch.Tensor:
-        return coll.gather_rows(feats, len(data))
-
-    passes: dict[str, torch.Tensor] = {}
-
-    def moments():
-        feats, cs = learner.feature_pass(views(), moments=True, tokens=cache is not None)
-        passes["features"] = all_features(feats)  # the last pass runs the final model: the head reuses it
-        return coll.mean_moments(cs, len(mine))
-
-    # Features of this task's images on the backbone as it was: with those after the update they fit the map that
-    # moves the head's statistics of earlier classes (cl_serve.trainer.heads.drift)
-    before = all_features(learner.feature_pass(views(), tokens=cache is not None)[0]) \
-        if adapting and learner.head.num_classes and learner.head.tracks_drift else None
-    if adapting:
-        learner.method.begin_task(task, moments)
-    passes.clear()
-    block = learner.add_block(data.class_names)
-    method_params = learner.method.trainable_parameters() if adapting else []
-    n = len(data)
-    frozen = not method_params  # a frozen backbone: the features never change, so compute them once
-    if frozen:
-        passes["features"] = all_features(learner.feature_pass(views(), tokens=cache is not None)[0])
-        cached = passes["features"].to(device)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    trainable = method_params + list(block.parameters())
+def _optimise(logits_of, trainable: list[torch.Tensor], labels: torch.Tensor, cfg: TrainConfig, coll: Local,
+              gen: torch.Generator, progress: bool, desc: str) -> tuple[float, float, float]:
+    """`cfg.epochs` epochs of shuffled batches: cross-entropy of `logits_of(indices)` against `labels`, gradients
+    summed over the workers of `coll`; returns the last epoch's mean loss and accuracy, and the seconds it took."""
+    n, device = len(labels), labels.device
+    total = cfg.epochs * math.ceil(n / cfg.batch_size)
     opt, sched = make_optimizer(trainable, cfg, total)
-    train_u8, labels = data.train_u8.to(device), data.labels.to(device)
-    learner.eval()  # frozen backbone: no dropout / drop-path while adapting
-    bar = tqdm(total=total, desc=desc or f"task {task}", disable=not progress, unit="step", leave=False, mininterval=1.0)
+    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", leave=False, mininterval=1.0)
     loss_sum, correct, seen = 0.0, 0, 0
-    t_train = time.time()
+    t0 = time.time()
     try:
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=gen).to(device)
@@ -221,13 +169,7 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
                 opt.zero_grad(set_to_none=True)
                 if len(idx):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                        if frozen:
-                            logits = block(cached[idx]).float()
-                        elif use_cache:
-                            logits = block(learner.suffix(cache.batch(idx, aug_gen))).float()
-                        else:
-                            x = normalize(augment(train_u8[idx], p.input_size, cfg.min_crop_scale, aug_gen), p)
-                            logits = learner.block_logits(x).float()  # a task trains only its own logits
+                        logits = logits_of(idx)
                     loss = F.cross_entropy(logits, y)
                     loss.backward()
                 coll.sync_gradients(trainable, len(idx), len(batch))
@@ -241,17 +183,91 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
                 bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}")
     finally:
         bar.close()
-    t_train = time.time() - t_train
+    return loss_sum / max(seen, 1), correct / max(seen, 1), time.time() - t0
+
+
+class _TaskPasses:
+    """No-grad passes over one task's evaluation views on this worker's share of the images, gathered from every
+    worker: through the cached prefix tokens when the first blocks are frozen (`TokenCache`), else from pixels.
+    `moments` is what a method's begin_task/end_task call; its last features (the final model's) are kept."""
+
+    def __init__(self, learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainConfig, coll: Local,
+                 cache_gen: torch.Generator | None, progress: bool, desc: str):
+        self.learner, self.p, self.cfg, self.coll, self.n = learner, p, cfg, coll, len(data)
+        self.mine = coll.shard(len(data))
+        self.eval_u8 = data.eval_u8[self.mine].to(learner.device)
+        self.cache = TokenCache(learner, data, self.eval_u8, p, cfg, cache_gen, progress, desc) \
+            if cache_gen is not None else None
+        self.last: torch.Tensor | None = None
+
+    def _views(self):
+        if self.cache is not None:
+            return iter(self.cache.eval.split(self.cfg.eval_batch_size))
+        return eval_batches(self.eval_u8, self.p, self.cfg.eval_batch_size, self.learner.device)
+
+    def features(self) -> torch.Tensor:
+        feats = self.learner.feature_pass(self._views(), tokens=self.cache is not None)[0]
+        return self.coll.gather_rows(feats, self.n)
+
+    def moments(self) -> dict[str, torch.Tensor]:
+        feats, cs = self.learner.feature_pass(self._views(), moments=True, tokens=self.cache is not None)
+        self.last = self.coll.gather_rows(feats, self.n)
+        return self.coll.mean_moments(cs, len(self.mine))
+
+
+def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainConfig, *,
+                  progress: bool = True, desc: str = "", collective: Local | None = None
+                  ) -> tuple[dict[str, Any], torch.Tensor]:
+    """Learn one task's branches and training block in place (begin_task, training, end_task); returns the
+    summary and the features of the task's training images (eval view, final model) for the head.
+    `collective`: the other workers of a multi-worker run (cl_serve.trainer.collective); None is one process.
+
+    When the method adapts only the last blocks (`blocks`), the frozen blocks before them run once per image view
+    (`TokenCache`) and every step runs only the adapted blocks. A task past the method's `adapt_tasks` learns no
+    branch: the backbone stays as it is and only the training block (and then the head) learns."""
+    coll = collective or Local()
+    task, t0 = learner.num_tasks, time.time()
+    torch.manual_seed(cfg.seed * 100_003 + task)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + task)  # batch order: the same on every worker
+    aug_gen = gen if coll.world == 1 else torch.Generator().manual_seed(cfg.seed * 100_003 + task + 7919 * coll.rank)
+    adapting = learner.adapts(task)
+    passes = _TaskPasses(learner, data, p, cfg, coll, aug_gen if adapting and learner.split > 0 else None, progress,
+                         desc or f"task {task}")
+    cache = passes.cache
+    # Features of this task's images on the backbone as it was: with those after the update they fit the map that
+    # moves the head's statistics of earlier classes (cl_serve.trainer.heads.drift)
+    before = passes.features() if adapting and learner.head.num_classes and learner.head.tracks_drift else None
+    if adapting:
+        learner.method.begin_task(task, passes.moments)
+    passes.last = None
+    block = learner.add_block(data.class_names)
+    method_params = learner.method.trainable_parameters() if adapting else []
+    frozen = not method_params  # a frozen backbone: the features never change, so compute them once
+    if frozen:
+        passes.last = passes.features()
+        cached = passes.last.to(learner.device)
+    train_u8 = data.train_u8.to(learner.device)
+    learner.eval()  # frozen backbone: no dropout / drop-path while adapting
+
+    def logits_of(idx: torch.Tensor) -> torch.Tensor:  # a task trains only its own logits
+        if frozen:
+            return block(cached[idx]).float()
+        if cache is not None and cache.views > 0:
+            return block(learner.suffix(cache.batch(idx, aug_gen))).float()
+        return learner.block_logits(normalize(augment(train_u8[idx], p.input_size, cfg.min_crop_scale, aug_gen),
+                                              p)).float()
+
+    final_loss, train_accuracy, t_train = _optimise(logits_of, method_params + list(block.parameters()),
+                                                    data.labels.to(learner.device), cfg, coll, gen, progress,
+                                                    desc or f"task {task}")
     block.requires_grad_(False)
-    summary = learner.method.end_task(task, moments) if adapting else learner.method.skip_task(task)
-    features = passes["features"] if "features" in passes else \
-        all_features(learner.feature_pass(views(), tokens=cache is not None)[0])
+    summary = learner.method.end_task(task, passes.moments) if adapting else learner.method.skip_task(task)
+    features = passes.last if passes.last is not None else passes.features()
     drift = learner.head.transport(fit_drift(before, features, seed=task)) if before is not None else None
-    out = {"task": task, "classes": data.class_names, "train_images": n, "epochs": cfg.epochs,
-           "final_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-           "seconds": time.time() - t0, "method": summary, "adapted": adapting,
-           "train_steps_seconds": t_train, "drift": drift,
-           "train_images_per_second": cfg.epochs * n / max(time.time() - t0, 1e-9)}
+    out = {"task": task, "classes": data.class_names, "train_images": len(data), "epochs": cfg.epochs,
+           "final_loss": final_loss, "train_accuracy": train_accuracy, "seconds": time.time() - t0,
+           "method": summary, "adapted": adapting, "train_steps_seconds": t_train, "drift": drift,
+           "train_images_per_second": cfg.epochs * len(data) / max(time.time() - t0, 1e-9)}
     if cache is not None:
         out["cache"] = {"frozen_blocks": learner.split, "views": cache.views, "seconds": cache.seconds}
     return out, features
