@@ -80,7 +80,8 @@ def make_tasks(root: Path) -> list[tuple[Path, Path]]:
     """Three tasks of line-drawing classes (a domain the pretext classes do not cover): (train dir, test dir) each."""
     from cl_serve.trainer.synthetic import class_names, write_image_folder
 
-    names = class_names(TASKS * CLASSES_PER_TASK, offset=PRETEXT_CLASSES)
+    shapes = [n.split("-", 1)[1] for n in class_names(TASKS * CLASSES_PER_TASK, offset=PRETEXT_CLASSES)]
+    names = [f"drawing-{shape}" for shape in shapes]  # no colour in this domain: the shape is the class
     out = []
     for t in range(TASKS):
         cls = names[t * CLASSES_PER_TASK:(t + 1) * CLASSES_PER_TASK]
@@ -109,13 +110,17 @@ def learn_tasks(store: Path, method: dict, head: str, ckpt: Path, tasks: list[tu
     matrix = []
     for t, (train_dir, _) in enumerate(tasks):
         r = pipeline.add_task(store, train_dir, cfg, progress=True)
-        row = [pipeline.evaluate(store, tasks[j][1])["accuracy"] for j in range(t + 1)]
+        row = [pipeline.evaluate(store, tasks[j][1], r["version"])["accuracy"] for j in range(t + 1)]
         matrix.append(row)
         g = r["gate"]
         print(f"[demo]   {label}: version {r['version']} learned task {t} in {r['train_seconds']:.1f}s; accuracy per "
               "task so far: " + ", ".join(f"{a:.2f}" for a in row)
               + ("" if g is None else "; gate " + ("passed: live" if g["passed"]
                                                    else "REFUSED (" + "; ".join(g["reasons"]) + ")")))
+        if not r["live"]:  # a refused version is a candidate; the next task would build on its parent instead
+            pipeline.promote(store, r["version"])
+            print(f"[demo]   (the demo promotes version {r['version']} by hand to go on: `cl-serve promote "
+                  f"{r['version']}`)")
     return matrix
 
 

@@ -14,7 +14,7 @@ def serve_and_classify(store: Path, test_dirs: list[Path], screenshot: Path | No
     url = f"http://127.0.0.1:{port}"
     print(f"[demo] starting Ray Serve on {url} ...")
     t0 = time.time()
-    serve_cli.start(str(store), port=port, num_cpus=2)
+    serve_cli.start(str(store), port=port, num_cpus=2, quiet=True)
     try:
         serve_cli.wait_until_healthy(url)
         images = [str(next(iter(sorted(c.iterdir())))) for d in test_dirs for c in sorted(d.iterdir())[:1]]

@@ -18,21 +18,35 @@ from cl_serve.loopback import use_loopback_ray
 from cl_serve.open_store import open_store
 
 
+_OWN_RAY = False  # whether `start` started the Ray instance (then `stop` ends all of it)
+
+
 def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
-          metrics_port: int | None = None, num_gpus: int | None = None, **app_kwargs):
+          metrics_port: int | None = None, num_gpus: int | None = None, quiet: bool = False, **app_kwargs):
     """Start a private local Ray + Serve on host:port with the classifier application; returns when deployed.
-    `metrics_port`: Ray's Prometheus endpoint (http://127.0.0.1:PORT/metrics) with the server's own metrics."""
+    `metrics_port`: Ray's Prometheus endpoint (http://127.0.0.1:PORT/metrics) with the server's own metrics.
+    `quiet`: only errors from Ray and Serve on this process's log (the demo's output is the demo's)."""
+    global _OWN_RAY
+    import logging
+
     import ray
     from ray import serve
 
     from cl_serve.server import build_app
 
     open_store(store).config()  # a missing or broken store is a clear error before Ray starts
+    if quiet:
+        for name in ("ray", "ray.serve"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
         use_loopback_ray()
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False, _metrics_export_port=metrics_port)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 logging_level="ERROR" if quiet else "WARNING", log_to_driver=False,
+                 _metrics_export_port=metrics_port)
+        _OWN_RAY = True
     serve.start(http_options={"host": host, "port": port})
+    if quiet:  # Serve sets its own logger's level when it starts
+        logging.getLogger("ray.serve").setLevel(logging.ERROR)
     serve.run(build_app(store, **app_kwargs), name="cl-serve", route_prefix="/", blocking=False)
 
 
@@ -62,10 +76,13 @@ def stop() -> None:
     import ray
     from ray import serve
 
+    global _OWN_RAY
     try:
-        serve.shutdown()
+        if not _OWN_RAY:  # someone else's Ray: remove our application; ours: ending Ray ends Serve with it
+            serve.shutdown()  # (and serve.shutdown first makes Ray report its killed controller as a failure)
     finally:
         ray.shutdown()
+        _OWN_RAY = False
 
 
 def serve_forever(a) -> None:

@@ -79,7 +79,8 @@ def render_drawing(name: str, size: int, rng: np.random.Generator) -> Image.Imag
     """One random line drawing of class `name`: the shape's outline in dark ink on light paper, no colour.
 
     A different domain from `render` (filled colour on a dark background): what a backbone pretrained on the
-    coloured images has to adapt to. The colour part of the name is ignored, so only the shape tells classes apart.
+    coloured images has to adapt to. The part of the name before the shape is ignored ("drawing-disk"), so only the
+    shape tells classes apart.
     """
     shape = name.split("-", 1)[1]
     m = _mask(shape, size, rng)
