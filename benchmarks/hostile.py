@@ -4,8 +4,9 @@
 
 Starts a local `cl-serve serve` on a tiny generated store, then sends (1) the hostile requests of
 `hostile_cases` (image bombs, extreme aspect ratios, malformed JSON and multipart, oversized bodies, bad
-top_k) and (2) the most expensive requests the limits still admit (the largest PNG, the per-request pixel budget
-filled, 64 ordinary images). For each: status, wall time, and the growth of the replica's peak RSS (VmHWM, reset
+top_k), (2) the most expensive requests the limits still admit (the largest PNG, WebP and CMYK JPEG, the
+per-request pixel budget filled, 64 ordinary images), (3) the generated corpus of `benchmarks.hostile_corpus`
+(575 cases in 7 families) and (4) slowloris of 64 and 500 connections. For each: status, wall time, and the growth of the replica's peak RSS (VmHWM, reset
 before every request through /proc/PID/clear_refs where allowed). Prints a table and the worst time and memory,
 and the replica's resident size when idle before the run and after it (memory given back, or kept).
 The same `hostile_cases` are asserted (4xx, bounded time) in tests/test_server.py.
@@ -98,6 +99,8 @@ def hostile_cases(good: bytes) -> dict[str, dict]:
 
 def admitted_worst_cases() -> dict[str, dict]:
     """The most expensive requests the default limits admit (or just refuse): the per-request worst case."""
+    from PIL import Image
+
     def files(blobs: list[bytes]) -> dict:
         return {"files": [("file", (f"{i}.png", b, "application/octet-stream")) for i, b in enumerate(blobs)]}
 
@@ -106,7 +109,20 @@ def admitted_worst_cases() -> dict[str, dict]:
     big_jpeg = encoded_image("JPEG", (6300, 6300), "RGB")
     budget = encoded_image("PNG", (5700, 5700))  # 32.5 M pixels: three fill the 100 M request budget
     ordinary = encoded_image("JPEG", (1024, 768), "RGB")
+    def saved(mode: str, size: tuple[int, int], fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        Image.new(mode, size).save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
     return {
+        # the issue's cases: refused (413) since WebP and progressive/CMYK JPEG have their own pixel limit (12 M)
+        "WebP 6300x6300 lossless (1.6 kB, 39.7 Mpx)": files([saved("RGB", (6300, 6300), "WEBP", lossless=True)]),
+        "JPEG 6300x6300 CMYK progressive": files([saved("CMYK", (6300, 6300), "JPEG", progressive=True)]),
+        # the largest such files admitted
+        "WebP 4000x3000 RGB lossless (12 Mpx)": files([saved("RGB", (4000, 3000), "WEBP", lossless=True)]),
+        "WebP 4000x3000 RGBA lossless (12 Mpx)": files([saved("RGBA", (4000, 3000), "WEBP", lossless=True)]),
+        "JPEG 4000x3000 CMYK progressive (12 Mpx)": files([saved("CMYK", (4000, 3000), "JPEG", progressive=True)]),
+        "JPEG 4000x3000 RGB progressive (12 Mpx)": files([saved("RGB", (4000, 3000), "JPEG", progressive=True)]),
         "PNG 6300x6300 grey (39.7 Mpx)": files([big_png]),
         "PNG 6300x6300 RGBA (39.7 Mpx)": files([rgba_png]),
         "JPEG 6300x6300 (DCT-reduced decode)": files([big_jpeg]),
@@ -148,6 +164,44 @@ def _reset_peak(pid: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def run_corpus(client, pid: int, good: bytes) -> dict:
+    """Every case of `benchmarks.hostile_corpus`: status (and whether the case allows it), time, peak RSS growth;
+    summarised per family (cases, unexpected statuses, 5xx, worst time, worst memory)."""
+    from benchmarks.hostile_corpus import corpus
+
+    rows = []
+    for case in corpus(good):
+        kwargs = dict(case.kwargs)
+        method = kwargs.pop("method", "POST")
+        reset = _reset_peak(pid)
+        base = _peak_rss_mib(pid) if reset else None
+        t0 = time.monotonic()
+        try:
+            status = client.request(method, "/classify", **kwargs).status_code
+        except Exception as e:  # a dropped connection is a failure too
+            status = type(e).__name__
+        took = time.monotonic() - t0
+        growth = (_peak_rss_mib(pid) - base) if reset else None
+        rows.append({"family": case.family, "case": case.name, "status": status, "expected": status in case.allowed,
+                     "seconds": round(took, 3), "peak_rss_growth_mib": None if growth is None else round(growth, 1)})
+    summary: dict[str, dict] = {}
+    for r in rows:
+        f = summary.setdefault(r["family"], {"cases": 0, "unexpected": 0, "5xx_or_failed": 0, "worst_seconds": 0.0,
+                                             "worst_peak_rss_growth_mib": 0.0})
+        f["cases"] += 1
+        f["unexpected"] += not r["expected"]
+        f["5xx_or_failed"] += not isinstance(r["status"], int) or r["status"] >= 500
+        f["worst_seconds"] = max(f["worst_seconds"], r["seconds"])
+        f["worst_peak_rss_growth_mib"] = max(f["worst_peak_rss_growth_mib"], r["peak_rss_growth_mib"] or 0.0)
+    for r in rows:
+        if not r["expected"]:
+            print(f"corpus: unexpected {r['status']} for {r['family']} / {r['case']}", flush=True)
+    for fam, f in summary.items():
+        print(f"corpus {fam:10s} {f['cases']:4d} cases, {f['unexpected']} unexpected, {f['5xx_or_failed']} 5xx, "
+              f"worst {f['worst_seconds']:.3f}s {f['worst_peak_rss_growth_mib']:+.1f} MiB", flush=True)
+    return {"rows": rows, "summary": summary}
 
 
 def slowloris(client, url: str, image: bytes, connections: int, probes: int = 8) -> dict:
@@ -238,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{group:20s} {name:42s} {status!s:>5} {took:7.3f}s "
                           f"{'' if growth is None else f'{growth:+8.1f} MiB'}", flush=True)
             ok = c.post("/classify", files=[("file", ("a.png", good, "image/png"))]).status_code
+            generated = run_corpus(c, pid, good)
             slow = [slowloris(c, url, good, n) for n in (64, 500)]
             time.sleep(1.0)
             after_rss = _rss_mib(pid)
@@ -248,15 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     worst_m = max((r for r in rows if r["peak_rss_growth_mib"] is not None),
                   key=lambda r: r["peak_rss_growth_mib"], default=None)
     summary = {"requests": len(rows), "5xx_or_failed": len(fivexx), "served_after": ok, "slowloris": slow,
+               "corpus": generated["summary"],
                "replica_rss_idle_mib": round(idle_rss, 1), "replica_rss_after_run_mib": round(after_rss, 1),
                "replica_rss_kept_mib": round(after_rss - idle_rss, 1),
                "worst_seconds": worst_t, "worst_peak_rss_growth": worst_m, "replica_peak_rss_mib": _peak_rss_mib(pid)
                if os.path.exists(f"/proc/{pid}") else None, "cpu_count": os.cpu_count()}
     print(json.dumps({k: v for k, v in summary.items()}, indent=1))
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / f"{a.name}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    (Path(a.out) / f"{a.name}.json").write_text(json.dumps({"summary": summary, "rows": rows,
+                                                            "corpus_rows": generated["rows"]}, indent=1))
     slow_ok = all(r["legitimate_statuses"] == [200] for r in slow)
-    return 0 if not fivexx and ok == 200 and slow_ok else 1
+    corpus_ok = all(f["unexpected"] == 0 for f in generated["summary"].values())
+    return 0 if not fivexx and ok == 200 and slow_ok and corpus_ok else 1
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ DEFAULTS = {"poll_interval_s": 1.0, "max_request_bytes": 20 * 1024 * 1024, "max_
             "max_images": 64, "default_top_k": 5, "max_concurrent_decodes": 2,
             "max_queued_requests": 64, "request_timeout_s": 30.0, "canary_percent": 0.0,
             "body_timeout_s": 10.0, "image_formats": ["JPEG", "PNG", "WEBP"],
-            "max_body_bytes_in_flight": 256 * 1024 * 1024}
+            "max_body_bytes_in_flight": 256 * 1024 * 1024, "max_costly_pixels": 12_000_000}
 AUTH_ENV = "CL_SERVE_AUTH_TOKEN"
 PUBLIC_PATHS = {"/healthz", "/"}  # answered without the bearer token: probes, and the page (it asks for the token)
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -135,7 +135,8 @@ class Classifier:
             raise ValueError(f"canary_percent must be in [0, 100], got {config['canary_percent']}")
         settings = {**self.settings, **{k: v for k, v in config.items() if k in DEFAULTS}}
         self.limits = ImageLimits(max_pixels=settings["max_pixels"], max_side=settings["max_side"],
-                                  max_aspect=settings["max_aspect"], formats=tuple(settings["image_formats"]))
+                                  max_aspect=settings["max_aspect"], formats=tuple(settings["image_formats"]),
+                                  max_costly_pixels=settings["max_costly_pixels"])
         if settings["max_concurrent_decodes"] != self.settings["max_concurrent_decodes"]:
             self._decode_slots = asyncio.Semaphore(int(settings["max_concurrent_decodes"]))
         self.settings = settings

@@ -183,3 +183,29 @@ def test_request_bodies_share_a_byte_budget_and_give_it_back():
     with pytest.raises(BadInput) as e:
         asyncio.run(read_body(_request([b"x" * 600], {}), 500, budget))
     assert e.value.status == 413 and budget.used == 0
+
+
+def test_a_corrupt_cmyk_jpeg_is_a_4xx_not_a_pillow_key_error():
+    """Found by the generated corpus (a 500 before the fix): Pillow tried its MPO plugin, never registered."""
+    from benchmarks.hostile_corpus import corpus
+
+    case = next(c for c in corpus(b"") if c.name == "JPEG CMYK 33x7 with 8 flipped bytes #1")
+    with pytest.raises(ImageRejected) as e:
+        open_bounded(case.kwargs["files"][0][1][1], ImageLimits(), min_side=36)
+    assert 400 <= e.value.status < 500
+
+
+@pytest.mark.parametrize("fmt, mode, save", [("WEBP", "RGB", {"lossless": True}),
+                                             ("JPEG", "CMYK", {}), ("JPEG", "RGB", {"progressive": True})])
+def test_files_decoded_whole_have_their_own_pixel_limit(fmt, mode, save):
+    """WebP and progressive or CMYK JPEG cost many bytes per pixel whatever the model needs (a 1.6 kB WebP of
+    6300x6300 took +606 MiB): refused above max_costly_pixels, before decoding; baseline RGB JPEG is not."""
+    buf = io.BytesIO()
+    Image.new(mode, (4000, 3001)).save(buf, format=fmt, **save)
+    with pytest.raises(ImageRejected, match="decoded whole") as e:
+        open_bounded(buf.getvalue(), ImageLimits(), min_side=36)
+    assert e.value.status == 413
+    assert open_bounded(buf.getvalue(), ImageLimits(max_costly_pixels=13_000_000), min_side=36).mode == "RGB"
+    plain = io.BytesIO()
+    Image.new("RGB", (4000, 3001)).save(plain, format="JPEG")
+    assert open_bounded(plain.getvalue(), ImageLimits(), min_side=36).mode == "RGB"

@@ -19,6 +19,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+Image.init()  # every plugin registered: Image.open(formats=["JPEG", "MPO"]) raises KeyError on a bad JPEG otherwise
+
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "MPO"}
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP")
 _SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
@@ -77,6 +79,10 @@ class ImageLimits(BaseModel):
     max_side: int = Field(20_000, gt=0, description="largest width or height")
     max_aspect: float = Field(50.0, ge=1.0, description="longer side / shorter side")
     max_file_bytes: int = Field(200 * 1024 * 1024, gt=0, description="largest encoded file read from disk")
+    max_costly_pixels: int = Field(12_000_000, gt=0, description=(
+        "pixel limit for files whose decoder holds the whole image at many bytes per pixel however small the "
+        "model's input: WebP (about 15 bytes per pixel measured) and progressive or CMYK JPEG (the DCT coefficients "
+        "of every component); 12 M is a 4000x3000 photo"))
     formats: tuple[str, ...] = Field(DEFAULT_FORMATS, min_length=1, description=(
         f"image formats accepted, from {sorted(ALLOWED_FORMATS)}; the rest is refused before decoding (415)"))
 
@@ -113,7 +119,7 @@ def open_bounded(source: bytes | str | Path, limits: ImageLimits, min_side: int 
         im = Image.open(fp, formats=[fmt] if fmt != "JPEG" else ["JPEG", "MPO"])
     except Image.DecompressionBombError:
         raise ImageRejected(413, f"image has too many pixels (limit {limits.max_pixels})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, KeyError, IndexError, TypeError):
         raise ImageRejected(415, "not a decodable image (supported: JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
     try:
         return _decode_opened(im, limits, min_side, pixel_budget)
@@ -150,6 +156,12 @@ def _decode_opened(im: Image.Image, limits: ImageLimits, min_side: int, pixel_bu
     if max(w, h) / min(w, h) > limits.max_aspect:
         raise ImageRejected(413, f"image is {w}x{h}: aspect ratio {max(w, h) / min(w, h):.0f}:1 is over the "
                                  f"limit of {limits.max_aspect:g}:1")
+    costly = im.format == "WEBP" or (im.format in ("JPEG", "MPO") and (
+        im.mode == "CMYK" or im.info.get("progressive") or im.info.get("progression")))
+    if costly and w * h > limits.max_costly_pixels:
+        kind = "WebP" if im.format == "WEBP" else "progressive or CMYK JPEG"
+        raise ImageRejected(413, f"{kind} image of {w}x{h} = {w * h} pixels: such files are decoded whole; the limit "
+                                 f"for them is {limits.max_costly_pixels} pixels")
     if im.format in ("JPEG", "MPO") and min_side > 0:
         im.draft("RGB", (min_side, min_side))  # decode at 1/2, 1/4 or 1/8 size when that still covers min_side
     dw, dh = im.size

@@ -22,7 +22,7 @@ from cl_serve.trainer.errors import DataError
 
 # The server's size limits (what could not be served is not trained on either); training folders may also hold the
 # formats a server refuses by default (GIF, BMP, TIFF, PPM): every format the decoder knows.
-TRAIN_IMAGE_LIMITS = ImageLimits(formats=tuple(sorted(ALLOWED_FORMATS)))
+TRAIN_IMAGE_LIMITS = ImageLimits(formats=tuple(sorted(ALLOWED_FORMATS)), max_costly_pixels=40_000_000)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
