@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 
+from cl_serve import server_settings
 from cl_serve.errors import UserError
 from cl_serve.loopback import use_loopback_ray
 from cl_serve.open_store import open_store
@@ -88,14 +89,18 @@ def stop() -> None:
 def serve_forever(a) -> None:
     if a.replicas < 1 or a.max_batch_size < 1:
         raise UserError("--replicas and --max-batch-size must be >= 1")
-    if a.gpus_per_replica < 0 or a.max_queued_requests < 1 or a.request_timeout <= 0 or not 0 <= a.canary <= 100:
-        raise UserError("--gpus-per-replica must be >= 0, --max-queued-requests >= 1, --request-timeout > 0, "
-                        "--canary in [0, 100]")
+    if a.gpus_per_replica < 0:
+        raise UserError("--gpus-per-replica must be >= 0")
+    settings = {"poll_interval_s": a.poll_interval, "max_request_bytes": int(a.max_request_mb * 1024 * 1024),
+                "max_queued_requests": a.max_queued_requests, "request_timeout_s": a.request_timeout,
+                "canary_percent": a.canary}
+    try:
+        server_settings.validated(settings)  # before Ray starts: the flag's name is in the message
+    except ValueError as e:
+        raise UserError(str(e)) from None
     start(a.store, a.host, a.port, a.num_cpus, metrics_port=a.metrics_port, replicas=a.replicas,
-          max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms, poll_interval_s=a.poll_interval,
-          max_request_bytes=int(a.max_request_mb * 1024 * 1024), gpus_per_replica=a.gpus_per_replica,
-          settings={"max_queued_requests": a.max_queued_requests, "request_timeout_s": a.request_timeout,
-                    "canary_percent": a.canary},
+          max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms, poll_interval_s=settings.pop("poll_interval_s"),
+          max_request_bytes=settings.pop("max_request_bytes"), gpus_per_replica=a.gpus_per_replica, settings=settings,
           auth_token=a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN") or None)
     auth = "bearer token required" if (a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN")) else "no auth token"
     print(f"cl-serve: serving {a.store} on http://{a.host}:{a.port} (page /, POST /classify, GET /v1/versions, "

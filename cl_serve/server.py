@@ -47,6 +47,7 @@ from cl_serve.loopback import patch_replica_grpc
 from cl_serve.request_parsing import BodyBudget, parse_classify_json, parse_top_k, parse_version, read_body, replay
 from cl_serve.runtime import BadInput, ModelWatcher, prepare_batch, top_k_predictions
 from cl_serve.serve_metrics import ServerMetrics
+from cl_serve import server_settings
 from cl_serve.memory_return import MemoryReturn
 from cl_serve.contract.image_decode import ImageLimits
 
@@ -56,12 +57,7 @@ log = logging.getLogger("cl_serve")
 app = FastAPI(title="cl-serve", description="Continual image classification with zero-downtime model swaps",
               docs_url=None, redoc_url=None, redirect_slashes=False)
 
-DEFAULTS = {"poll_interval_s": 1.0, "max_request_bytes": 20 * 1024 * 1024, "max_pixels": 40_000_000,
-            "max_side": 20_000, "max_aspect": 50.0, "max_request_pixels": 100_000_000,
-            "max_images": 64, "default_top_k": 5, "max_concurrent_decodes": 2,
-            "max_queued_requests": 64, "request_timeout_s": 30.0, "canary_percent": 0.0,
-            "body_timeout_s": 10.0, "image_formats": ["JPEG", "PNG", "WEBP"],
-            "max_body_bytes_in_flight": 256 * 1024 * 1024, "max_costly_pixels": 12_000_000}
+DEFAULTS = server_settings.defaults()  # every user_config key: cl_serve/server_settings.py
 AUTH_ENV = "CL_SERVE_AUTH_TOKEN"
 PUBLIC_PATHS = {"/healthz", "/"}  # answered without the bearer token: probes, and the page (it asks for the token)
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -124,16 +120,9 @@ class Classifier:
 
     # -- Serve hooks ----------------------------------------------------------------------------------------------
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """user_config: poll_interval_s, max_request_bytes, max_pixels, max_side, max_aspect, max_request_pixels,
-        max_images, default_top_k, max_concurrent_decodes, max_queued_requests, request_timeout_s, canary_percent
-        (that share of requests without ?version goes to the newest candidate), and `version` (pin that version;
-        null follows CURRENT again)."""
-        unknown = set(config) - set(DEFAULTS) - {"version"}
-        if unknown:
-            raise ValueError(f"unknown user_config keys: {sorted(unknown)}")
-        if not 0 <= float(config.get("canary_percent", 0)) <= 100:
-            raise ValueError(f"canary_percent must be in [0, 100], got {config['canary_percent']}")
-        settings = {**self.settings, **{k: v for k, v in config.items() if k in DEFAULTS}}
+        """user_config: the keys of `cl_serve.server_settings.ServerSettings` (validated; a bad value keeps the
+        replica's current settings and fails the update), and `version` (pin that version; null follows CURRENT)."""
+        settings = server_settings.validated({**self.settings, **config})
         self.limits = ImageLimits(max_pixels=settings["max_pixels"], max_side=settings["max_side"],
                                   max_aspect=settings["max_aspect"], formats=tuple(settings["image_formats"]),
                                   max_costly_pixels=settings["max_costly_pixels"])
@@ -311,7 +300,8 @@ class Classifier:
 
 
 def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
-              poll_interval_s: float = 1.0, max_request_bytes: int = DEFAULTS["max_request_bytes"],
+              poll_interval_s: float = DEFAULTS["poll_interval_s"],
+              max_request_bytes: int = DEFAULTS["max_request_bytes"],
               num_cpus: float = 1.0, gpus_per_replica: float = 0.0, intra_op_threads: Optional[int] = None,
               auth_token: Optional[str] = None, settings: Optional[dict[str, Any]] = None,
               max_cached_versions: int = 2, autoscaling: Optional[dict[str, Any]] = None):
@@ -320,9 +310,7 @@ def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_
     `autoscaling`: a Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...) instead of
     a fixed number of replicas."""
     user_config = {"poll_interval_s": poll_interval_s, "max_request_bytes": max_request_bytes, **(settings or {})}
-    unknown = set(user_config) - set(DEFAULTS) - {"version"}
-    if unknown:
-        raise ValueError(f"unknown server settings: {sorted(unknown)} (known: {sorted(DEFAULTS)})")
+    server_settings.validated(user_config)  # an unknown key or a bad value fails here, not in a replica
     scaling: dict[str, Any] = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
     return Classifier.options(
         **scaling, ray_actor_options={"num_cpus": num_cpus, "num_gpus": gpus_per_replica}, user_config=user_config,
@@ -340,6 +328,7 @@ def app_builder(args: dict[str, Any]):
     settings = {k: args[k] for k in DEFAULTS if k in args and k not in ("poll_interval_s", "max_request_bytes")}
     return build_app(store, replicas=int(args.get("replicas", 1)),
                      max_batch_size=int(args.get("max_batch_size", 32)),
-                     poll_interval_s=float(args.get("poll_interval_s", 1.0)),
+                     poll_interval_s=float(args.get("poll_interval_s", DEFAULTS["poll_interval_s"])),
+                     max_request_bytes=int(args.get("max_request_bytes", DEFAULTS["max_request_bytes"])),
                      gpus_per_replica=float(args.get("gpus_per_replica", 0)), settings=settings,
                      autoscaling=args.get("autoscaling"))

@@ -209,3 +209,19 @@ def test_files_decoded_whole_have_their_own_pixel_limit(fmt, mode, save):
     plain = io.BytesIO()
     Image.new("RGB", (4000, 3001)).save(plain, format="JPEG")
     assert open_bounded(plain.getvalue(), ImageLimits(), min_side=36).mode == "RGB"
+
+
+def test_server_settings_are_one_typed_model_checked_where_they_enter(tmp_path):
+    """cl_serve/server_settings.py: the CLI, build_app/app_builder and reconfigure all validate with it."""
+    from cl_serve import server_settings
+    from tests.conftest import run_cli
+
+    full = server_settings.validated({"canary_percent": 5, "image_formats": ["png", "jpeg"]})
+    assert full["canary_percent"] == 5 and full["image_formats"] == ["PNG", "JPEG"]
+    assert full["max_queued_requests"] == server_settings.default("max_queued_requests") == 64
+    for bad, words in [({"canary_percent": 120}, "canary_percent"), ({"max_queue": 1}, "unknown server settings"),
+                       ({"image_formats": ["PDF"]}, "unknown image formats"), ({"max_images": 0}, "max_images")]:
+        with pytest.raises(ValueError, match=words):
+            server_settings.validated(bad)
+    r = run_cli("serve", "--store", str(tmp_path), "--canary", "120")  # refused before Ray starts
+    assert r.returncode == 2 and "canary_percent" in r.stderr, r.stderr

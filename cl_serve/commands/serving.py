@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from cl_serve.commands.common import Command, print_json, store_arg
+from cl_serve.server_settings import default
 
 
 def _serve_parser(sub) -> None:
@@ -14,14 +15,14 @@ def _serve_parser(sub) -> None:
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
-    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between checks of the store's CURRENT")
-    p.add_argument("--max-request-mb", type=float, default=20.0)
+    p.add_argument("--poll-interval", type=float, default=default("poll_interval_s"), help="seconds between checks of the store's CURRENT")
+    p.add_argument("--max-request-mb", type=float, default=default("max_request_bytes") / 2**20)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")
     p.add_argument("--gpus-per-replica", type=float, default=0.0,
                    help="GPUs each replica requests (fractions share a GPU); on CUDA the fp16 ONNX file is preferred")
-    p.add_argument("--max-queued-requests", type=int, default=64,
+    p.add_argument("--max-queued-requests", type=int, default=default("max_queued_requests"),
                    help="requests one replica holds at once; beyond, 503 with Retry-After")
-    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds per request before a 503")
+    p.add_argument("--request-timeout", type=float, default=default("request_timeout_s"), help="seconds per request before a 503")
     p.add_argument("--canary", type=float, default=0.0, metavar="P", help="send P%% of requests (those without "
                    "?version) to the newest candidate the release gate refused; responses say canary: true")
     p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint on 127.0.0.1")
