@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 from cl_serve.errors import StoreError
+from cl_serve.contract.store_schema import version_state
 from cl_serve.store import Manifest, Store
 from cl_serve.open_store import open_store
 from cl_serve.contract.image_decode import ImageLimits, ImageRejected, open_bounded
@@ -280,8 +281,9 @@ class ModelWatcher:
 
     def list_versions(self) -> list[dict[str, Any]]:
         """Every version with parent, task, classes, accuracies, release-gate decision and state (for
-        GET /v1/versions): live (the store's CURRENT), serving (this replica's model), candidate (published,
-        refused by the gate, not live), refused (failed verification here), broken (unreadable manifest)."""
+        GET /v1/versions): `state` in the store's one vocabulary (cl_serve.contract.store_schema.VERSION_STATES:
+        live, published, candidate, broken: unreadable, or refused by this replica, with the error), and `serving`
+        (this replica's model)."""
         try:
             current = self.store.current()
         except StoreError:
@@ -293,7 +295,8 @@ class ModelWatcher:
             try:
                 m = self.store.manifest(v, verify=False)
             except StoreError as e:
-                rows.append({**row, "state": "broken", "error": str(e)})
+                rows.append({**row, "state": version_state(live=v == current, gate=None, error=str(e)),
+                             "error": str(e)})
                 continue
             test = (m.metrics.get("test") or {}).get("per_task") or []
             gate = m.gate or {}
@@ -306,14 +309,9 @@ class ModelWatcher:
                         "accuracy_source": "gate" if gate else ("test" if test else None),
                         "gate": None if not gate else {"passed": gate["passed"], "reasons": gate["reasons"]}})
             refused = self.refusal(v)
+            row["state"] = version_state(live=v == current, gate=m.gate, error=refused)
             if refused is not None:
-                row["state"], row["error"] = "refused", refused
-            elif v == current:
-                row["state"] = "live"
-            elif gate and not gate["passed"]:
-                row["state"] = "candidate"
-            else:
-                row["state"] = "published"
+                row["error"] = refused
             rows.append(row)
         return rows
 

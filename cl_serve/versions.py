@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cl_serve.contract.store_schema import ReleasePolicy, describe_error
+from cl_serve.contract.store_schema import ReleasePolicy, describe_error, version_state
 from cl_serve.errors import StoreError, UserError
 from cl_serve.open_store import open_store
 from cl_serve.remote_inputs import is_url, local_copy
@@ -75,12 +75,11 @@ def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
             row.update({"parent": m.parent, "task": m.task_index, "classes": len(m.labels),
                         "new_classes": len(m.tasks[-1].labels) if m.tasks else 0, "created_at": m.created_at,
                         "test_accuracy": (m.metrics.get("test") or {}).get("accuracy"),
-                        "onnx": m.onnx_file() is not None, "state": "ok" if not fast else "not verified",
-                        "gate": None if m.gate is None else {"passed": m.gate["passed"], "reasons": m.gate["reasons"]},
-                        "candidate": m.gate is not None and not m.gate["passed"] and v != current})
+                        "onnx": m.onnx_file() is not None, "state": version_state(live=v == current, gate=m.gate),
+                        "gate": None if m.gate is None else {"passed": m.gate["passed"], "reasons": m.gate["reasons"]}})
             by_version[v] = m
         except StoreError as e:
-            row.update({"state": "broken", "error": str(e)})
+            row.update({"state": version_state(live=v == current, gate=None, error=str(e)), "error": str(e)})
         versions.append(row)
     live = by_version.get(current)
     serving: dict[str, Any] = {"version": None}

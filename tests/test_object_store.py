@@ -71,7 +71,7 @@ def test_versions_round_trip_through_the_bucket_and_the_watcher_follows(s3_store
     r = run_cli("status", "--store", s3_store, "--json")
     info = json.loads(r.stdout)
     assert r.returncode == 0 and info["serving"] == {"version": 2} and info["verified"]
-    assert [v["state"] for v in info["versions"]] == ["ok", "ok"]
+    assert [v["state"] for v in info["versions"]] == ["published", "live"]
 
 
 def test_a_second_writer_is_refused_by_the_lease(s3_store, tasks):

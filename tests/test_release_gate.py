@@ -46,7 +46,7 @@ def test_a_forgetting_version_becomes_a_candidate_and_promote_makes_it_live(tmp_
     assert s.config().backbone["seed"] == 0
     print(f"\ngate decision: {m.gate['reasons']}")
     st = json.loads(run_cli("status", "--store", str(store), "--json").stdout)
-    assert [v["candidate"] for v in st["versions"]] == [False, True]
+    assert [v["state"] for v in st["versions"]] == ["live", "candidate"]
     r = run_cli("add-task", "--store", str(store), "--data", str(tasks[2]["train"]), *TRAIN)
     assert s.manifest(3).parent == 1  # the next task builds on the live version, not on the candidate
     r = run_cli("promote", "--store", str(store), "2")

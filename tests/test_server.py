@@ -19,6 +19,7 @@ from cl_serve import pipeline
 from cl_serve.store import Store, vname
 from cl_serve.contract.preprocessing import preprocess_image
 from benchmarks.hostile import hostile_cases
+from cl_serve.contract.store_schema import VERSION_STATES
 from tests.conftest import fast_train, init_tiny_store
 
 pytestmark = pytest.mark.serving
@@ -381,15 +382,16 @@ def test_versions_over_http_and_classify_with_an_explicit_version(server, tasks)
     body = c.get("/v1/versions").json()
     states = {v["version"]: v["state"] for v in body["versions"]}
     assert body["live"] == live and states[live] == "live" and set(states) == set(s.versions())
+    assert set(states.values()) <= set(VERSION_STATES)  # the vocabulary `cl-serve status` uses too
     row = next(v for v in body["versions"] if v["version"] == live)
     assert row["classes"] == len(s.manifest(live).labels) and row["parent"] == s.manifest(live).parent
     image = base64.b64encode(_png(next(tasks[0]["test"].rglob("*.png")))).decode()
-    first = min(v for v, st in states.items() if st != "refused")
+    first = min(v for v, st in states.items() if st != "broken")
     r = c.post(f"/classify?version={first}", json={"images": [image]})
     assert r.status_code == 200 and r.json()["model_version"] == first
     assert c.post("/classify?version=999", json={"images": [image]}).status_code == 404
     assert c.post("/classify?version=1e3", json={"images": [image]}).status_code == 422
-    refused = [v for v, st in states.items() if st == "refused"]  # the corrupt version of the test above
+    refused = [v for v, st in states.items() if st == "broken"]  # the corrupt version of the test above
     if refused:
         r = c.post(f"/classify?version={refused[0]}", json={"images": [image]})
         assert r.status_code == 409 and "sha256" in r.json()["error"]

@@ -94,7 +94,7 @@ def test_status_verifies_and_says_what_a_server_would_serve(two_version_store):
     assert r.returncode == 2 and info["healthy"] is False and info["serving"]["version"] is None
     assert "--version 1" in info["serving"]["reason"]
     states = {v["version"]: v["state"] for v in info["versions"]}
-    assert states == {1: "ok", 2: "broken"}
+    assert states == {1: "published", 2: "broken"}  # one vocabulary with /v1/versions
     assert "sha256" in next(v["error"] for v in info["versions"] if v["version"] == 2)
     r = run_cli("status", "--store", str(two_version_store))
     assert r.returncode == 2 and "BROKEN" in r.stdout and "a server would serve: nothing new" in r.stdout

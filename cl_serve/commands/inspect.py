@@ -27,7 +27,7 @@ def print_status(r: dict[str, Any]) -> None:
         if v["state"] == "broken":
             print(f"  {mark} {v['version']:4d}  BROKEN: {v['error']}")
             continue
-        if v["candidate"]:
+        if v["state"] == "candidate":
             mark = "c"
         acc = f"test acc {v['test_accuracy']:.3f}" if v["test_accuracy"] is not None else ""
         onnx = "" if v["onnx"] else "  (no ONNX: not servable)"

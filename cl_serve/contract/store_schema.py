@@ -98,3 +98,21 @@ def describe_error(e: Exception) -> str:
         err = e.errors()[0]
         return f"{'.'.join(str(x) for x in err['loc']) or 'value'}: {err['msg']}"
     return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+# One vocabulary for a version's state, shared by `cl-serve status`, GET /v1/versions and the page.
+VERSION_STATES = {
+    "live": "the store's CURRENT: what servers serve",
+    "published": "verified and not live: a rollback target",
+    "candidate": "refused by its release gate and not live: `cl-serve promote N` makes it live",
+    "broken": "unreadable, failing verification or failing to load: nothing serves it (the error says why)",
+}
+
+
+def version_state(*, live: bool, gate: dict[str, Any] | None, error: str | None = None) -> str:
+    """The state of one version in `VERSION_STATES` (a live version that is broken is `broken`)."""
+    if error is not None:
+        return "broken"
+    if live:
+        return "live"
+    return "candidate" if gate is not None and not gate.get("passed", True) else "published"
