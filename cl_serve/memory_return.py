@@ -32,18 +32,27 @@ class MemoryReturn:
         except (OSError, AttributeError):
             self._trim = None
 
-    def give_back_if_grown(self) -> bool:
-        """Trim when the process grew past baseline + slack; returns whether it trimmed."""
+    def grown(self) -> bool:
+        """Whether the process grew past baseline + slack (a read of /proc/self/statm: cheap enough for an event
+        loop); a smaller size than the baseline becomes the baseline."""
         now = resident_mib()
         if now is None or self._trim is None:
             return False
         if self.baseline is None or now < self.baseline:
             self.baseline = now
-        if now - self.baseline <= self.slack_mib:
-            return False
+        return now - self.baseline > self.slack_mib
+
+    def give_back(self) -> None:
+        """malloc_trim(0) (blocking for as long as the allocator walks its arenas: run it off the event loop)."""
         self._trim(0)
         self.trims += 1
         after = resident_mib()
-        if after is not None and after < self.baseline + self.slack_mib:
+        if after is not None:
             self.baseline = min(self.baseline, after)
+
+    def give_back_if_grown(self) -> bool:
+        """Trim when the process grew past baseline + slack; returns whether it trimmed."""
+        if not self.grown():
+            return False
+        self.give_back()
         return True

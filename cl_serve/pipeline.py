@@ -155,28 +155,28 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         parent = store.current()
         parent_manifest = store.manifest(parent, verify=True) if parent is not None else None
         found, test_found = _check_inputs(data_dir, test_data, parent_manifest, progress)
-        resolve_device(train.device)  # an unavailable device is an error before any decoding
+        device = resolve_device(train.device)  # an unavailable device is an error before any decoding
         log(f"decoding {sum(len(v) for v in found.values())} images of {len(found)} new classes from {data_dir}")
         t_decode = time.time()
         data = load_task_data(found, cfg.preprocessing, strict=strict)
         decode_seconds = time.time() - t_decode
         for line in data.corrupt:
             log(f"skipped corrupt image {line}")
-        factory, choice = _choose(store, parent, data, train, progress, log)
-        learner, summary, task_index = _train(factory, data, cfg.preprocessing, train, workers, gpus_per_worker,
-                                              progress, log)
+        factory, choice = _choose(store, cfg, parent, data, train, progress, log)
+        learner, summary, task_index = _train(factory, data, cfg.preprocessing, train, device, workers,
+                                              gpus_per_worker, progress, log)
         merged = merged_state_dict(learner)
         model = build_plain_model(bb.BackboneSpec(**cfg.backbone), merged)
         tasks = (parent_manifest.tasks if parent_manifest else []) + [
             TaskRecord(index=task_index, labels=data.class_names, version=0)]
-        metrics, gate = _evaluate_and_gate(store, model, learner, parent_manifest, tasks, test_found, summary,
-                                           train, log)
-        version, onnx_info = _publish(store, learner, merged, model, parent, task_index, tasks, metrics, gate,
-                                      choice, summary, train, len(data.corrupt), workers, export)
+        metrics, gate = _evaluate_and_gate(store, cfg.preprocessing, model, learner, parent_manifest, tasks,
+                                           test_found, summary, train, log)
+        version, onnx_info = _publish(store, cfg, learner, merged, model, parent, task_index, tasks, metrics, gate,
+                                      choice, summary, train, device, len(data.corrupt), workers, export)
     return {"version": version, "parent": parent, "task": task_index, "classes_added": data.class_names,
             "total_classes": len(learner.labels), "seconds": time.time() - t0, "train_seconds": summary["seconds"],
             "decode_seconds": decode_seconds, "metrics": metrics, "method_summary": summary["method"],
-            "head_summary": summary["head"], "onnx": onnx_info, "device": str(resolve_device(train.device)),
+            "head_summary": summary["head"], "onnx": onnx_info, "device": str(device),
             "gate": gate, "live": gate is None or gate["passed"], "method": learner.method_config.name,
             "auto": choice}
 
@@ -193,10 +193,9 @@ def _check_inputs(data_dir, test_data, parent_manifest: Manifest | None, progres
     return found, test_found
 
 
-def _choose(store: Store, parent: int | None, data: TaskData, train: TrainConfig, progress: bool,
-            log: Callable[[str], None]) -> tuple[LearnerFactory, dict[str, Any] | None]:
+def _choose(store: Store, cfg: StoreConfig, parent: int | None, data: TaskData, train: TrainConfig,
+            progress: bool, log: Callable[[str], None]) -> tuple[LearnerFactory, dict[str, Any] | None]:
     """The learner to train: the parent's; a fresh one; or, for `auto` on the first task, the measured winner."""
-    cfg = store.config()
     mcfg = parse_method(cfg.method)
     if parent is not None or not isinstance(mcfg, AutoConfig):
         return learner_factory(store, parent), None
@@ -215,7 +214,7 @@ def _choose(store: Store, parent: int | None, data: TaskData, train: TrainConfig
     return LearnerFactory(spec, weights, None, winner, head), choice
 
 
-def _train(factory: LearnerFactory, data: TaskData, prep: Preprocessing, train: TrainConfig, workers: int,
+def _train(factory: LearnerFactory, data: TaskData, prep: Preprocessing, train: TrainConfig, device, workers: int,
            gpus_per_worker: float, progress: bool, log: Callable[[str], None]):
     """(learner on the CPU, training summary, task index), here or on Ray Train workers."""
     if workers > 1:
@@ -224,35 +223,35 @@ def _train(factory: LearnerFactory, data: TaskData, prep: Preprocessing, train: 
                                              gpus_per_worker=gpus_per_worker)
         summary["workers"] = workers
         return learner, summary, learner.num_tasks - 1
-    learner = factory().to_device(resolve_device(train.device))
+    learner = factory().to_device(device)
     task_index = learner.num_tasks
     summary = train_task(learner, data, prep, train, progress=progress, desc=f"task {task_index}")
     learner.to_device("cpu")
     return learner, summary, task_index
 
 
-def _evaluate_and_gate(store: Store, model, learner: Learner, parent_manifest: Manifest | None,
+def _evaluate_and_gate(store: Store, prep: Preprocessing, model, learner: Learner, parent_manifest: Manifest | None,
                        tasks: list[TaskRecord], test_found, summary: dict[str, Any], train: TrainConfig,
                        log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Training metrics, test accuracy when a test folder was given, and the release gate's decision."""
-    prep, labels = store.config().preprocessing, list(learner.labels)
+    labels = list(learner.labels)
     metrics: dict[str, Any] = {"train_accuracy": summary["train_accuracy"], "final_loss": summary["final_loss"]}
     if test_found is not None:
         test = load_task_data(test_found, prep, train_view=False, class_names=labels)
         metrics["test"] = accuracy_report(model, test, labels, tasks, prep, train.eval_batch_size)
-    gate = None
-    if store.policy().gate_data:
-        gate = run_gate(store, store.policy(), model, parent_manifest, labels, tasks, train.eval_batch_size, log)
+    policy = store.policy()
+    gate = run_gate(store, policy, model, parent_manifest, labels, tasks, train.eval_batch_size, log) \
+        if policy.gate_data else None
     return metrics, gate
 
 
-def _publish(store: Store, learner: Learner, merged: dict[str, torch.Tensor], model, parent: int | None,
-             task_index: int, tasks: list[TaskRecord], metrics: dict[str, Any], gate: dict[str, Any] | None,
-             choice: dict[str, Any] | None, summary: dict[str, Any], train: TrainConfig, corrupt: int, workers: int,
-             export: bool) -> tuple[int, dict[str, Any] | None]:
+def _publish(store: Store, cfg: StoreConfig, learner: Learner, merged: dict[str, torch.Tensor], model,
+             parent: int | None, task_index: int, tasks: list[TaskRecord], metrics: dict[str, Any],
+             gate: dict[str, Any] | None, choice: dict[str, Any] | None, summary: dict[str, Any], train: TrainConfig,
+             device, corrupt: int, workers: int, export: bool) -> tuple[int, dict[str, Any] | None]:
     """Write the learner, the merged weights and (with `export`) the parity-checked ONNX file into a new version,
     then publish it: live if the gate passed or there is none, else a candidate. Nothing is left on a failure."""
-    cfg, labels = store.config(), list(learner.labels)
+    labels = list(learner.labels)
     writer = store.new_version()
     tasks[-1] = tasks[-1].model_copy(update={"version": writer.version})
     try:
@@ -272,7 +271,7 @@ def _publish(store: Store, learner: Learner, merged: dict[str, torch.Tensor], mo
             preprocessing=cfg.preprocessing, backbone=cfg.backbone, metrics=metrics, onnx=onnx_info, gate=gate,
             method={**learner.method_config.model_dump(), **({"chosen_by": choice} if choice else {})},
             head=learner.head_config.model_dump(), files={},
-            training={**train.model_dump(), "device": str(resolve_device(train.device)),
+            training={**train.model_dump(), "device": str(device),
                       "seconds": summary["seconds"], "workers": workers, "train_images": summary["train_images"],
                       "corrupt_skipped": corrupt, "method_summary": summary["method"],
                       "head_summary": summary["head"], "head_state_bytes": learner.head.state_bytes()})

@@ -192,7 +192,8 @@ class ModelWatcher:
         any file (not only the manifest) makes the version worth trying again."""
         d = self.store.version_dir(version)
         try:
-            return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in d.iterdir() if p.is_file()))
+            stats = ((p.name, p.stat()) for p in d.iterdir() if p.is_file())
+            return tuple(sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats))
         except OSError:
             return ()
 

@@ -195,8 +195,8 @@ class Classifier:
         try:
             return await self._handle(request)
         finally:  # the last request out gives back what the others grew (cl_serve.memory_return)
-            if self._inflight == 0 and self._bodies.used == 0:
-                await asyncio.to_thread(self._memory.give_back_if_grown)
+            if self._inflight == 0 and self._bodies.used == 0 and self._memory.grown():
+                await asyncio.to_thread(self._memory.give_back)
 
     async def _handle(self, request: Request):
         t0 = time.monotonic()

@@ -21,7 +21,7 @@ from cl_serve.trainer.data import TaskData
 from cl_serve.trainer.heads import build_head
 from cl_serve.trainer.learner import Learner
 from cl_serve.trainer.methods.config import AutoConfig, NoneConfig
-from cl_serve.trainer.train import TrainConfig, eval_batches, resolve_device, train_task
+from cl_serve.trainer.train import TrainConfig, eval_batches, resolve_device, train_adapter
 
 
 def split_task(data: TaskData, holdout: float, seed: int) -> tuple[TaskData, TaskData]:
@@ -53,11 +53,10 @@ def _head_candidates(head_cfg, auto: AutoConfig) -> list:
 
 
 @torch.no_grad()
-def _score_heads(learner: Learner, fit: TaskData, held: TaskData, heads: list, prep: Preprocessing,
-                 batch_size: int) -> list[tuple[Any, float]]:
-    dev = learner.device
-    f_fit = learner.feature_pass(eval_batches(fit.eval_u8, prep, batch_size, dev))[0]
-    f_held = learner.feature_pass(eval_batches(held.eval_u8, prep, batch_size, dev))[0]
+def _score_heads(learner: Learner, f_fit: torch.Tensor, fit: TaskData, held: TaskData, heads: list,
+                 prep: Preprocessing, batch_size: int) -> list[tuple[Any, float]]:
+    """Held-out accuracy of each head fitted on `f_fit` (the fit images' features from training)."""
+    f_held = learner.feature_pass(eval_batches(held.eval_u8, prep, batch_size, learner.device))[0]
     out = []
     for hcfg in heads:
         head = build_head(hcfg, f_fit.shape[1])
@@ -78,8 +77,9 @@ def choose_method(spec, weights: dict[str, torch.Tensor], auto: AutoConfig, head
     rows, best = [], {}
     for mcfg in (NoneConfig(), auto.candidate):
         learner = Learner(spec, weights, mcfg, head_cfg).to_device(device)
-        summary = train_task(learner, fit, prep, train, progress=progress, desc=f"auto: {mcfg.name}")
-        for hcfg, acc in _score_heads(learner, fit, held, heads, prep, train.eval_batch_size):
+        # the adapter step alone: its features of the fit images are what every candidate head is fitted on
+        summary, f_fit = train_adapter(learner, fit, prep, train, progress=progress, desc=f"auto: {mcfg.name}")
+        for hcfg, acc in _score_heads(learner, f_fit, fit, held, heads, prep, train.eval_batch_size):
             row = {"method": mcfg.name, "adapted": mcfg.name != "none",
                    "projection": getattr(hcfg, "projection", None), "held_out_accuracy": round(acc, 4),
                    "train_seconds": round(summary["seconds"], 2)}

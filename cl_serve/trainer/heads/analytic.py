@@ -8,16 +8,16 @@ error on the other 20 % (never test data). On a frozen backbone the head after T
 fitted on all T tasks at once. The merged model's head is two layers for M > 0 (Linear(d, M, no bias), ReLU,
 Linear(M, C, no bias)) and one plain Linear (zero bias) for M = 0.
 
-Drift: the head also keeps each class's feature mean and count and the pooled within-class scatter
-S = sum (f - mu_c)(f - mu_c)^T (d x d). With `drift = "transport"`, when a later task moves the backbone, `transport`
-moves them with the fitted map (cl_serve.trainer.heads.drift) and rebuilds G and Q for the earlier classes from them: exactly
-for M = 0 (G = S + sum n_c mu_c mu_c^T, Q_c = n_c mu_c), and for M > 0 from min(n_c, `drift_samples`) seeded samples
-of N(mu_c, S / N) per class pushed through the projection and weighted to n_c. The current task's sums stay exact.
+Drift: with `drift = "transport"` the head also keeps each class's feature mean and count and the pooled within-class
+scatter S = sum (f - mu_c)(f - mu_c)^T (d x d); when a later task moves the backbone, `transport` moves them with the
+fitted map (cl_serve.trainer.heads.drift) and rebuilds G and Q for the earlier classes from them: exactly for
+M = 0 (G = S + sum n_c mu_c mu_c^T, Q_c = n_c mu_c), and for M > 0 from min(n_c, `drift_samples`) seeded samples of
+N(mu_c, S / N) per class pushed through the projection and weighted to n_c. The current task's sums stay exact.
 With `drift = "ignore"` (the default: transport did not close the gap in our measurements, see docs/design.md) the
 old sums stay as they were computed (exact on a frozen backbone, stale otherwise).
 
-State: W_rand (4 d M bytes), G (8 M^2 bytes) and S (8 d^2 bytes) are fixed-size; each class adds one column of Q
-(8 M bytes), one row of W (4 M bytes) and its mean and count (8 d + 8 bytes).
+State: W_rand (4 d M bytes) and G (8 M^2 bytes) are fixed-size; each class adds one column of Q (8 M bytes) and one
+row of W (4 M bytes); with transport, also S (8 d^2 bytes, fixed) and each class's mean and count (8 d + 8 bytes).
 """
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ class AnalyticHead(Head):
         n_new = self._check(features, labels, block)
         h = self.expand(features.detach().double().cpu())
         y = F.one_hot(labels.cpu(), n_new).double()
-        self._keep_class_stats(features.detach().double().cpu(), labels.cpu(), n_new)
+        if self.tracks_drift:
+            self._keep_class_stats(features.detach().double().cpu(), labels.cpu(), n_new)
         self.G = self.G + h.T @ h
         self.Q = torch.cat([self.Q, h.T @ y], dim=1)
         self.task_sizes.append(n_new)
@@ -153,15 +154,17 @@ class AnalyticHead(Head):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         ridge = torch.tensor([self.ridge if self.ridge is not None else float("nan")], dtype=torch.float64)
-        return {"w_rand": self.w_rand, "G": self.G, "Q": self.Q, "weight": self.weight, "ridge": ridge,
-                "class_means": self.class_means, "class_counts": self.class_counts, "scatter": self.scatter}
+        out = {"w_rand": self.w_rand, "G": self.G, "Q": self.Q, "weight": self.weight, "ridge": ridge}
+        if self.tracks_drift:
+            out.update(class_means=self.class_means, class_counts=self.class_counts, scatter=self.scatter)
+        return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if tensors["G"].shape != self.G.shape:
             raise ValueError(f"analytic head state has width {tensors['G'].shape[0]}, the config says {self.width}")
         self.w_rand, self.G, self.Q = tensors["w_rand"].float(), tensors["G"].double(), tensors["Q"].double()
         self.weight = tensors["weight"].float()
-        if "class_means" in tensors:  # learners saved before drift transport have no class statistics
+        if "class_means" in tensors:  # kept only with transport (and not by learners saved before it)
             self.class_means = tensors["class_means"].double()
             self.class_counts = tensors["class_counts"].double()
             self.scatter = tensors["scatter"].double()
@@ -169,4 +172,4 @@ class AnalyticHead(Head):
         self.ridge = None if r != r else r
 
     def per_class_bytes(self) -> int:
-        return 8 * self.width + 4 * self.width + 8 * self.dim + 8
+        return 8 * self.width + 4 * self.width + (8 * self.dim + 8 if self.tracks_drift else 0)
