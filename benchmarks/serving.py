@@ -74,8 +74,9 @@ def cost_vs_tasks(model_key: str, task_counts, repeats: int, big_batch: int) -> 
             learner.method.begin_task(done, lambda: {})
             learner.add_block([f"c{done}-{i}" for i in range(10)])
             with torch.no_grad():
-                for p in learner.method.cur_B.values():
-                    p.normal_(0, 0.01)
+                for layer in learner.method.layers.values():
+                    for branch in layer.current.values():
+                        branch.B.normal_(0, 0.01)
             learner.method.end_task(done, lambda: {})
             learner.finish_head(torch.randn(20, learner.backbone.num_features), torch.arange(20) % 10)
             done += 1

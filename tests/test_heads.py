@@ -166,40 +166,41 @@ def second_task_started(backbone, datasets, method):
 
 def test_sdlora_per_task_magnitudes_share_one_alpha_and_keep_the_function(backbone, datasets):
     learner, m = second_task_started(backbone, datasets, "sdlora")
-    assert set(m.cur_alpha) == {"task"} and set(m.alpha) == {"task__t0"}
+    assert m.shared.current is not None and set(m.shared.alpha) == {"t0"}
     train = torch.optim.SGD(m.trainable_parameters(), lr=0.05)
     for _ in range(3):  # alpha_t's gradient is zero while B_t is still zero: check after the last step
         loss = learner(torch.randn(4, 3, 32, 32)).pow(2).mean()
         train.zero_grad()
         loss.backward()
         train.step()
-    assert m.alpha["task__t0"].grad.abs() > 0 and m.cur_alpha["task"].grad.abs() > 0
+    assert m.shared.alpha["t0"].grad.abs() > 0 and m.shared.current.grad.abs() > 0
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         before = learner(x)
         m.end_task(1, lambda: {})
         after = learner(x)
     assert (after - before).abs().max().item() <= 1e-4  # the exact split: unit directions, frozen scales, alpha_t
-    assert set(m.alpha) == {"task__t0", "task__t1"}
-    for k, ids in m.dirs.items():
-        for i in ids:
-            assert abs(m.direction(k, i).norm().item() - 1.0) < 1e-5
+    assert set(m.shared.alpha) == {"t0", "t1"}
+    for ds in m.directions().values():
+        for d in ds:
+            assert abs(d.unit().norm().item() - 1.0) < 1e-5
 
 
 def test_sdlora_kd_per_task_folds_a_task_inside_the_old_span(backbone, datasets):
     learner, m = second_task_started(backbone, datasets, "sdlora-kd")
     with torch.no_grad():
-        for k in m.cur_A:
-            b0, a0 = m._dir(k, "t0")
-            m.cur_A[k].copy_(a0)
-            m.cur_B[k].copy_(b0 * float(m._scale(k, "t0")) * 0.5)  # the whole task's update = 0.5 x task 0's
+        for layer in m.layers.values():
+            for t, br in layer.current.items():
+                old = layer.directions[t][0]  # task 0's
+                br.A.copy_(old.A)
+                br.B.copy_(old.B * float(old.scale) * 0.5)  # the whole task's update = 0.5 x task 0's
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         before = learner(x)
         summary = m.end_task(1, lambda: {})
         after = learner(x)
-    assert summary["directions_folded"] == len(m.dirs) and summary["kd_residual_max"] <= 1e-6
-    assert set(m.alpha) == {"task__t0"} and (after - before).abs().max().item() <= 1e-4
+    assert summary["directions_folded"] == len(m.directions()) and summary["kd_residual_max"] <= 1e-6
+    assert set(m.shared.alpha) == {"t0"} and (after - before).abs().max().item() <= 1e-4
 
 
 def test_cli_default_head_is_analytic_and_its_two_layer_model_is_published(tmp_path, tasks):

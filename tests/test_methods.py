@@ -42,11 +42,11 @@ def test_inflora_branch_is_orthogonal_to_memory(backbone, datasets):
     learner = new_learner(backbone, "inflora")
     learn(learner, datasets, prep, 1)
     m = learner.method
-    memory = {k: m.protected_basis(k).clone() for k in m.sites}
+    memory = {k: layer.protected_basis().clone() for k, layer in m.layers.items()}
     assert all(b.shape[1] > 0 for b in memory.values())
     train_task(learner, datasets[1], prep, fast_train(), progress=False)
     for key, basis in memory.items():
-        b = getattr(m, f"B__{key.replace('.', '_')}")  # B_2, designed before task 2
+        b = m.layers[key].B  # B_2, designed before task 2
         assert b.shape[0] == 4
         assert (b.double() @ basis.double()).norm().item() < 1e-5
         assert b.norm().item() > 0.1  # a real, non-degenerate branch
@@ -75,7 +75,7 @@ def test_inflora_moves_old_task_outputs_far_less_than_sequential_lora(backbone, 
 
 
 def _directions(method):
-    return {k: [method.direction(k, i) for i in ids] for k, ids in method.dirs.items()}
+    return {k: [d.unit() for d in ds] for k, ds in method.directions().items()}
 
 
 def test_sdlora_directions_are_unit_norm_and_only_new_branch_and_magnitudes_train(backbone, datasets):
@@ -96,16 +96,21 @@ def test_sdlora_directions_are_unit_norm_and_only_new_branch_and_magnitudes_trai
         learner.zero_grad()
         learner(torch.randn(4, 3, 32, 32))[:, -2:].sum().backward()
         with torch.no_grad():
-            for p in m.cur_B.values():
-                p.add_(0.01 * torch.randn_like(p))
-    expected = list(m.cur_A.values()) + list(m.cur_B.values()) + list(m.cur_alpha.values()) + list(m.alpha.values())
+            for layer in m.layers.values():
+                for br in layer.current.values():
+                    br.B.add_(0.01 * torch.randn_like(br.B))
+    expected = [p for layer in m.layers.values() for br in layer.current.values() for p in (br.A, br.B, br.alpha)]
+    expected += [d.alpha for ds in m.directions().values() for d in ds]
     assert set(map(id, expected)) == trainable
     for p in expected:
         assert p.grad is not None and p.grad.abs().sum() > 0
-    for name, p in learner.backbone.named_parameters():
+    frozen = [(name, p) for name, p in learner.backbone.named_parameters() if id(p) not in trainable]
+    assert len(frozen) > 10 and all(".base." in n or ".directions." not in n for n, _ in frozen)
+    for name, p in frozen:
         assert p.grad is None, name  # frozen backbone
-    for name, buf in m.named_buffers():
-        assert not buf.requires_grad, name  # old directions are frozen buffers
+    for layer in m.layers.values():
+        for name, buf in layer.named_buffers():
+            assert not buf.requires_grad, name  # old directions are frozen buffers
 
 
 def test_sdlora_kd_folds_a_direction_in_the_span_and_keeps_one_outside(backbone, datasets):
@@ -117,10 +122,11 @@ def test_sdlora_kd_folds_a_direction_in_the_span_and_keeps_one_outside(backbone,
     m.begin_task(1, lambda: {})
     learner.add_block(["x", "y", "z"])
     with torch.no_grad():
-        for k in m.cur_A:
-            b0, a0 = m._dir(k, m.dirs[k][0])
-            m.cur_A[k].copy_(a0)
-            m.cur_B[k].copy_(b0 * 0.7)  # D_new = D_0: exactly in the span of the old direction
+        for layer in m.layers.values():
+            for t, br in layer.current.items():
+                old = layer.directions[t][0]
+                br.A.copy_(old.A)
+                br.B.copy_(old.B * 0.7)  # D_new = D_0: exactly in the span of the old direction
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         before = learner(x)
@@ -128,14 +134,14 @@ def test_sdlora_kd_folds_a_direction_in_the_span_and_keeps_one_outside(backbone,
     with torch.no_grad():
         after = learner(x)
     assert (after - before).abs().max().item() <= 1e-4
-    assert summary["directions_folded"] == len(m.dirs) and summary["directions_kept"] == 0
+    assert summary["directions_folded"] == len(m.directions()) and summary["directions_kept"] == 0
     assert len(m.state_tensors()) == count_before  # one direction fewer than keeping it
-    assert all(len(ids) == 1 for ids in m.dirs.values())
+    assert all(len(ds) == 1 for ds in m.directions().values())
     learner.finish_head(torch.randn(6, 32), torch.arange(6) % 3)
     # a direction outside the span is kept
     train_task(learner, datasets[2], prep, fast_train(), progress=False)
-    assert all(len(ids) == 2 for ids in m.dirs.values())
-    assert learner.task_summaries[-1]["method"]["directions_kept"] == len(m.dirs)
+    assert all(len(ds) == 2 for ds in m.directions().values())
+    assert learner.task_summaries[-1]["method"]["directions_kept"] == len(m.directions())
 
 
 def test_sdlora_rr_ranks_follow_the_schedule(backbone, datasets):
@@ -143,8 +149,8 @@ def test_sdlora_rr_ranks_follow_the_schedule(backbone, datasets):
     schedule = [{"from_task": 1, "rank": 5}, {"from_task": 2, "rank": 3}, {"from_task": 3, "rank": 2}]
     learner = new_learner(backbone, "sdlora-rr", rank_schedule=schedule)
     learn(learner, datasets, prep, 3)
-    for k, ids in learner.method.dirs.items():
-        ranks = [learner.method._dir(k, i)[1].shape[0] for i in ids]
+    for k, ds in learner.method.directions().items():
+        ranks = [d.A.shape[0] for d in ds]
         assert ranks == [5, 3, 2], (k, ranks)
     default = method_config_from_dict({"name": "sdlora-rr"})
     assert [default.rank_for(t) for t in range(12)] == [10] * 4 + [8] * 4 + [6] * 4

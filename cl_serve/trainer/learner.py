@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from cl_serve.trainer.backbone import BackboneSpec, load_backbone, prefix_tokens, suffix_features
+from cl_serve.trainer import learner_format
 from cl_serve.trainer.heads import build_head, head_config_from_dict
 from cl_serve.trainer.methods import build_method, method_config_from_dict
-from cl_serve.trainer.sites import find_sites, first_adapted_block, wrap_sites
+from cl_serve.trainer.sites import find_sites, first_adapted_block
 
 
 class Learner(nn.Module):
@@ -30,7 +31,7 @@ class Learner(nn.Module):
         self.backbone = load_backbone(spec, backbone_weights)
         self.sites = find_sites(self.backbone, method_config.targets, getattr(method_config, "blocks", None))
         self.method = build_method(method_config, self.sites)
-        self.wrappers = wrap_sites(self.backbone, self.sites, self.method.site_delta)
+        self.adapted_layers = self.method.attach(self.backbone)  # each adapted nn.Linear becomes the method's layer
         self.head = build_head(self.head_config, self.backbone.num_features)
         self.block: nn.Linear | None = None  # the current task's training block
         self.labels: list[str] = []
@@ -43,7 +44,6 @@ class Learner(nn.Module):
 
     def to_device(self, device: torch.device | str) -> "Learner":
         self.to(device)
-        self.method._device = torch.device(device)
         return self
 
     @property
@@ -110,14 +110,14 @@ class Learner(nn.Module):
         fp32) and, with `moments`, C = E[x x^T] at every adapted site (InfLoRA's subspace design and memory)."""
         forward = self.suffix if tokens else self.features
         if moments:
-            for w in self.wrappers.values():
+            for w in self.adapted_layers.values():
                 w.start_recording()
         feats = []
         try:
             for x in batches:
                 feats.append(forward(x).float().cpu())
         finally:
-            cs = {k: w.stop_recording() for k, w in self.wrappers.items()} if moments else None
+            cs = {k: w.stop_recording() for k, w in self.adapted_layers.items()} if moments else None
         return (torch.cat(feats) if feats else torch.zeros(0, self.backbone.num_features)), cs
 
     # -- persistence --------------------------------------------------------------------------------------------
@@ -128,6 +128,7 @@ class Learner(nn.Module):
         tensors.update(self.head.state_tensors())
         meta = {"labels": self.labels, "task_sizes": self.task_sizes, "method": self.method_config.model_dump(),
                 "head": self.head_config.model_dump(), "tasks_done": self.method.tasks_done,
+                "format": learner_format.CURRENT,
                 "task_summaries": self.task_summaries}
         return tensors, {"cl_serve_learner": json.dumps(meta)}
 
@@ -137,6 +138,7 @@ class Learner(nn.Module):
         meta = json.loads(metadata["cl_serve_learner"])
         learner = cls(spec, backbone_weights, method_config_from_dict(meta["method"]),
                       head_config_from_dict(meta.get("head")))
+        tensors = learner_format.upgrade(tensors, learner.method_config.family, learner.sites, meta.get("format", 1))
         learner.method.load_state(tensors, meta["tasks_done"])
         learner.head.load_state(tensors, meta["task_sizes"])
         learner.labels = list(meta["labels"])

@@ -19,16 +19,13 @@ from cl_serve.trainer.learner import Learner
 @torch.no_grad()
 def merged_body_state(learner: Learner) -> dict[str, torch.Tensor]:
     """The backbone's state dict (fp32, CPU, no head) with every branch folded into its weights."""
-    state = {}
-    for k, v in learner.backbone.state_dict().items():
-        if not k.startswith("head."):
-            state[k.replace(".base.", ".")] = v.detach().float().cpu().clone()
-    for site in learner.sites:
-        w = state[f"{site.key}.weight"]
-        for t, s, e in site.rows:
-            d = learner.method.merged_delta(site, t)
-            if d is not None:
-                w[s:e] += d.detach().float().cpu()
+    adapted = tuple(f"{key}." for key in learner.adapted_layers)
+    state = {k: v.detach().float().cpu().clone() for k, v in learner.backbone.state_dict().items()
+             if not k.startswith(("head.", *adapted))}
+    for key, layer in learner.adapted_layers.items():
+        state[f"{key}.weight"] = layer.merged_weight()
+        if layer.base.bias is not None:
+            state[f"{key}.bias"] = layer.base.bias.detach().float().cpu().clone()
     return state
 
 

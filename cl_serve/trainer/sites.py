@@ -3,8 +3,9 @@
 A target names a row block of one linear layer: timm fuses the query, key and value projections into
 `attn.qkv`, so "q", "k", "v" are its three row thirds; "proj", "fc1", "fc2" are whole layers. One `Site` is a
 linear layer with the targets it carries (its input, and so its input second moment, is shared by them).
-`AdaptedLinear` computes `W x + b` plus whatever the method adds to each target's rows, and can record the
-uncentred second moment of its inputs for InfLoRA's subspace design.
+`AdaptedLinear` computes `W x + b` plus its adapter's extra output on each target's rows; each method subclasses
+it to hold that adapter's tensors on the layer. It can record the uncentred second moment of its inputs for
+InfLoRA's subspace design.
 """
 from __future__ import annotations
 
@@ -66,16 +67,70 @@ def find_sites(model: nn.Module, targets: list[str], last_blocks: int | None = N
     return sites
 
 
-class AdaptedLinear(nn.Module):
-    """A frozen nn.Linear plus per-target deltas supplied by a method: y = W x + b + [delta_t(x) on t's rows]."""
+class TargetTensors(nn.Module):
+    """One buffer per target name ("q", "fc1", ...): `tt[t]` reads, `tt[t] = x` replaces; saved as `<name>.<t>`."""
 
-    def __init__(self, base: nn.Linear, site: Site, delta_fn):
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        for t, x in (tensors or {}).items():
+            self.register_buffer(t, x)
+
+    def __getitem__(self, target: str) -> torch.Tensor:
+        return self._buffers[target]
+
+    def __setitem__(self, target: str, value: torch.Tensor) -> None:
+        self.register_buffer(target, value)
+
+    def __iter__(self):
+        return iter(self._buffers)
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen nn.Linear plus its own adapter state: y = W x + b + [delta_t(x) on target t's rows].
+
+    Each method subclasses it (PEFT's shape: the adapted layer holds its tensors, so `state_dict()`, `.to()` and
+    naming come from torch) and implements `delta`, `merged_delta` and `load_adapter_state`. This base class adds
+    nothing (`--method none`) and can record the uncentred second moment of its inputs (InfLoRA's design)."""
+
+    def __init__(self, base: nn.Linear, site: Site):
         super().__init__()
         self.base = base
         self.site = site
-        object.__setattr__(self, "_delta_fn", delta_fn)  # the method owns the parameters; do not register it
         self.moment: torch.Tensor | None = None  # running sum of x x^T while recording
         self.count = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.weight.device
+
+    # -- what a method's layer implements -----------------------------------------------------------------------
+    def delta(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra output of each target for input x (..., d_in) -> {target: (..., rows)}; {} when there is none."""
+        return {}
+
+    def merged_delta(self, target: str) -> torch.Tensor | None:
+        """The (rows x d_in) weight update that equals this target's branches, or None if it has none."""
+        return None
+
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Rebuild the adapter from `adapter_state()` output (shapes may differ from a fresh layer's)."""
+        if tensors:
+            raise ValueError(f"{type(self).__name__} keeps no adapter state, got {sorted(tensors)[:3]}")
+
+    # -- shared by every method ----------------------------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Everything this layer learned (its state dict without the frozen base layer)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W with every target's delta added to its rows (fp32, CPU): the plain layer's weight."""
+        w = self.base.weight.detach().float().cpu().clone()
+        for t, s, e in self.site.rows:
+            d = self.merged_delta(t)
+            if d is not None:
+                w[s:e] += d.detach().float().cpu()
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -83,7 +138,7 @@ class AdaptedLinear(nn.Module):
             flat = x.detach().reshape(-1, x.shape[-1]).float()
             self.moment += flat.T @ flat
             self.count += flat.shape[0]
-        deltas = self._delta_fn(self.site, x)
+        deltas = self.delta(x)
         if not deltas:
             return out
         pieces, pos = [], 0
@@ -99,7 +154,7 @@ class AdaptedLinear(nn.Module):
         return torch.cat(pieces, dim=-1)
 
     def start_recording(self) -> None:
-        self.moment = torch.zeros(self.site.d_in, self.site.d_in, device=self.base.weight.device)
+        self.moment = torch.zeros(self.site.d_in, self.site.d_in, device=self.device)
         self.count = 0
 
     def stop_recording(self) -> torch.Tensor:
@@ -114,8 +169,8 @@ def first_adapted_block(sites: list[Site]) -> int:
     return min((s.block for s in sites), default=0)
 
 
-def wrap_sites(model: nn.Module, sites: list[Site], delta_fn) -> dict[str, AdaptedLinear]:
-    """Replace each site's nn.Linear by an AdaptedLinear in place; returns {site key: wrapper}."""
+def wrap_sites(model: nn.Module, sites: list[Site], make) -> dict[str, AdaptedLinear]:
+    """Replace each site's nn.Linear in place by `make(linear, site)` (an AdaptedLinear); returns {site key: layer}."""
     wrappers = {}
     for site in sites:
         parent_path, _, name = site.key.rpartition(".")
@@ -123,7 +178,7 @@ def wrap_sites(model: nn.Module, sites: list[Site], delta_fn) -> dict[str, Adapt
         lin = getattr(parent, name)
         if isinstance(lin, AdaptedLinear):
             lin = lin.base
-        w = AdaptedLinear(lin, site, delta_fn)
+        w = make(lin, site)
         setattr(parent, name, w)
         wrappers[site.key] = w
     return wrappers

@@ -4,32 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from cl_serve.trainer.methods.base import Method, MomentFn
-from cl_serve.trainer.sites import Site
+from cl_serve.trainer.sites import AdaptedLinear, Site
 
 
 class Frozen(Method):
+    def make_layer(self, base: nn.Linear, site: Site) -> AdaptedLinear:
+        return AdaptedLinear(base, site)  # never called: `none` has no targets
+
     def begin_task(self, task: int, moments: MomentFn) -> None:
         pass
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return []
 
-    def site_delta(self, site: Site, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {}
-
     def end_task(self, task: int, moments: MomentFn) -> dict[str, Any]:
         self.tasks_done = task + 1
         return {}
-
-    def merged_delta(self, site: Site, target: str) -> torch.Tensor | None:
-        return None
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state(self, tensors: dict[str, torch.Tensor], tasks_done: int) -> None:
-        self.tasks_done = tasks_done
