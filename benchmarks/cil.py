@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.metrics import METRIC_DEFINITIONS, summarize, weighted_accuracy
+from benchmarks.metrics import METRIC_DEFINITIONS, is_joint, summarize, weighted_accuracy
 
 HERE = Path(__file__).parent
 
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             frozen = mcfg["name"] == "none"
             heads = {**heads_cfg, **(cfg.get("frozen_heads", {}) if frozen else {})}
-            if run == "joint":
+            if is_joint(run):
                 res = run_adapter(run, mcfg, heads, [union(trains)], tests, spec, weights, prep, run_tcfg, device,
                                   all_tests=True)
             else:
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                                   simplecil=frozen, refit=run in refit)
             res.update({"seed": seed, "seconds": time.time() - t0, "peak_memory_mb": peak_memory_mb(device),
                         "train": run_tcfg})
-            res["metrics"] = {h: ({"A_T": weighted_accuracy(R[0], counts)} if run == "joint" else summarize(R, counts))
+            res["metrics"] = {h: ({"A_T": weighted_accuracy(R[0], counts)} if is_joint(run) else summarize(R, counts))
                               for h, R in res["R"].items()}
             result["runs"].setdefault(run, {})[str(seed)] = res
             result["seconds_all_runs"] = sum(r["seconds"] for rr in result["runs"].values() for r in rr.values())

@@ -27,3 +27,8 @@ def summarize(R: list[list[float]], counts: list[int]) -> dict[str, float | list
     if T > 1:
         forgetting = sum(max(R[l][j] for l in range(j, T - 1)) - R[T - 1][j] for j in range(T - 1)) / (T - 1)
     return {"A": A, "A_T": A[-1], "A_avg": sum(A) / T, "forgetting": forgetting}
+
+
+def is_joint(run: str) -> bool:
+    """Whether a benchmark run learns every task at once (the upper bound: `joint`, `joint-<variant>`)."""
+    return run == "joint" or run.startswith("joint-")
