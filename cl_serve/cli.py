@@ -37,6 +37,7 @@ def run(a: argparse.Namespace) -> int:
     store = open_store(a.store)
     store.config()  # a missing or broken store is reported before anything else
     with store.lock(wait=getattr(a, "wait", False), hint=LOCK_HINTS[a.command]):
+        a.store = store  # the handler and the steps it runs use this opened, locked store (never a second lock)
         return handler(a)
 
 

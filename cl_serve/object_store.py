@@ -1,9 +1,10 @@
 """The model store on object storage (s3://bucket/prefix, gs://..., any fsspec URL), with the local store's
 guarantees.
 
-A `MirroredStore` keeps the store under a bucket prefix and mirrors what it reads into a local cache directory
-($CL_SERVE_CACHE, else ~/.cache/cl-serve/<hash of the URL>), where the ordinary `Store` code verifies, loads and
-writes; only the hooks that touch the bucket differ. How each guarantee holds:
+An `ObjectBackend` (the `cl_serve.store_backends.StoreBackend` of a bucket prefix) mirrors what the store reads
+into a local cache directory ($CL_SERVE_CACHE, else ~/.cache/cl-serve/<hash of the URL>), where the one `Store`
+verifies, loads and stages writes; the backend moves objects between the cache and the bucket. How each guarantee
+holds:
 
 * A version becomes visible only when complete: its files are uploaded first and `manifest.json` last, and
   readers list only versions whose manifest exists. Readers verify every file's sha256; a cached copy is used only
@@ -18,13 +19,13 @@ writes; only the hooks that touch the bucket differ. How each guarantee holds:
 * A crashed writer leaves at most a version prefix without a manifest (invisible, removed by the next writer)
   or a stale lease (taken over once it expires: within a minute by default).
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import os
-import re
 import socket
 import threading
 import time
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cl_serve.errors import StoreError
-from cl_serve.store import Manifest, Store, StoreConfig, VersionWriter, fault_point, vname
+from cl_serve.store_backends import VERSION_NAME, LocalBackend, fault_point, vname
+
 
 def cache_root() -> Path:
     """Where local copies of remote objects live: $CL_SERVE_CACHE, else ~/.cache/cl-serve."""
@@ -61,130 +63,110 @@ def lease_seconds() -> float:
     return float(os.environ.get("CL_SERVE_LEASE_S", 60))
 
 
-class MirroredStore(Store):
+class ObjectBackend:
     def __init__(self, url: str, cache_dir: str | Path | None = None):
         self.url = url.rstrip("/")
+        self.name = self.url
         self.fs, self.remote = open_filesystem(self.url)
-        super().__init__(Path(cache_dir or cache_root()) / hashlib.sha256(self.url.encode()).hexdigest()[:16])
+        self.cache = LocalBackend(Path(cache_dir or cache_root()) / hashlib.sha256(self.url.encode()).hexdigest()[:16])
+        self.root = self.cache.root
         self._lease_token: str | None = None
         self._renewer: threading.Thread | None = None
         self._renew_stop = threading.Event()
 
-    @property
-    def name(self) -> str:
-        return self.url
+    def path(self, *parts: str) -> str:
+        """The bucket path of a store-relative path."""
+        return "/".join([self.remote, *parts])
 
     def _glob(self, *parts: str) -> list[str]:
         """A listing of the bucket as it is now (fsspec caches listings, which other writers make stale)."""
         self.fs.invalidate_cache()
-        return self.fs.glob(self._r(*parts))
-
-    def _r(self, *parts: str) -> str:
-        return "/".join([self.remote, *parts])
+        return self.fs.glob(self.path(*parts))
 
     def _identity(self, rel: str) -> str | None:
         """What changes whenever the object is rewritten (S3 ETag, GCS generation), or None if it is missing."""
         try:
-            return object_identity(self.fs.info(self._r(rel)))
+            return object_identity(self.fs.info(self.path(rel)))
         except FileNotFoundError:
             return None
 
-    def _fetch(self, rel: str) -> bool:
+    # -- reading -------------------------------------------------------------------------------------------------
+    def fetch(self, rel: str) -> bool:
         """Download one object to the same relative path in the cache (atomically), remembering its identity;
-        False if it is missing."""
+        False (and no cached copy left) if it is missing."""
         local = self.root / rel
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.tmp")
         identity = self._identity(rel)
         try:
-            self.fs.get_file(self._r(rel), str(tmp))
+            self.fs.get_file(self.path(rel), str(tmp))
         except FileNotFoundError:
             tmp.unlink(missing_ok=True)
+            local.unlink(missing_ok=True)  # a copy of an object the bucket no longer has
             return False
         os.replace(tmp, local)
         local.with_name(f".{local.name}.id").write_text(identity or "")
         return True
 
-    def _fresh_copy(self, rel: str) -> None:
-        """Make the cached copy the bucket's current object: download it unless the identities match."""
+    def refresh(self, rel: str) -> None:
+        """Keep the cached copy while its identity is the bucket object's (one HEAD request), else download."""
         local = self.root / rel
         marker = local.with_name(f".{local.name}.id")
         if local.is_file() and marker.is_file() and marker.read_text() == (self._identity(rel) or "-"):
             return
-        self._fetch(rel)
-
-    def _upload(self, local: Path, rel: str) -> None:
-        self.fs.put_file(str(local), self._r(rel))
-
-    # -- reading -------------------------------------------------------------------------------------------------
-    def exists(self) -> bool:
-        self.fs.invalidate_cache()
-        return self.fs.exists(self._r("store.json"))
-
-    def config(self) -> StoreConfig:
-        if not self.exists():
-            raise StoreError(f"no model store at {self.url} (run `cl-serve init --store {self.url} ...` first)")
-        self._fetch("store.json")
-        return super().config()
-
-    def policy(self):
-        if not self._fetch("policy.json"):
-            self.policy_path.unlink(missing_ok=True)
-        return super().policy()
-
-    def verify_backbone(self) -> None:
-        for name in ("model.safetensors", "card.json"):
-            if not (self.backbone_dir / name).is_file():
-                self._fetch(f"backbone/{name}")
-        try:
-            super().verify_backbone()
-        except StoreError:
-            self._fetch("backbone/model.safetensors")  # a stale or partial cached copy: download once more
-            super().verify_backbone()
+        self.fetch(rel)
 
     def versions(self) -> list[int]:
         found = self._glob("versions", "*", "manifest.json")
-        return sorted(int(p.split("/")[-2]) for p in found if re.fullmatch(r"[0-9]{1,9}", p.split("/")[-2]))
+        return sorted(int(p.split("/")[-2]) for p in found if VERSION_NAME.fullmatch(p.split("/")[-2]))
 
-    def _read_current(self) -> bytes | None:
+    def taken(self) -> list[int]:
+        numbers = [int(p.rstrip("/").split("/")[-1]) for p in self._glob("versions", "*")
+                   if VERSION_NAME.fullmatch(p.rstrip("/").split("/")[-1])]
+        return numbers + self.cache.versions()
+
+    def read_current(self) -> bytes | None:
         try:
-            return self.fs.cat_file(self._r("CURRENT"))[:64]
+            return self.fs.cat_file(self.path("CURRENT"))[:64]
         except FileNotFoundError:
             return None
 
-    def manifest(self, v: int, verify: bool = True) -> Manifest:
-        if v not in self.versions():
-            have = ", ".join(map(str, self.versions())) or "none"
-            raise StoreError(f"version {v} does not exist in {self.url} (versions: {have})")
-        rel = f"versions/{vname(v)}"
-        self._fetch(f"{rel}/manifest.json")
-        m = super().manifest(v, verify=False)
-        if not verify:
-            return m
-        for name in m.files:  # one HEAD per file: a rewritten object is downloaded again, then verified
-            self._fresh_copy(f"{rel}/{name}")
-        return super().manifest(v, verify=True)
-
     # -- writing -------------------------------------------------------------------------------------------------
+    def put(self, rel: str) -> None:
+        self.fs.put_file(str(self.root / rel), self.path(rel))
+        (self.root / rel).with_name(f".{Path(rel).name}.id").write_text(self._identity(rel) or "")
+
+    def delete(self, rel: str) -> None:
+        self.fs.rm_file(self.path(rel))
+
+    def commit_version(self, staging: Path, v: int, names: list[str]) -> Path:
+        """Into place in the cache, then every file uploaded and manifest.json last: the version is visible from
+        the moment its manifest is."""
+        final = self.cache.commit_version(staging, v, names)
+        rel = f"versions/{vname(v)}"
+        for name in names:
+            self.put(f"{rel}/{name}")
+        fault_point("remote-before-manifest")
+        self.put(f"{rel}/manifest.json")
+        fault_point("remote-before-current")
+        return final
+
+    def write_current(self, data: bytes) -> None:
+        self.fs.pipe_file(self.path("CURRENT"), data)  # one PUT
+
     @contextlib.contextmanager
     def lock(self, wait: bool = False, timeout: float | None = None,
              hint: str = "retry later or pass --wait") -> Iterator[None]:
-        key = "lease:" + self.url
-        if key in Store._held:
-            with Store._nested(key):
-                yield
-            return
+        """The bucket's lease, then the cache directory's flock (for local processes sharing the cache)."""
         self._acquire_lease(wait, timeout, hint)
         try:
-            Store._held[key] = 1
-            with super().lock(wait=True, timeout=timeout, hint=hint):  # the cache directory, for local processes
+            with self.cache.lock(wait=True, timeout=timeout, hint=hint):
                 yield
         finally:
-            Store._held.pop(key, None)
             self._release_lease()
 
     def _acquire_lease(self, wait: bool, timeout: float | None, hint: str) -> None:
-        lease = self._r(".lock")
+        lease = self.path(".lock")
         deadline = None if timeout is None else time.monotonic() + timeout
         token = uuid.uuid4().hex
         while True:
@@ -222,85 +204,33 @@ class MirroredStore(Store):
         while not self._renew_stop.wait(lease_seconds() / 3):
             token = self._lease_token
             with contextlib.suppress(Exception):
-                if token and json.loads(self.fs.cat_file(self._r(".lock"))).get("token") == token:
-                    self.fs.pipe_file(self._r(".lock"), self._lease_body(token))
+                if token and json.loads(self.fs.cat_file(self.path(".lock"))).get("token") == token:
+                    self.fs.pipe_file(self.path(".lock"), self._lease_body(token))
 
     def _release_lease(self) -> None:
         self._renew_stop.set()
         if self._renewer is not None:
             self._renewer.join(timeout=10)
-        lease = self._r(".lock")
+        lease = self.path(".lock")
         with contextlib.suppress(Exception):
             if json.loads(self.fs.cat_file(lease)).get("token") == self._lease_token:
                 self.fs.rm_file(lease)
         self._lease_token = None
 
-    def clean_stale_temporaries(self) -> list[str]:
-        """Also remove version prefixes in the bucket that never got their manifest (a crashed upload)."""
-        removed = super().clean_stale_temporaries()
-        complete = set(self.versions())
-        for v in complete:  # files a crashed re-export uploaded but never switched to
-            listed = set(Store.manifest(self, v, verify=False).files) if (self.version_dir(v) / "manifest.json"
-                                                                           ).is_file() else None
-            if listed is None:
-                continue
-            for obj in self.fs.ls(self._r("versions", vname(v)), detail=False, refresh=True):
+    def clean(self, listed: dict[int, set[str]]) -> list[str]:
+        """Remove ONNX files a crashed re-export uploaded but never switched to, and version prefixes that never
+        got their manifest (a crashed upload)."""
+        removed = []
+        for v, names in listed.items():
+            for obj in self.fs.ls(self.path("versions", vname(v)), detail=False, refresh=True):
                 leaf = obj.rstrip("/").split("/")[-1]
-                if leaf.startswith("model") and leaf.endswith(".onnx") and leaf not in listed:
+                if leaf.startswith("model") and leaf.endswith(".onnx") and leaf not in names:
                     self.fs.rm_file(obj)
                     removed.append(f"{self.url}/versions/{vname(v)}/{leaf}")
+        complete = set(self.versions())
         for prefix in self._glob("versions", "*"):
             leaf = prefix.rstrip("/").split("/")[-1]
-            if re.fullmatch(r"[0-9]{1,9}", leaf) and int(leaf) not in complete:
+            if VERSION_NAME.fullmatch(leaf) and int(leaf) not in complete:
                 self.fs.rm(prefix, recursive=True)
                 removed.append(f"{self.url}/versions/{leaf}")
         return removed
-
-    def create(self, config: StoreConfig) -> None:
-        if self.exists():
-            raise StoreError(f"{self.url} already holds a store (store.json exists); use another --store")
-        self.config_path.unlink(missing_ok=True)  # a cache left from an earlier store at the same URL
-        super().create(config)
-        for p in sorted(self.backbone_dir.iterdir()):
-            if p.is_file() and not p.name.startswith("."):
-                self._upload(p, f"backbone/{p.name}")
-        self._upload(self.config_path, "store.json")  # last: the store exists once store.json does
-
-    def new_version(self) -> VersionWriter:
-        numbers = [int(p.rstrip("/").split("/")[-1]) for p in self._glob("versions", "*")
-                   if re.fullmatch(r"[0-9]{1,9}", p.rstrip("/").split("/")[-1])]
-        local = super().versions()
-        return VersionWriter(self, max(numbers + local + [0]) + 1)
-
-    def publish(self, writer: VersionWriter, manifest: Manifest, make_current: bool = True) -> int:
-        v = super().publish(writer, manifest, make_current=False)  # hashed, manifest written, in the cache
-        rel, d = f"versions/{vname(v)}", self.version_dir(v)
-        for name in Store.manifest(self, v, verify=False).files:
-            self._upload(d / name, f"{rel}/{name}")
-            (d / f".{name}.id").write_text(self._identity(f"{rel}/{name}") or "")
-        fault_point("remote-before-manifest")
-        self._upload(d / "manifest.json", f"{rel}/manifest.json")  # the version is visible from here on
-        fault_point("remote-before-current")
-        if make_current:
-            self.set_current(v)
-        return v
-
-    def set_current(self, v: int) -> None:
-        self.manifest(v, verify=True)
-        self.fs.pipe_file(self._r("CURRENT"), (vname(v) + "\n").encode())
-
-    def set_policy(self, policy: Any) -> None:
-        super().set_policy(policy)
-        self._upload(self.policy_path, "policy.json")
-
-    def switch_onnx(self, v: int, source: Path, info: dict[str, Any], fp16: bool = False) -> str:
-        old = self.manifest(v, verify=True).onnx_file(fp16)
-        name = super().switch_onnx(v, source, info, fp16)
-        if name != old:
-            rel = f"versions/{vname(v)}"
-            self._upload(self.version_dir(v) / name, f"{rel}/{name}")
-            self._upload(self.version_dir(v) / "manifest.json", f"{rel}/manifest.json")  # the switch
-            if old is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm_file(self._r(rel, old))
-        return name

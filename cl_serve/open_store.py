@@ -1,15 +1,18 @@
-"""Which store a path or URL names: a local directory (`cl_serve.store.Store`) or an object-store prefix
-(`cl_serve.object_store.MirroredStore`). Kept outside both modules so that neither imports the other's user."""
+"""Which store a path or URL names: a local directory, or an object-store prefix (`cl_serve.object_store`), both
+behind the one `cl_serve.store.Store`. Kept outside both modules so that neither imports the other's user."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from cl_serve.object_store import MirroredStore
+from cl_serve.object_store import ObjectBackend
 from cl_serve.store import Store
 
 
-def open_store(root: str | Path) -> Store:
-    """A store by path, or by URL (s3://bucket/prefix, gs://..., any fsspec URL) for object storage."""
+def open_store(root: str | Path | Store, cache_dir: str | Path | None = None) -> Store:
+    """A store by path, or by URL (s3://bucket/prefix, gs://..., any fsspec URL) for object storage; an already
+    opened Store is returned as it is (a command hands its opened, locked store to the steps it runs)."""
+    if isinstance(root, Store):
+        return root
     if "://" in str(root):
-        return MirroredStore(str(root))
+        return Store(ObjectBackend(str(root), cache_dir))
     return Store(root)

@@ -20,7 +20,7 @@ from cl_serve import release_gate
 from cl_serve.errors import StoreError, UserError
 from cl_serve.remote_inputs import local_copy
 from cl_serve.contract.store_schema import TaskRecord
-from cl_serve.store import (LOCK_HINTS, Manifest, Store, StoreConfig, atomic_write_text,
+from cl_serve.store import (LOCK_HINTS, Manifest, Store, StoreConfig, VerifiedVersion, atomic_write_text,
                             sha256_file)
 from cl_serve.open_store import open_store
 from cl_serve.contract.preprocessing import Preprocessing
@@ -104,8 +104,7 @@ def learner_factory(store: Store, version: int | None) -> LearnerFactory:
         if isinstance(mcfg, AutoConfig):  # add-task decides on the first task; a learner before it holds nothing
             mcfg = NoneConfig()
         return LearnerFactory(spec, weights, None, mcfg, parse_head(cfg.head))
-    store.manifest(version, verify=True)
-    path = store.version_dir(version) / "learner.safetensors"
+    path = store.verified(version).path / "learner.safetensors"
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -121,8 +120,7 @@ def open_learner(store: Store, version: int | None) -> Learner:
 def load_merged_model(store: Store, version: int) -> torch.nn.Module:
     """The plain timm model of a version (what the ONNX file computes)."""
     spec = bb.BackboneSpec(**store.config().backbone)
-    store.manifest(version, verify=True)
-    return build_plain_model(spec, load_file(str(store.version_dir(version) / "merged.safetensors")))
+    return build_plain_model(spec, load_file(str(store.verified(version).path / "merged.safetensors")))
 
 
 def accuracy_report(model, data: TaskData, labels: list[str], tasks: list[TaskRecord], p: Preprocessing,
@@ -153,7 +151,7 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
     t0 = time.time()
     with store.lock(wait=wait):
         parent = store.current()
-        parent_manifest = store.manifest(parent, verify=True) if parent is not None else None
+        parent_manifest = store.verified(parent).manifest if parent is not None else None
         found, test_found = _check_inputs(data_dir, test_data, parent_manifest, progress)
         device = resolve_device(train.device)  # an unavailable device is an error before any decoding
         log(f"decoding {sum(len(v) for v in found.values())} images of {len(found)} new classes from {data_dir}")
@@ -171,9 +169,9 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
             TaskRecord(index=task_index, labels=data.class_names, version=0)]
         metrics, gate = _evaluate_and_gate(store, cfg.preprocessing, model, learner, parent_manifest, tasks,
                                            test_found, summary, train, log)
-        version, onnx_info = _publish(store, cfg, learner, merged, model, parent, task_index, tasks, metrics, gate,
+        published, onnx_info = _publish(store, cfg, learner, merged, model, parent, task_index, tasks, metrics, gate,
                                       choice, summary, train, device, len(data.corrupt), workers, export)
-    return {"version": version, "parent": parent, "task": task_index, "classes_added": data.class_names,
+    return {"version": published.number, "parent": parent, "task": task_index, "classes_added": data.class_names,
             "total_classes": len(learner.labels), "seconds": time.time() - t0, "train_seconds": summary["seconds"],
             "decode_seconds": decode_seconds, "metrics": metrics, "method_summary": summary["method"],
             "head_summary": summary["head"], "onnx": onnx_info, "device": str(device),
@@ -248,7 +246,7 @@ def _evaluate_and_gate(store: Store, prep: Preprocessing, model, learner: Learne
 def _publish(store: Store, cfg: StoreConfig, learner: Learner, merged: dict[str, torch.Tensor], model,
              parent: int | None, task_index: int, tasks: list[TaskRecord], metrics: dict[str, Any],
              gate: dict[str, Any] | None, choice: dict[str, Any] | None, summary: dict[str, Any], train: TrainConfig,
-             device, corrupt: int, workers: int, export: bool) -> tuple[int, dict[str, Any] | None]:
+             device, corrupt: int, workers: int, export: bool) -> tuple[VerifiedVersion, dict[str, Any] | None]:
     """Write the learner, the merged weights and (with `export`) the parity-checked ONNX file into a new version,
     then publish it: live if the gate passed or there is none, else a candidate. Nothing is left on a failure."""
     labels = list(learner.labels)
@@ -332,12 +330,13 @@ def export_version(root: str | Path, version: int | None = None, *, fp16: bool =
         v = version if version is not None else store.current()
         if v is None:
             raise StoreError("the store has no version yet")
-        m = store.manifest(v, verify=True)
-        model = load_merged_model(store, v)
+        handle = store.verified(v)
+        m = handle.manifest
+        model = load_merged_model(store, v)  # the same Store: its files are not hashed again
         tmp = store.version_dir(v) / f".model.export.{uuid.uuid4().hex[:8]}.tmp"
         try:
             info = _export(model, tmp, m.preprocessing, m.labels, v, m.method["name"], fp16=fp16, opset=opset)
-            name = store.switch_onnx(v, tmp, info, fp16=fp16)
+            name = store.switch_onnx(handle, tmp, info, fp16=fp16)
         finally:
             tmp.unlink(missing_ok=True)
     return {"version": v, "file": str(store.version_dir(v) / name), **info}
@@ -349,7 +348,7 @@ def evaluate(root: str | Path, data_dir: str | Path, version: int | None = None,
     v = version if version is not None else store.current()
     if v is None:
         raise StoreError("the store has no version yet")
-    m = store.manifest(v, verify=True)
+    m = store.verified(v).manifest
     found = scan_image_folder(local_copy(data_dir))
     check_known_classes(found, m.labels)
     data = load_task_data(found, m.preprocessing, train_view=False, class_names=m.labels)

@@ -93,7 +93,7 @@ def load_version(store: Store, version: int, intra_op_threads: int | None = None
     """
     import onnxruntime as ort
 
-    m = store.manifest(version, verify=True)
+    m = store.verified(version).manifest
     providers = onnx_providers()
     name = choose_onnx_file(m, providers)
     if name is None:
@@ -243,7 +243,7 @@ class ModelWatcher:
             for v in sorted((v for v in self.store.versions() if v > serving), reverse=True):
                 if self.refusal(v) is not None:
                     continue
-                gate = self.store.manifest(v, verify=False).gate or {}
+                gate = self.store.manifest(v).gate or {}
                 if gate and not gate.get("passed", True):
                     found = v
                     break
@@ -294,7 +294,7 @@ class ModelWatcher:
         for v in self.store.versions():
             row: dict[str, Any] = {"version": v, "live": v == current, "serving": v == serving}
             try:
-                m = self.store.manifest(v, verify=False)
+                m = self.store.manifest(v)
             except StoreError as e:
                 rows.append({**row, "state": version_state(live=v == current, gate=None, error=str(e)),
                              "error": str(e)})

@@ -5,30 +5,33 @@
     STORE/versions/NNNN/              learner.safetensors, merged.safetensors, model.onnx, manifest.json
     STORE/CURRENT                     the live version id ("0003"), replaced atomically
 
-A version is written into `versions/.tmp-*`, fsynced, and renamed into place only when complete; CURRENT moves
-last, so a crash at any point leaves the previous version live and the store readable (stale temporary
-directories are removed by the next writer). Writers hold an exclusive `flock` on STORE/.lock for the whole
-add-task. Every manifest lists the sha256 of its files; readers verify them. Pure stdlib + pydantic.
+A version is staged in `versions/.tmp-*`, fsynced, hashed into its manifest and made visible in one step by the
+backend (a rename here, manifest-last on object storage); CURRENT moves last, so a crash at any point leaves the
+previous version live and the store readable (stale staging is removed by the next writer). One writer at a time
+(the backend's lock). Every manifest lists the sha256 of its files; `verified(v)` checks them once per Store
+object and returns a `VerifiedVersion` that later steps take instead of checking again. Where the objects live is
+the backend's business (`cl_serve.store_backends`); this class is the same for all of them. Stdlib + pydantic.
 """
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import hashlib
 import os
 import re
 import shutil
-import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from pydantic import ValidationError
 
-from cl_serve.contract.store_schema import (FORMAT_VERSION, Manifest, ReleasePolicy, StoreConfig, describe_error,
-                                            utc_now)
+from cl_serve.contract.store_schema import FORMAT_VERSION, Manifest, ReleasePolicy, StoreConfig, describe_error
 from cl_serve.errors import StoreError
+from cl_serve.store_backends import (LocalBackend, StoreBackend, atomic_write_text, fault_point, fsync_dir,
+                                     sha256_file, vname)
+
+__all__ = ["LOCK_HINTS", "Manifest", "Store", "StoreConfig", "VerifiedVersion", "VersionWriter", "atomic_write_text",
+           "fault_point", "sha256_file", "vname"]
 
 # What the user of each writing command can do when another writer holds the store's lock.
 LOCK_HINTS = {"add-task": "retry later or pass --wait", "rollback": "retry later or pass --wait",
@@ -37,46 +40,18 @@ LOCK_HINTS = {"add-task": "retry later or pass --wait", "rollback": "retry later
 CURRENT_FORMAT = re.compile(rb"[0-9]{1,9}\n?")  # CURRENT: ASCII digits, one optional newline
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+@dataclass(frozen=True)
+class VerifiedVersion:
+    """A version whose manifest parsed and whose every listed file matched its sha256 when it was made: pass it
+    along instead of verifying again."""
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def fault_point(name: str) -> None:
-    """Crash-test hook: CL_SERVE_FAULT=<name> kills this process with SIGKILL at that point of a publish."""
-    if os.environ.get("CL_SERVE_FAULT") == name:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def vname(v: int) -> str:
-    return f"{v:04d}"
+    number: int
+    manifest: Manifest
+    path: Path  # its local directory
 
 
 class VersionWriter:
-    """A version being written: put files into `.path`, then `Store.publish` renames it into place."""
+    """A version being written: put files into `.path`, then `Store.publish` makes it visible."""
 
     def __init__(self, store: "Store", version: int):
         self.store, self.version = store, version
@@ -91,30 +66,40 @@ class VersionWriter:
 
 
 class Store:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path | StoreBackend):
+        self.backend: StoreBackend = LocalBackend(root) if isinstance(root, (str, Path)) else root
+        self.root = self.backend.root
         self.versions_dir = self.root / "versions"
         self.backbone_dir = self.root / "backbone"
         self.current_path = self.root / "CURRENT"
         self.config_path = self.root / "store.json"
         self.lock_path = self.root / ".lock"
         self.policy_path = self.root / "policy.json"
+        self._locked = 0  # nesting depth of lock() on this object
+        self._hashed: dict[tuple, str] = {}  # (file, size, mtime, inode) -> sha256, for this object's life
 
     @property
     def name(self) -> str:
         """How the store is named to users (a path here, a URL for object storage)."""
-        return str(self.root)
+        return self.backend.name
+
+    def __str__(self) -> str:
+        return self.name
 
     # -- creation and configuration ----------------------------------------------------------------------------
     def exists(self) -> bool:
-        return self.config_path.is_file()
+        return self.backend.fetch("store.json")
 
     def create(self, config: StoreConfig) -> None:
         """Write store.json (the backbone files must already be under backbone/). Refuses an existing store."""
         if self.exists():
             raise StoreError(f"{self.name} already holds a store (store.json exists); use another --store")
         self.versions_dir.mkdir(parents=True, exist_ok=True)
+        for p in sorted(self.backbone_dir.iterdir()) if self.backbone_dir.is_dir() else []:
+            if p.is_file() and not p.name.startswith("."):
+                self.backend.put(f"backbone/{p.name}")
         atomic_write_text(self.config_path, config.model_dump_json(indent=2))
+        self.backend.put("store.json")  # last: the store exists once store.json does
 
     def config(self) -> StoreConfig:
         if not self.exists():
@@ -129,7 +114,7 @@ class Store:
 
     def policy(self) -> ReleasePolicy:
         """The release policy (no gate when the store has none)."""
-        if not self.policy_path.exists():
+        if not self.backend.fetch("policy.json"):
             return ReleasePolicy()
         try:
             return ReleasePolicy.model_validate_json(self.policy_path.read_text())
@@ -140,23 +125,23 @@ class Store:
     def set_policy(self, policy: ReleasePolicy) -> None:
         """Write policy.json atomically (callers hold the writer lock)."""
         atomic_write_text(self.policy_path, policy.model_dump_json(indent=2))
+        self.backend.put("policy.json")
 
     def backbone_weights_path(self) -> Path:
         return self.backbone_dir / "model.safetensors"
 
     def verify_backbone(self) -> None:
+        for name in ("model.safetensors", "card.json"):
+            self.backend.refresh(f"backbone/{name}")
         path = self.backbone_weights_path()
         if not path.is_file():
             raise StoreError(f"broken store: backbone weights {path} are missing")
-        if sha256_file(path) != self.config().backbone_sha256:
+        if self._sha256(path) != self.config().backbone_sha256:
             raise StoreError(f"broken store: backbone weights {path} do not match their sha256 in store.json")
 
     # -- versions ------------------------------------------------------------------------------------------------
     def versions(self) -> list[int]:
-        if not self.versions_dir.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.versions_dir.iterdir()
-                      if re.fullmatch(r"[0-9]{1,9}", p.name) and p.is_dir())
+        return self.backend.versions()
 
     def version_dir(self, v: int) -> Path:
         return self.versions_dir / vname(v)
@@ -164,10 +149,12 @@ class Store:
     def current(self) -> int | None:
         """The live version, or None before the first one; a CURRENT naming a missing version is an error."""
         try:
-            raw = self._read_current()
+            raw = self.backend.read_current()
         except OSError as e:
             raise StoreError(f"broken store: {self.current_path} is unreadable ({e.strerror or e}); "
                              f"{self.fix_hint()}") from None
+        except StoreError as e:
+            raise StoreError(f"{e}; {self.fix_hint()}") from None
         if raw is None:
             return None
         if not CURRENT_FORMAT.fullmatch(raw):
@@ -176,16 +163,6 @@ class Store:
         if v not in self.versions():
             raise StoreError(f"broken store: CURRENT names version {v}, which does not exist; {self.fix_hint()}")
         return v
-
-    def _read_current(self) -> bytes | None:
-        """CURRENT's first bytes, or None when there is none (a backend hook)."""
-        if self.current_path.is_symlink():  # refused without reading (or printing) what it points at
-            raise StoreError(f"broken store: CURRENT is a symbolic link; it must be a file the store writes; "
-                             f"{self.fix_hint()}")
-        try:
-            return self.current_path.read_bytes()[:64]
-        except FileNotFoundError:
-            return None
 
     def fix_hint(self) -> str:
         """How to repair a broken CURRENT: roll back to the newest version that verifies."""
@@ -198,91 +175,76 @@ class Store:
         """The newest version whose manifest and files verify (None if none does)."""
         for v in reversed(self.versions()):
             try:
-                self.manifest(v, verify=True)
+                self.verified(v)
                 return v
             except StoreError:
                 continue
         return None
 
-    def manifest(self, v: int, verify: bool = True) -> Manifest:
-        """A version's manifest; with verify, every listed file's sha256 is checked."""
-        d = self.version_dir(v)
-        if not d.is_dir():
-            have = ", ".join(map(str, self.versions())) or "none"
+    def manifest(self, v: int) -> Manifest:
+        """A version's manifest, parsed but not verified (`verified` checks its files)."""
+        versions = self.versions()
+        if v not in versions:
+            have = ", ".join(map(str, versions)) or "none"
             raise StoreError(f"version {v} does not exist in {self.name} (versions: {have})")
+        d = self.version_dir(v)
         if d.is_symlink():  # a version is a directory the store wrote, never a link to one elsewhere
             raise StoreError(f"broken version {v}: {d.name} is a symbolic link, not a directory of the store")
+        self.backend.fetch(f"versions/{vname(v)}/manifest.json")
         try:
-            m = Manifest.model_validate_json((d / "manifest.json").read_text())
+            return Manifest.model_validate_json((d / "manifest.json").read_text())
         except (ValidationError, ValueError, OSError) as e:
             raise StoreError(f"broken version {v}: manifest.json unreadable: {describe_error(e)}") from e
-        if verify:
-            if not m.files:
-                raise StoreError(f"broken version {v}: manifest.json lists no files")
-            for name, digest in m.files.items():
-                p = d / name
-                if not p.is_file():
-                    raise StoreError(f"broken version {v}: {name} is missing")
-                if sha256_file(p) != digest:
-                    raise StoreError(f"broken version {v}: {name} does not match its sha256 in manifest.json")
-        return m
+
+    def verified(self, v: int) -> VerifiedVersion:
+        """The version with every listed file checked against its sha256 (each file hashed once per Store object
+        while its size, mtime and inode stay the same)."""
+        m = self.manifest(v)
+        d = self.version_dir(v)
+        if not m.files:
+            raise StoreError(f"broken version {v}: manifest.json lists no files")
+        for name, digest in m.files.items():
+            self.backend.refresh(f"versions/{vname(v)}/{name}")  # object storage: a rewritten object is fetched again
+            p = d / name
+            if not p.is_file():
+                raise StoreError(f"broken version {v}: {name} is missing")
+            if self._sha256(p) != digest:
+                raise StoreError(f"broken version {v}: {name} does not match its sha256 in manifest.json")
+        return VerifiedVersion(v, m, d)
+
+    def _sha256(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key not in self._hashed:
+            self._hashed[key] = sha256_file(path)
+        return self._hashed[key]
 
     # -- writing -----------------------------------------------------------------------------------------------
-    _held: dict[str, int] = {}  # lock files this process holds -> nesting depth (the lock is re-entrant)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _nested(key: str) -> Iterator[None]:
-        """A lock this process already holds, taken once more."""
-        Store._held[key] += 1
-        try:
-            yield
-        finally:
-            Store._held[key] -= 1
-
     @contextlib.contextmanager
     def lock(self, wait: bool = False, timeout: float | None = None,
              hint: str = "retry later or pass --wait") -> Iterator[None]:
-        """Exclusive writer lock; fails at once (or waits with `wait`) when another writer holds it.
-
-        Re-entrant within one process (the CLI takes it before importing torch; the pipeline takes it again).
-        `hint` ends the "locked" message: what the command's user can do about it.
-        """
-        key = os.path.abspath(self.lock_path)
-        if key in Store._held:
-            with Store._nested(key):
+        """Exclusive writer lock; fails at once (or waits with `wait`) when another writer holds it. Re-entrant on
+        this object (a command locks, the steps it calls lock again); `hint` ends the "locked" message."""
+        if self._locked:
+            self._locked += 1
+            try:
                 yield
+            finally:
+                self._locked -= 1
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                    if not wait or (deadline is not None and time.monotonic() > deadline):
-                        raise StoreError(f"store {self.name} is locked by another writer ({holder}); {hint}") from None
-                    time.sleep(0.2)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} since {utc_now()}".encode(), 0)
-            Store._held[key] = 1
-            self.clean_stale_temporaries()
-            yield
-        finally:
-            Store._held.pop(key, None)
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-            os.close(fd)  # closing releases the flock
+        with self.backend.lock(wait, timeout, hint):
+            self._locked = 1
+            try:
+                self.clean_stale_temporaries()
+                yield
+            finally:
+                self._locked = 0
 
     def clean_stale_temporaries(self) -> list[str]:
         """Remove what crashed writers left (called under the lock): unfinished version directories, temporary
-        files (`.NAME.*.tmp`, `.NAME.tmp.partial`) in the store root, backbone/ and every version, and ONNX files a manifest no longer lists
-        (a re-export killed after its manifest switch). Returns what was removed."""
+        files (`.NAME.*.tmp`, `.NAME.tmp.partial`) in the store root, backbone/ and every version, ONNX files a
+        manifest no longer lists (a re-export killed after its manifest switch), and whatever the backend keeps
+        beyond them. Returns what was removed."""
         removed: list[str] = []
 
         def rm(p: Path) -> None:
@@ -293,68 +255,70 @@ class Store:
                 with contextlib.suppress(OSError):
                     p.unlink()
 
+        versions = self.versions()
         dirs = [self.root, self.backbone_dir]
         if self.versions_dir.is_dir():
             for p in self.versions_dir.glob(".tmp-*"):
                 rm(p)
-            dirs += [self.version_dir(v) for v in self.versions()]
+            dirs += [self.version_dir(v) for v in versions]
         for d in dirs:
             if d.is_dir():
                 for p in d.glob(".*.tmp*"):  # also an exporter's `.X.tmp.partial` files
                     rm(p)
-        for v in self.versions():
+        listed = {}
+        for v in versions:
             try:
-                listed = set(self.manifest(v, verify=False).files)
+                listed[v] = set(self.manifest(v).files)
             except StoreError:
                 continue  # a broken version is left as it is, for a person to look at
             for p in self.version_dir(v).glob("model*.onnx"):
-                if p.name not in listed:
+                if p.name not in listed[v]:
                     rm(p)
-        return removed
+        return removed + self.backend.clean(listed)
 
     def new_version(self) -> VersionWriter:
-        existing = self.versions()
-        return VersionWriter(self, (existing[-1] + 1) if existing else 1)
+        return VersionWriter(self, max(self.backend.taken() + [0]) + 1)
 
-    def publish(self, writer: VersionWriter, manifest: Manifest, make_current: bool = True) -> int:
-        """Hash the files, write manifest.json, rename the directory into place, then move CURRENT."""
+    def publish(self, writer: VersionWriter, manifest: Manifest, make_current: bool = True) -> VerifiedVersion:
+        """Hash the files, write manifest.json, make the version visible, then move CURRENT."""
         files = {}
         for p in sorted(writer.path.iterdir()):
             if p.name != "manifest.json":
                 os.chmod(p, 0o644)  # readable by a server running as another user
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-                files[p.name] = sha256_file(p)
+                files[p.name] = self._sha256(p)
         manifest = manifest.model_copy(update={"files": files, "version": writer.version})
         with open(writer.file("manifest.json"), "w") as f:
             f.write(manifest.model_dump_json(indent=2))
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(writer.path)
-        fault_point("before-rename")
-        final = self.version_dir(writer.version)
-        os.rename(writer.path, final)
-        _fsync_dir(self.versions_dir)
+        final = self.backend.commit_version(writer.path, writer.version, sorted(files))
+        for name, digest in files.items():  # the same bytes under their final name: no second hashing
+            st = (final / name).stat()
+            self._hashed[(str(final / name), st.st_size, st.st_mtime_ns, st.st_ino)] = digest
         fault_point("before-current")
+        handle = VerifiedVersion(writer.version, manifest, final)
         if make_current:
-            self.set_current(writer.version)
-        return writer.version
+            self.set_current(handle)
+        return handle
 
-    def set_current(self, v: int) -> None:
-        """Make `v` live (verified first). Used by publish and rollback."""
-        self.manifest(v, verify=True)
-        atomic_write_text(self.current_path, vname(v) + "\n")
+    def set_current(self, version: int | VerifiedVersion) -> None:
+        """Make a version live (verified first unless a VerifiedVersion is given). Used by publish and rollback."""
+        handle = version if isinstance(version, VerifiedVersion) else self.verified(version)
+        self.backend.write_current((vname(handle.number) + "\n").encode())
 
-    def switch_onnx(self, v: int, source: Path, info: dict[str, Any], fp16: bool = False) -> str:
-        """Attach a re-exported ONNX file to version `v` without ever rewriting a file in place.
+    def switch_onnx(self, version: int | VerifiedVersion, source: Path, info: dict[str, Any],
+                    fp16: bool = False) -> str:
+        """Attach a re-exported ONNX file to a version without ever rewriting a file in place.
 
         The new bytes get a new, content-addressed name; then manifest.json is replaced atomically (it is the one
         switch: before it the old file is served, after it the new one, and both manifests verify); only then is
         the old file removed. A crash at any point leaves the version verifiable; a leftover unlisted file is
         removed by the next writer. Returns the new file name (unchanged when the bytes are identical).
         """
-        d = self.version_dir(v)
-        m = self.manifest(v, verify=True)
+        handle = version if isinstance(version, VerifiedVersion) else self.verified(version)
+        d, m, rel = handle.path, handle.manifest, f"versions/{vname(handle.number)}"
         digest = sha256_file(source)
         old = m.onnx_file(fp16)
         if old is not None and m.files[old] == digest:
@@ -365,16 +329,20 @@ class Store:
         with open(source, "rb") as f:
             os.fsync(f.fileno())
         os.replace(source, d / name)
-        _fsync_dir(d)
+        fsync_dir(d)
+        self.backend.put(f"{rel}/{name}")
         fault_point("export-before-manifest")
         files = {k: h for k, h in m.files.items() if k != old}
         files[name] = digest
         key = "onnx_fp16" if fp16 else "onnx"
         m = m.model_copy(update={key: {**info, "file": name}, "files": files})
         atomic_write_text(d / "manifest.json", m.model_dump_json(indent=2))
+        self.backend.put(f"{rel}/manifest.json")  # the switch
         fault_point("export-before-cleanup")
         if old is not None and old != name:
             with contextlib.suppress(FileNotFoundError):
                 (d / old).unlink()
-            _fsync_dir(d)
+            fsync_dir(d)
+            with contextlib.suppress(FileNotFoundError):
+                self.backend.delete(f"{rel}/{old}")
         return name

@@ -40,7 +40,7 @@ def set_policy(root: str | Path, *, gate_data: str | Path | None = None, max_dro
 def promote(root: str | Path, version: int, wait: bool = False) -> dict[str, Any]:
     """Make a version live by hand (a candidate the gate refused, or any verified version)."""
     rollback(root, version, wait=wait)
-    m = open_store(root).manifest(version, verify=False)
+    m = open_store(root).manifest(version)
     return {"version": version, "gate": m.gate}
 
 
@@ -71,7 +71,7 @@ def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
     for v in store.versions():
         row: dict[str, Any] = {"version": v, "live": v == current}
         try:
-            m = store.manifest(v, verify=not fast)
+            m = store.manifest(v) if fast else store.verified(v).manifest
             row.update({"parent": m.parent, "task": m.task_index, "classes": len(m.labels),
                         "new_classes": len(m.tasks[-1].labels) if m.tasks else 0, "created_at": m.created_at,
                         "test_accuracy": (m.metrics.get("test") or {}).get("accuracy"),

@@ -10,7 +10,8 @@ import pytest
 
 from cl_serve import pipeline
 from cl_serve.errors import StoreError
-from cl_serve.object_store import MirroredStore
+from cl_serve.open_store import open_store
+from cl_serve.store import Store
 from cl_serve.runtime import ModelWatcher
 from cl_serve.serve_cli import free_port
 from tests.conftest import TINY, TINY_MODEL, fast_train, run_cli
@@ -51,15 +52,15 @@ def s3_store(s3, tasks, request):
     return url
 
 
-def _fresh(url, tmp_path) -> MirroredStore:
+def _fresh(url, tmp_path) -> Store:
     """A reader with an empty cache: it sees only what is in the bucket."""
-    return MirroredStore(url, cache_dir=tmp_path / f"fresh-{os.urandom(4).hex()}")
+    return open_store(url, cache_dir=tmp_path / f"fresh-{os.urandom(4).hex()}")
 
 
 def test_versions_round_trip_through_the_bucket_and_the_watcher_follows(s3_store, tasks, tmp_path):
     reader = _fresh(s3_store, tmp_path)
     assert reader.current() == 1 and reader.versions() == [1]
-    assert reader.manifest(1, verify=True).onnx_file() == "model.onnx"
+    assert reader.verified(1).manifest.onnx_file() == "model.onnx"
     watcher = ModelWatcher(s3_store, poll_interval_s=3600)
     try:
         assert watcher.model is not None and watcher.model.version == 1
@@ -75,10 +76,10 @@ def test_versions_round_trip_through_the_bucket_and_the_watcher_follows(s3_store
 
 
 def test_a_second_writer_is_refused_by_the_lease(s3_store, tasks):
-    with MirroredStore(s3_store).lock():
+    with open_store(s3_store).lock():
         r = run_cli("add-task", "--store", s3_store, "--data", str(tasks[1]["train"]), *CLI_TRAIN, process=True)
     assert r.returncode == 2 and "locked by another writer" in r.stderr and f"pid {os.getpid()}" in r.stderr
-    assert MirroredStore(s3_store).versions() == [1]
+    assert open_store(s3_store).versions() == [1]
     r = run_cli("add-task", "--store", s3_store, "--data", str(tasks[1]["train"]), *CLI_TRAIN)  # released
     assert r.returncode == 0, r.stderr
 
@@ -92,21 +93,21 @@ def test_a_killed_upload_leaves_the_previous_version_live(s3_store, tasks, tmp_p
     assert r.returncode == 2 and "locked by another writer" in r.stderr
     time.sleep(2.5)
     reader = _fresh(s3_store, tmp_path)
-    assert reader.current() == 1 and reader.manifest(1, verify=True)
+    assert reader.current() == 1 and reader.verified(1)
     assert reader.versions() == ([1] if fault == "remote-before-manifest" else [1, 2])  # partial: invisible
     r = run_cli(*args)  # the lease has expired: the new writer takes it over, cleans up and publishes
     assert r.returncode == 0, r.stderr
     reader = _fresh(s3_store, tmp_path)
     assert reader.current() == max(reader.versions()) and reader.manifest(reader.current()).parent == 1
-    assert not [p for p in reader._glob("versions", "*")
-                if not reader.fs.exists(p + "/manifest.json")]  # the partial prefix was removed
+    assert not [p for p in reader.backend._glob("versions", "*")
+                if not reader.backend.fs.exists(p + "/manifest.json")]  # the partial prefix was removed
 
 
 def test_a_corrupt_object_fails_verification_for_every_reader(s3_store, tmp_path):
     reader = _fresh(s3_store, tmp_path)
-    reader.fs.pipe_file(reader._r("versions", "0001", "merged.safetensors"), b"tampered")
+    reader.backend.fs.pipe_file(reader.backend.path("versions", "0001", "merged.safetensors"), b"tampered")
     with pytest.raises(StoreError, match="merged.safetensors does not match its sha256"):
-        _fresh(s3_store, tmp_path).manifest(1, verify=True)
+        _fresh(s3_store, tmp_path).verified(1)
     r = run_cli("status", "--store", s3_store)
     assert r.returncode == 2 and "BROKEN" in r.stdout
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from cl_serve import pipeline
+from cl_serve.errors import StoreError
 from cl_serve.store import Store
 from tests.conftest import TINY, TINY_MODEL, fast_train, init_tiny_store, run_cli, tree_snapshot
 from cl_serve.trainer.data import load_task_data, scan_image_folder
@@ -118,8 +119,11 @@ def test_concurrent_writer_is_refused_at_once_and_store_unchanged(tasks, one_ver
         assert time.time() - t0 < 30
     assert tree_snapshot(one_version_store) == before
     with s.lock():
-        with Store(one_version_store).lock():  # re-entrant in one process: the CLI locks before the pipeline does
+        with s.lock():  # re-entrant on one Store object: a command locks, then hands that store to its steps
             pass
+        with pytest.raises(StoreError, match="locked by another writer"):  # another Store object is another writer
+            with Store(one_version_store).lock():
+                pass
         r = run_cli("rollback", "--store", str(one_version_store), "--version", "1", process=True)  # still held
         assert r.returncode == 2 and "locked by another writer" in r.stderr
 
@@ -154,7 +158,7 @@ def test_killed_add_task_leaves_previous_version_live_and_rerun_succeeds(tasks, 
         r = run_cli(*args, env={"CL_SERVE_FAULT": fault})
         assert r.returncode == -signal.SIGKILL
     assert s.current() == 1  # the previous version is live ...
-    s.manifest(1, verify=True)  # ... and intact
+    s.verified(1)  # ... and intact
     assert pipeline.status(one_version_store)["current"] == 1
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr

@@ -31,7 +31,7 @@ def two_version_store(tmp_path, tasks):
 def _verifies_all(store) -> None:
     s = Store(store)
     for v in s.versions():
-        s.manifest(v, verify=True)
+        s.verified(v)
 
 
 GARBAGE = [b"\xff\xfe\x00", "\u00b2".encode(), b"", b"12abc\n", b"-1\n", b"../0001", b"0001\n0002\n",
@@ -77,7 +77,7 @@ def test_links_are_refused_and_never_followed(two_version_store, tmp_path):
     shutil.rmtree(s.version_dir(1))
     s.version_dir(1).symlink_to(outside, target_is_directory=True)
     with pytest.raises(StoreError, match="broken version 1: 0001 is a symbolic link"):
-        s.manifest(1, verify=True)
+        s.verified(1)
 
 
 def test_status_verifies_and_says_what_a_server_would_serve(two_version_store):
@@ -219,7 +219,7 @@ def test_a_restored_version_is_served_again_and_a_deleted_current_is_reported(tw
     """A refusal lapses when any of the version's files changes: restoring the file makes the version servable
     without a restart. A CURRENT deleted under a serving replica is a store error with the fix, not silence."""
     s = Store(two_version_store)
-    onnx = s.version_dir(2) / s.manifest(2, verify=False).onnx["file"]
+    onnx = s.version_dir(2) / s.manifest(2).onnx["file"]
     good = onnx.read_bytes()
     onnx.write_bytes(good[:100] + b"\x00garbage\x00" + good[109:])
     w = ModelWatcher(str(two_version_store), poll_interval_s=60)
@@ -239,3 +239,28 @@ def test_a_restored_version_is_served_again_and_a_deleted_current_is_reported(tw
         assert "CURRENT is missing" in w.status()["store_error"]
     finally:
         w.stop()
+
+
+def test_each_command_hashes_each_file_once(tmp_path, tasks, monkeypatch):
+    """add-task verifies its parent and hashes its own new files once (publish and CURRENT reuse them); export
+    verifies the version once although three steps need it verified (it hashed every file 3 times before)."""
+    import collections
+
+    import cl_serve.store as store_module
+
+    hashed = collections.Counter()
+    real = store_module.sha256_file
+    monkeypatch.setattr(store_module, "sha256_file", lambda p: hashed.update([str(p)]) or real(p))
+    store = init_tiny_store(tmp_path / "store", "none")
+    pipeline.add_task(store, tasks[0]["train"], fast_train(epochs=1), progress=False)
+    first = dict(hashed)
+    assert first and max(first.values()) == 1, first
+    hashed.clear()
+    pipeline.add_task(store, tasks[1]["train"], fast_train(epochs=1), progress=False)
+    v1 = {p for p in hashed if "/versions/0001/" in p}
+    assert max(hashed.values()) == 1 and {p.rsplit("/", 1)[1] for p in v1} == set(Store(store).manifest(1).files)
+    hashed.clear()
+    pipeline.export_version(store, 2, opset=17)
+    assert hashed and max(hashed.values()) == 1, hashed
+    assert {p.rsplit("/", 1)[1] for p in hashed if "/versions/0002/" in p} >= {"learner.safetensors",
+                                                                              "merged.safetensors"}

@@ -1,0 +1,183 @@
+"""Where a store's objects live: the backend protocol `Store` is written against, and the local-directory backend.
+
+A backend knows how to list, fetch, put and delete a store's objects, how to make a staged version visible in one
+step, how to write CURRENT, and how to keep out a second writer. Everything else (verification, the manifest
+rules, the order of a publish, crash clean-up) is `cl_serve.store.Store`, once, for every backend. Reads always
+go through a local directory (`root`): the store itself here, a verified cache for object storage
+(`cl_serve.object_store.ObjectBackend`).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from cl_serve.contract.store_schema import utc_now
+from cl_serve.errors import StoreError
+
+VERSION_NAME = re.compile(r"[0-9]{1,9}")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook: CL_SERVE_FAULT=<name> kills this process with SIGKILL at that point of a publish."""
+    if os.environ.get("CL_SERVE_FAULT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def vname(v: int) -> str:
+    return f"{v:04d}"
+
+
+class StoreBackend(Protocol):
+    """What `Store` needs from where the objects live. `rel` is a path relative to the store ("store.json",
+    "versions/0003/model.onnx")."""
+
+    name: str  # how the store is named to users (a path, a URL)
+    root: Path  # the local directory every read goes through
+
+    def fetch(self, rel: str) -> bool:
+        """Make the local copy of `rel` the store's current object; False when the store has no such object."""
+
+    def refresh(self, rel: str) -> None:
+        """Like fetch, but keep a local copy that is known to be the current object (version files, backbone)."""
+
+    def put(self, rel: str) -> None:
+        """Make the local file `rel` the store's object (after it was written atomically under `root`)."""
+
+    def delete(self, rel: str) -> None:
+        """Remove the store's object `rel` (its local copy is removed by the caller)."""
+
+    def versions(self) -> list[int]:
+        """The complete versions (those a reader may see), ascending."""
+
+    def taken(self) -> list[int]:
+        """Every version number in use, complete or not (the next version is one past the largest)."""
+
+    def commit_version(self, staging: Path, v: int, names: list[str]) -> Path:
+        """Make the staged, hashed version directory visible as version v (manifest.json last); returns its local
+        directory."""
+
+    def read_current(self) -> bytes | None:
+        """CURRENT's first bytes, or None when there is none."""
+
+    def write_current(self, data: bytes) -> None:
+        """Replace CURRENT in one step."""
+
+    def lock(self, wait: bool, timeout: float | None, hint: str) -> contextlib.AbstractContextManager[None]:
+        """Exclusive writer access for the block; StoreError ending in `hint` when another writer has it."""
+
+    def clean(self, listed: dict[int, set[str]]) -> list[str]:
+        """Remove what crashed writers left in the store beyond `root` (listed: each version's manifest files)."""
+
+
+class LocalBackend:
+    """The store is a local directory: writes are atomic renames, one writer holds an flock on `.lock`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.name = str(self.root)
+
+    def fetch(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def refresh(self, rel: str) -> None:
+        pass  # files are read where they are
+
+    def put(self, rel: str) -> None:
+        pass  # already in place, written atomically
+
+    def delete(self, rel: str) -> None:
+        pass
+
+    def versions(self) -> list[int]:
+        d = self.root / "versions"
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if VERSION_NAME.fullmatch(p.name) and p.is_dir())
+
+    def taken(self) -> list[int]:
+        return self.versions()
+
+    def commit_version(self, staging: Path, v: int, names: list[str]) -> Path:
+        fsync_dir(staging)
+        fault_point("before-rename")
+        final = self.root / "versions" / vname(v)
+        os.rename(staging, final)
+        fsync_dir(final.parent)
+        return final
+
+    def read_current(self) -> bytes | None:
+        path = self.root / "CURRENT"
+        if path.is_symlink():  # refused without reading (or printing) what it points at
+            raise StoreError("broken store: CURRENT is a symbolic link; it must be a file the store writes")
+        try:
+            return path.read_bytes()[:64]
+        except FileNotFoundError:
+            return None
+
+    def write_current(self, data: bytes) -> None:
+        atomic_write_text(self.root / "CURRENT", data.decode())
+
+    @contextlib.contextmanager
+    def lock(self, wait: bool = False, timeout: float | None = None,
+             hint: str = "retry later or pass --wait") -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    if not wait or (deadline is not None and time.monotonic() > deadline):
+                        raise StoreError(f"store {self.name} is locked by another writer ({holder}); {hint}") from None
+                    time.sleep(0.2)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} since {utc_now()}".encode(), 0)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing releases the flock
+
+    def clean(self, listed: dict[int, set[str]]) -> list[str]:
+        return []
