@@ -107,7 +107,33 @@ def _percentile(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def http_load(url: str, payload: bytes, concurrency: int, requests: int) -> dict:
+COMPONENTS = {"proxy": "ray::ProxyActor", "replica": "ray::ServeReplica", "controller": "ray::ServeController",
+              "raylet": "raylet", "gcs": "gcs_server"}
+
+
+def cpu_seconds_by_component() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by Ray Serve's processes on this machine and by this client process,
+    read from /proc (Linux; {} elsewhere): where the time of a request goes, by process."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out = {k: 0.0 for k in (*COMPONENTS, "client")}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        if int(entry.name) == os.getpid():
+            out["client"] += used
+            continue
+        for name, marker in COMPONENTS.items():
+            if marker in cmd:
+                out[name] += used
+                break
+    return out if Path("/proc/self/stat").exists() else {}
+
+
+def http_load(url: str, payload: bytes, concurrency: int, requests: int, images: int = 1) -> dict:
     import httpx
 
     lat, errors, lock = [], [0], threading.Lock()
@@ -124,6 +150,7 @@ def http_load(url: str, payload: bytes, concurrency: int, requests: int) -> dict
                     lat.append(time.perf_counter() - t)
                     errors[0] += 0 if ok else 1
 
+    cpu0 = cpu_seconds_by_component()
     t0 = time.perf_counter()
     counts = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]  # exactly `requests`
     threads = [threading.Thread(target=worker, args=(n,)) for n in counts]
@@ -132,11 +159,15 @@ def http_load(url: str, payload: bytes, concurrency: int, requests: int) -> dict
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests": len(lat), "errors": errors[0], "req_s": len(lat) / wall,
-            "p50_ms": 1e3 * _percentile(lat, 50), "p95_ms": 1e3 * _percentile(lat, 95), "p99_ms": 1e3 * _percentile(lat, 99)}
+    cpu1 = cpu_seconds_by_component()
+    cpu_ms = {k: 1e3 * (cpu1[k] - cpu0[k]) / max(len(lat), 1) for k in cpu1}
+    return {"concurrency": concurrency, "images_per_request": images, "requests": len(lat), "errors": errors[0],
+            "req_s": len(lat) / wall, "img_s": images * len(lat) / wall,
+            "p50_ms": 1e3 * _percentile(lat, 50), "p95_ms": 1e3 * _percentile(lat, 95), "p99_ms": 1e3 * _percentile(lat, 99),
+            "cpu_ms_per_request": cpu_ms}
 
 
-def end_to_end(quick: bool, requests: int, model_key: str) -> dict:
+def end_to_end(quick: bool, requests: int, model_key: str, sizes: tuple[int, ...] = (1, 16)) -> dict:
     import httpx
 
     from cl_serve import pipeline, serve_cli
@@ -155,23 +186,28 @@ def end_to_end(quick: bool, requests: int, model_key: str) -> dict:
     for d in dirs[:2]:
         pipeline.add_task(store, d, cfg, progress=False)
     image = next(dirs[0].rglob("*.png")).read_bytes()
-    payload = json.dumps({"images": [base64.b64encode(image).decode()]}).encode()
+    def payload(n: int) -> bytes:
+        return json.dumps({"images": [base64.b64encode(image).decode()] * n}).encode()
+
     port = serve_cli.free_port()
     serve_cli.start(str(store), port=port, num_cpus=2, poll_interval_s=0.2)
     url = f"http://127.0.0.1:{port}"
     try:
         serve_cli.wait_until_healthy(url)
-        loads = [http_load(url, payload, c, requests) for c in ((1, 8) if quick else (1, 8, 32))]
-        for row in loads:
-            print(json.dumps(row), flush=True)
+        loads = []
+        for n in sizes:
+            for c in ((1, 8) if quick else (1, 8, 32)):
+                loads.append(http_load(url, payload(n), c, max(c, requests // n), n))
+                print(json.dumps(loads[-1]), flush=True)
         m = load_version(Store(store), Store(store).current())
         from cl_serve.contract.preprocessing import preprocess_image
         from PIL import Image
         import io
 
-        x = np.stack([preprocess_image(Image.open(io.BytesIO(image)), m.preprocessing)] * 32)
-        raw = _time(lambda: m.run(x), 10)
-        raw_ips = 32 / statistics.median(raw)
+        one = preprocess_image(Image.open(io.BytesIO(image)), m.preprocessing)
+        raw = {b: b / statistics.median(_time(lambda: m.run(np.stack([one] * b)), 10)) for b in (1, 16, 32)}
+        raw_ips = raw[32]
+        pre = statistics.median(_time(lambda: preprocess_image(Image.open(io.BytesIO(image)), m.preprocessing), 50))
         swaps, swap_errors = [], 0
         versions = Store(store).versions()
         for i in range(2 if quick else 5):
@@ -181,13 +217,16 @@ def end_to_end(quick: bool, requests: int, model_key: str) -> dict:
             t = time.perf_counter()
             pipeline.rollback(store, target)
             while True:
-                r = httpx.post(url + "/classify", content=payload, headers={"content-type": "application/json"})
+                r = httpx.post(url + "/classify", content=payload(1), headers={"content-type": "application/json"})
                 swap_errors += r.status_code != 200
                 if r.status_code == 200 and r.json()["model_version"] == target:
                     break
             swaps.append(time.perf_counter() - t)
+        best = {n: max(r["img_s"] for r in loads if r["images_per_request"] == n) for n in sizes}
         out = {"model": model_key, "loads": loads, "raw_onnx_img_s_batch32": raw_ips,
-               "serving_overhead_ratio_at_max_concurrency": raw_ips / max(loads[-1]["req_s"], 1e-9),
+               "raw_onnx_img_s": raw, "decode_preprocess_ms_per_image": 1e3 * pre,
+               "http_over_raw_ort": {n: best[n] / raw_ips for n in sizes},
+               "serving_overhead_ratio_at_max_concurrency": raw_ips / max(best[sizes[0]], 1e-9),
                "swap_delays_s": swaps, "swap_errors": swap_errors, "poll_interval_s": 0.2}
         print(json.dumps({k: v for k, v in out.items() if k != "loads"}), flush=True)
         return out
@@ -197,31 +236,44 @@ def end_to_end(quick: bool, requests: int, model_key: str) -> dict:
 
 def to_markdown(result: dict) -> str:
     """The serving result as the markdown tables the README links to."""
+    lines = [f"**{result['name']}** — device {result['device']}" + (f" ({result['cpu']})" if result.get("cpu") else "")]
     rows = result["cost_vs_tasks"]
-    big = next(k for k in rows[0] if k.startswith("merged_onnx_b") and k.endswith("_img_s"))
-    bb = big[len("merged_onnx_b"):-len("_img_s")]
-    lines = [f"**{result['name']}** — device {result['device']}" + (f" ({result['cpu']})" if result.get("cpu") else ""),
-             "", "Inference cost against learned tasks (SD-LoRA rank 10 on q/v per task; 10 classes per task):", "",
-             f"| model | tasks | unmerged torch b1 ms | merged ONNX b1 ms | unmerged torch b{bb} img/s | "
-             f"merged ONNX b{bb} img/s |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['tasks']} | {r['unmerged_torch_b1_ms']:.2f} | {r['merged_onnx_b1_ms']:.2f} | "
-                     f"{r[f'unmerged_torch_b{bb}_img_s']:.1f} | {r[big]:.1f} |")
-    h = result.get("http")
+    if rows:
+        big = next(k for k in rows[0] if k.startswith("merged_onnx_b") and k.endswith("_img_s"))
+        bb = big[len("merged_onnx_b"):-len("_img_s")]
+        lines += ["", "Inference cost against learned tasks (SD-LoRA rank 10 on q/v per task; 10 classes per task):", "",
+                  f"| model | tasks | unmerged torch b1 ms | merged ONNX b1 ms | unmerged torch b{bb} img/s | "
+                  f"merged ONNX b{bb} img/s |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['tasks']} | {r['unmerged_torch_b1_ms']:.2f} | "
+                         f"{r['merged_onnx_b1_ms']:.2f} | {r[f'unmerged_torch_b{bb}_img_s']:.1f} | {r[big]:.1f} |")
+    return "\n".join(lines + http_markdown(result.get("http")))
+
+
+def http_markdown(h: dict | None) -> list[str]:
+    """The end-to-end HTTP part of the serving result (none without it)."""
+    lines: list[str] = []
     if h:
-        lines += ["", f"End-to-end `POST /classify` (one image per request, model {h.get('model', 'vit-tiny-32')}, "
-                      "one replica, local Ray Serve):", "",
-                  "| concurrency | requests | errors | req/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+        comps = list(h["loads"][0].get("cpu_ms_per_request", {}))
+        lines += ["", f"End-to-end `POST /classify` (model {h.get('model', 'vit-tiny-32')}, one replica, local Ray Serve; "
+                      "CPU ms per request by process, read from /proc):", "",
+                  "| images/request | concurrency | requests | errors | req/s | img/s | p50 ms | p95 ms | p99 ms | "
+                  + " | ".join(f"CPU {c}" for c in comps) + " |", "|---" * (9 + len(comps)) + "|"]
         for r in h["loads"]:
-            lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['req_s']:.1f} | {r['p50_ms']:.1f} | "
-                         f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} |")
+            cpu = r.get("cpu_ms_per_request", {})
+            lines.append(f"| {r.get('images_per_request', 1)} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
+                         f"{r['req_s']:.1f} | {r.get('img_s', r['req_s']):.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
+                         f"{r['p99_ms']:.1f} | " + " | ".join(f"{cpu.get(c, 0):.1f}" for c in comps) + " |")
         sw = h["swap_delays_s"]
-        lines += ["", f"Raw ONNX Runtime in-process, batch 32: {h['raw_onnx_img_s_batch32']:.1f} img/s; ratio raw / HTTP "
-                      f"at the highest concurrency: {h['serving_overhead_ratio_at_max_concurrency']:.2f}.",
+        raw = h.get("raw_onnx_img_s", {})
+        lines += ["", "Raw ONNX Runtime in-process: " + ", ".join(f"batch {b} {v:.1f} img/s" for b, v in raw.items())
+                  + f" (decode + preprocess {h.get('decode_preprocess_ms_per_image', 0):.1f} ms per image, not in these); "
+                  "best HTTP img/s over raw batch-32 img/s: " + ", ".join(
+                      f"{n} image(s)/request {v:.2f}" for n, v in h.get("http_over_raw_ort", {}).items()) + ".",
                   f"Hot swap over {len(sw)} swaps (store poll {h['poll_interval_s']} s): delay publish -> first answer "
                   f"from the new version median {statistics.median(sw):.2f} s, max {max(sw):.2f} s; "
                   f"{h['swap_errors']} failed requests."]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     ap.add_argument("--no-http", action="store_true", help="skip the end-to-end HTTP part (no Ray needed)")
+    ap.add_argument("--http-only", action="store_true", help="only the end-to-end HTTP part (no cost-vs-tasks table)")
     ap.add_argument("--http-model", default=None, choices=sorted(MODELS),
                     help="model behind the HTTP server (default vit-s4-32; vit-tiny-32 with --quick)")
     a = ap.parse_args(argv)
@@ -240,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = (1, 2) if a.quick else (1, 5, 10, 20)
     result = {"name": a.name, "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu": _cpu_name(),
               "torch_threads": torch.get_num_threads(), "cost_vs_tasks": []}
-    for mk in models:
+    for mk in ([] if a.http_only else models):
         tc = counts if mk != "vit-b16-224" or a.quick else (1, 20)  # ViT-B: the two ends only (CPU time)
         result["cost_vs_tasks"] += cost_vs_tasks(mk, tc, 3 if a.quick else 20, 8 if a.quick else 64)
     if not a.no_http:
