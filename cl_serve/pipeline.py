@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from cl_serve import release_gate
 from cl_serve.errors import StoreError, UserError
 from cl_serve.remote_inputs import local_copy
-from cl_serve.contract.store_schema import TaskRecord
+from cl_serve.contract.store_schema import TaskRecord, describe_error
 from cl_serve.store import (LOCK_HINTS, Manifest, Store, StoreConfig, VerifiedVersion, atomic_write_text,
                             sha256_file)
 from cl_serve.open_store import open_store
@@ -37,23 +37,18 @@ from cl_serve.trainer.train import TrainConfig, predict, resolve_device, train_t
 from cl_serve.versions import promote, rollback, set_policy, status  # noqa: F401  (the pipeline's other commands)
 
 
-def _validation_message(e: ValidationError) -> str:
-    parts = [f"{'.'.join(str(x) for x in err['loc']) or 'value'}: {err['msg']}" for err in e.errors()]
-    return "; ".join(parts)
-
-
 def parse_method(method: dict[str, Any]):
     try:
         return method_config_from_dict(method)
     except ValidationError as e:
-        raise UserError(f"invalid method settings: {_validation_message(e)}") from None
+        raise UserError(f"invalid method settings: {describe_error(e, limit=None)}") from None
 
 
 def parse_head(head: dict[str, Any] | None):
     try:
         return head_config_from_dict(head)
     except ValidationError as e:
-        raise UserError(f"invalid head settings: {_validation_message(e)}") from None
+        raise UserError(f"invalid head settings: {describe_error(e, limit=None)}") from None
 
 
 def init_store(root: str | Path, *, method: dict[str, Any], head: dict[str, Any] | None = None,

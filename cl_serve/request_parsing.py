@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from cl_serve.api_models import MAX_TOP_K, ClassifyJSON
+from cl_serve.contract.store_schema import describe_error
 from cl_serve.runtime import BadInput
 
 
@@ -96,8 +97,7 @@ def parse_classify_json(body: bytes, max_images: int) -> ClassifyJSON:
     except ValidationError as e:
         if any(err["type"] == "json_invalid" for err in e.errors()):
             raise BadInput(400, "body is not valid JSON") from None
-        raise BadInput(422, "invalid JSON body: " + "; ".join(
-            f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:5])) from None
+        raise BadInput(422, "invalid JSON body: " + describe_error(e, limit=5, whole="body")) from None
 
 
 def replay(request: Request, body: bytes) -> Request:

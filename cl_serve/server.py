@@ -58,7 +58,15 @@ app = FastAPI(title="cl-serve", description="Continual image classification with
               docs_url=None, redoc_url=None, redirect_slashes=False)
 
 DEFAULTS = server_settings.defaults()  # every user_config key: cl_serve/server_settings.py
-AUTH_ENV = "CL_SERVE_AUTH_TOKEN"
+
+
+class ReplicaAuth:
+    """The bearer token of this replica process: set by `Classifier.__init__`, read by the middleware. A class
+    attribute of this module, so the middleware (pickled by reference into the replica) and the deployment share
+    it, without putting the secret in the process environment that child processes inherit."""
+
+    token: Optional[str] = None
+
 PUBLIC_PATHS = {"/healthz", "/"}  # answered without the bearer token: probes, and the page (it asks for the token)
 PAGE = Path(__file__).with_name("static") / "index.html"
 
@@ -80,7 +88,7 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 
 @app.middleware("http")
 async def _require_token(request: Request, call_next):
-    token = os.environ.get(AUTH_ENV)  # the process environment: the app object may be a by-value copy
+    token = ReplicaAuth.token
     if token and request.url.path not in PUBLIC_PATHS:
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
@@ -104,8 +112,7 @@ class Classifier:
         patch_replica_grpc()  # before Serve starts this replica's gRPC server (a no-op outside `cl-serve serve`)
         self.settings = dict(DEFAULTS)
         self.limits = ImageLimits()
-        if auth_token:  # the replica's own process; read by the middleware on every request
-            os.environ[AUTH_ENV] = auth_token
+        ReplicaAuth.token = auth_token or None  # the replica's own process; read by the middleware on every request
         self.metrics = ServerMetrics()
         self._inflight = 0  # requests this replica holds (overload protection)
         self.watcher = ModelWatcher(store, self.settings["poll_interval_s"], intra_op_threads,

@@ -40,7 +40,7 @@ def _add_task_parser(sub) -> None:
 def _train_config(a: argparse.Namespace):
     from pydantic import ValidationError
 
-    from cl_serve.pipeline import _validation_message
+    from cl_serve.contract.store_schema import describe_error
     from cl_serve.trainer.train import TrainConfig
 
     try:
@@ -48,7 +48,7 @@ def _train_config(a: argparse.Namespace):
                            optimizer=a.optimizer, schedule=a.schedule, precision=a.precision,
                            seed=a.seed, device=a.device, views=a.views)
     except ValidationError as e:
-        raise UserError(f"invalid training settings: {_validation_message(e)}") from None
+        raise UserError(f"invalid training settings: {describe_error(e, limit=None)}") from None
 
 
 def _add_task(a: argparse.Namespace) -> int:

@@ -92,11 +92,13 @@ class Manifest(BaseModel):
         return name if name in self.files else None
 
 
-def describe_error(e: Exception) -> str:
-    """One line for a user: a validation error's first field and message, else the exception's first line."""
+def describe_error(e: Exception, limit: int | None = 1, whole: str = "value") -> str:
+    """One line for a user, the only formatter of validation errors: "field.path: message" for the first `limit`
+    errors of a ValidationError (None: all), joined by "; " (`whole` names an error of the whole input); any other
+    exception's first line."""
     if isinstance(e, ValidationError) and e.errors():
-        err = e.errors()[0]
-        return f"{'.'.join(str(x) for x in err['loc']) or 'value'}: {err['msg']}"
+        return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or whole}: {err['msg']}"
+                         for err in e.errors()[:limit])
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
