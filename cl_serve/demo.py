@@ -110,17 +110,17 @@ def learn_tasks(store: Path, method: dict, head: str, ckpt: Path, tasks: list[tu
     matrix = []
     for t, (train_dir, _) in enumerate(tasks):
         r = pipeline.add_task(store, train_dir, cfg, progress=True)
-        row = [pipeline.evaluate(store, tasks[j][1], r["version"])["accuracy"] for j in range(t + 1)]
+        row = [pipeline.evaluate(store, tasks[j][1], r.version)["accuracy"] for j in range(t + 1)]
         matrix.append(row)
-        g = r["gate"]
-        print(f"[demo]   {label}: version {r['version']} learned task {t} in {r['train_seconds']:.1f}s; accuracy per "
+        g = r.gate
+        print(f"[demo]   {label}: version {r.version} learned task {t} in {r.train_seconds:.1f}s; accuracy per "
               "task so far: " + ", ".join(f"{a:.2f}" for a in row)
               + ("" if g is None else "; gate " + ("passed: live" if g["passed"]
                                                    else "REFUSED (" + "; ".join(g["reasons"]) + ")")))
-        if not r["live"]:  # a refused version is a candidate; the next task would build on its parent instead
-            pipeline.promote(store, r["version"])
-            print(f"[demo]   (the demo promotes version {r['version']} by hand to go on: `cl-serve promote "
-                  f"{r['version']}`)")
+        if not r.live:  # a refused version is a candidate; the next task would build on its parent instead
+            pipeline.promote(store, r.version)
+            print(f"[demo]   (the demo promotes version {r.version} by hand to go on: `cl-serve promote "
+                  f"{r.version}`)")
     return matrix
 
 

@@ -10,10 +10,10 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 
 from cl_serve import release_gate
@@ -136,7 +136,7 @@ def accuracy_report(model, data: TaskData, labels: list[str], tasks: list[TaskRe
 def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test_data: str | Path | None = None,
              strict: bool = False, wait: bool = False, export: bool = True, progress: bool = True,
              log: Callable[[str], None] = lambda s: None, workers: int = 1,
-             gpus_per_worker: float = 0.0) -> dict[str, Any]:
+             gpus_per_worker: float = 0.0) -> "AddTaskResult":
     """Learn the classes in `data_dir` on top of the live version and publish the result as a new version
     (`workers` > 1: on that many Ray Train workers, see cl_serve.trainer.ray_train). The stages, in order: check
     the inputs against the live version, decode, choose the method (only `auto`, on the first task), train,
@@ -166,12 +166,35 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
                                            test_found, summary, train, log)
         published, onnx_info = _publish(store, cfg, learner, merged, model, parent, task_index, tasks, metrics, gate,
                                       choice, summary, train, device, len(data.corrupt), workers, export)
-    return {"version": published.number, "parent": parent, "task": task_index, "classes_added": data.class_names,
-            "total_classes": len(learner.labels), "seconds": time.time() - t0, "train_seconds": summary["seconds"],
-            "decode_seconds": decode_seconds, "metrics": metrics, "method_summary": summary["method"],
-            "head_summary": summary["head"], "onnx": onnx_info, "device": str(device),
-            "gate": gate, "live": gate is None or gate["passed"], "method": learner.method_config.name,
-            "auto": choice}
+    return AddTaskResult(
+        version=published.number, parent=parent, task=task_index, classes_added=data.class_names,
+        total_classes=len(learner.labels), seconds=time.time() - t0, train_seconds=summary["seconds"],
+        decode_seconds=decode_seconds, metrics=metrics, method_summary=summary["method"],
+        head_summary=summary["head"], onnx=onnx_info, device=str(device), gate=gate,
+        live=gate is None or gate["passed"], method=learner.method_config.name, auto=choice)
+
+
+class AddTaskResult(BaseModel):
+    """What `add_task` did: the version it published, what it learned, how it scored, whether it is live."""
+
+    model_config = ConfigDict(frozen=True)
+    version: int
+    parent: Optional[int]
+    task: int
+    classes_added: list[str]
+    total_classes: int
+    seconds: float
+    train_seconds: float
+    decode_seconds: float
+    metrics: dict[str, Any]  # train_accuracy, and test (accuracy, per_task) with --test-data
+    method_summary: dict[str, Any]
+    head_summary: dict[str, Any]
+    onnx: Optional[dict[str, Any]]  # None with export=False
+    device: str
+    gate: Optional[dict[str, Any]]  # None without a release policy
+    live: bool  # False: a candidate the gate refused
+    method: str
+    auto: Optional[dict[str, Any]]  # --method auto's evidence on the first task, else None
 
 
 def _check_inputs(data_dir, test_data, parent_manifest: Manifest | None, progress: bool):

@@ -60,7 +60,7 @@ def test_method_auto_decides_on_the_first_task_records_why_and_keeps_the_winner(
                                        "projections": [0, 32]},
                         head={"name": "analytic"}, backbone=TINY_MODEL, timm_kwargs=TINY)
     r = pipeline.add_task(store, tasks[0]["train"], fast_train(), progress=False, export=False)
-    auto = r["auto"]
+    auto = r.auto
     assert {(row["method"], row["projection"]) for row in auto["rows"]} == {
         ("none", 0), ("none", 32), ("inflora", 0), ("inflora", 32)}
     assert auto["fit_images"] + auto["held_out_images"] == 3 * 16 and auto["held_out_images"] == 3 * 4
@@ -68,13 +68,13 @@ def test_method_auto_decides_on_the_first_task_records_why_and_keeps_the_winner(
     best = {k: max(row["held_out_accuracy"] for row in auto["rows"] if row["adapted"] == k) for k in (False, True)}
     assert chosen["adapter_held_out_accuracy"] == best[True] and chosen["frozen_held_out_accuracy"] == best[False]
     assert (chosen["method"] == "inflora") == (best[True] >= best[False] + auto["margin"])
-    m = open_store(store).manifest(r["version"])
+    m = open_store(store).manifest(r.version)
     assert m.method["name"] == chosen["method"] and m.method["chosen_by"]["chosen"] == chosen
     assert m.head["projection"] == chosen["projection"]
     # the next task trains the winner from the parent version: no second choice
     r2 = pipeline.add_task(store, tasks[1]["train"], fast_train(), progress=False, export=False)
-    assert r2["auto"] is None and r2["method"] == chosen["method"]
-    assert open_store(store).manifest(r2["version"]).head["projection"] == chosen["projection"]
+    assert r2.auto is None and r2.method == chosen["method"]
+    assert open_store(store).manifest(r2.version).head["projection"] == chosen["projection"]
     assert json.loads((store / "store.json").read_text())["method"]["name"] == "auto"
 
 

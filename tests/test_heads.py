@@ -150,7 +150,7 @@ def test_head_settings_are_validated_and_recorded(tmp_path, tasks):
     store = init_tiny_store(tmp_path / "ok", "none")
     assert Store(store).config().head == {"name": "task-local"}
     out = pipeline.add_task(store, tasks[0]["train"], fast_train(optimizer="sgd", schedule="constant"), progress=False)
-    m = Store(store).manifest(out["version"])
+    m = Store(store).manifest(out.version)
     assert m.training["optimizer"] == "sgd" and m.training["schedule"] == "constant" and m.head["name"] == "task-local"
     assert m.training["head_state_bytes"]["per_class"] == (32 + 1) * 4
 

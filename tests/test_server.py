@@ -152,7 +152,7 @@ def test_hot_swap_under_load_has_zero_failed_requests(server, tasks):
         t.start()
     published = []
     for t in (2, 3):  # two real add-tasks ...
-        v = pipeline.add_task(store, tasks[t]["train"], fast_train(epochs=1), progress=False)["version"]
+        v = pipeline.add_task(store, tasks[t]["train"], fast_train(epochs=1), progress=False).version
         published.append((time.time(), v))
         _wait_version(c, v)
     pipeline.rollback(store, start_version)  # ... and a rollback + roll-forward: four swaps in all
@@ -420,7 +420,7 @@ def test_the_canary_sends_its_share_of_requests_to_the_newest_candidate(server, 
     names = [n for n in class_names(40) if n not in known][:3]  # classes the store has not seen
     new_task = write_image_folder(tmp_path / "canary", names, 8, seed=7)
     try:
-        candidate = pipeline.add_task(store, new_task, fast_train(epochs=1), progress=False)["version"]
+        candidate = pipeline.add_task(store, new_task, fast_train(epochs=1), progress=False).version
     finally:
         pipeline.set_policy(store, off=True)
     assert Store(store).current() == live and candidate > live

@@ -4,9 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from cl_serve.commands.common import Command, print_json, store_arg
 from cl_serve.errors import UserError
+
+if TYPE_CHECKING:
+    from cl_serve.pipeline import AddTaskResult
 
 
 def _add_task_parser(sub) -> None:
@@ -61,39 +65,39 @@ def _add_task(a: argparse.Namespace) -> int:
     r = pipeline.add_task(a.store, a.data, tc, test_data=a.test_data, strict=a.strict, wait=a.wait,
                           export=not a.no_export, progress=not a.json, log=log, workers=a.workers,
                           gpus_per_worker=a.gpus_per_worker)
-    print_json(r) if a.json else print_summary(r)
-    if r["gate"] is not None and not r["gate"]["passed"]:
+    print_json(r.model_dump()) if a.json else print_summary(r)
+    if r.gate is not None and not r.gate["passed"]:
         from cl_serve.release_gate import GATE_REFUSED_EXIT
 
-        print(f"cl-serve add-task: version {r['version']} is a candidate, not live: "
-              + "; ".join(r["gate"]["reasons"]) + f". Make it live with `cl-serve promote {r['version']}`",
+        print(f"cl-serve add-task: version {r.version} is a candidate, not live: "
+              + "; ".join(r.gate["reasons"]) + f". Make it live with `cl-serve promote {r.version}`",
               file=sys.stderr)
         return GATE_REFUSED_EXIT
     return 0
 
 
-def print_summary(r: dict) -> None:
-    print(f"published version {r['version']} (parent {r['parent']}): task {r['task']}, "
-          f"+{len(r['classes_added'])} classes ({', '.join(r['classes_added'][:8])}"
-          f"{', ...' if len(r['classes_added']) > 8 else ''}), {r['total_classes']} in all; "
-          f"{r['train_seconds']:.1f}s training on {r['device']}, {r['seconds']:.1f}s total")
-    print(f"  train accuracy {r['metrics']['train_accuracy']:.3f}; method: {json.dumps(r['method_summary'])[:300]}"
-          f"; head: {json.dumps(r['head_summary'])[:200]}")
-    if r["auto"]:
-        c = r["auto"]["chosen"]
+def print_summary(r: "AddTaskResult") -> None:
+    print(f"published version {r.version} (parent {r.parent}): task {r.task}, "
+          f"+{len(r.classes_added)} classes ({', '.join(r.classes_added[:8])}"
+          f"{', ...' if len(r.classes_added) > 8 else ''}), {r.total_classes} in all; "
+          f"{r.train_seconds:.1f}s training on {r.device}, {r.seconds:.1f}s total")
+    print(f"  train accuracy {r.metrics['train_accuracy']:.3f}; method: {json.dumps(r.method_summary)[:300]}"
+          f"; head: {json.dumps(r.head_summary)[:200]}")
+    if r.auto:
+        c = r.auto["chosen"]
         print(f"  method auto chose {c['method']}" + (f" with M = {c['projection']}" if c["projection"] is not None
                                                      else "")
-              + f": held-out accuracy adapter ({r['auto']['candidate']['name']}) "
+              + f": held-out accuracy adapter ({r.auto['candidate']['name']}) "
                 f"{c['adapter_held_out_accuracy']:.3f}, frozen {c['frozen_held_out_accuracy']:.3f} on "
-                f"{r['auto']['held_out_images']} images (margin {r['auto']['margin']:g}; in the manifest)")
-    if r["onnx"]:
-        print(f"  model.onnx parity max |diff| {r['onnx']['parity_max_abs_diff']:.2e}")
-    if "test" in r["metrics"]:
-        t = r["metrics"]["test"]
+                f"{r.auto['held_out_images']} images (margin {r.auto['margin']:g}; in the manifest)")
+    if r.onnx:
+        print(f"  model.onnx parity max |diff| {r.onnx['parity_max_abs_diff']:.2e}")
+    if "test" in r.metrics:
+        t = r.metrics["test"]
         per = ", ".join(f"task {p['task']}: {p['accuracy']:.3f}" for p in t["per_task"])
         print(f"  test accuracy {t['accuracy']:.3f} on {t['images']} images ({per})")
-    if r["gate"] is not None:
-        g = r["gate"]
+    if r.gate is not None:
+        g = r.gate
         per = ", ".join(f"task {row['task']}: {row['accuracy']:.3f}" + (
             f" (parent {row['parent_accuracy']:.3f})" if "parent_accuracy" in row else "")
             for row in g["tasks"] if row["accuracy"] is not None)
