@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -129,11 +128,9 @@ class ModelWatcher:
     """Keeps `self.model` on the store's live version (or a pinned one), swapping atomically."""
 
     def __init__(self, store_root: str, poll_interval_s: float = 1.0, intra_op_threads: int | None = None,
-                 on_event: Callable[[str, int], None] | None = None, max_cached_versions: int = 2):
+                 on_event: Callable[[str, int], None] | None = None):
         self.store = open_store(store_root)
         self.on_event = on_event or (lambda kind, version: None)  # ("swap"|"refused"|"tick", version): metrics
-        self.max_cached_versions = max_cached_versions
-        self._cache: OrderedDict[int, LoadedModel] = OrderedDict()  # versions asked for by ?version=N
         self.poll_interval_s = poll_interval_s
         self.intra_op_threads = intra_op_threads
         self.model: LoadedModel | None = None
@@ -252,17 +249,11 @@ class ModelWatcher:
         self._candidate = (time.monotonic(), found)
         return found
 
-    def model_for(self, version: int) -> LoadedModel:
-        """The model of an explicit version (`POST /classify?version=N`): the live one, a cached one, or loaded
-        now (verified like any other) into a bounded LRU cache of `max_cached_versions` sessions.
+    def load_pinned(self, version: int) -> LoadedModel:
+        """Load an explicit version (`POST /classify?version=N`, a canary's candidate), verified like any other;
+        the deployment keeps what this returns in Serve's per-replica model cache (`@serve.multiplexed`).
         BadInput 404 for a version the store does not have, 409 for one that cannot be served."""
-        live = self.model
-        if live is not None and live.version == version:
-            return live
         with self._lock:
-            if version in self._cache:
-                self._cache.move_to_end(version)
-                return self._cache[version]
             if version not in self.store.versions():
                 raise BadInput(404, f"version {version} does not exist")
             refused = self.refusal(version)
@@ -275,9 +266,6 @@ class ModelWatcher:
                 self.refused[version], self._refused_stamp[version] = str(e), stamp
                 self.on_event("refused", version)
                 raise BadInput(409, f"version {version} cannot be served: {e}") from None
-            self._cache[version] = loaded
-            while len(self._cache) > self.max_cached_versions:
-                self._cache.popitem(last=False)
             return loaded
 
     def list_versions(self) -> list[dict[str, Any]]:

@@ -45,7 +45,7 @@ from cl_serve.api_models import (ClassifyJSON, ClassifyMultipart, ClassifyRespon
                                  openapi_body)
 from cl_serve.loopback import patch_replica_grpc
 from cl_serve.request_parsing import BodyBudget, parse_classify_json, parse_top_k, parse_version, read_body, replay
-from cl_serve.runtime import BadInput, ModelWatcher, prepare_batch, top_k_predictions
+from cl_serve.runtime import BadInput, LoadedModel, ModelWatcher, prepare_batch, top_k_predictions
 from cl_serve.serve_metrics import ServerMetrics
 from cl_serve import server_settings
 from cl_serve.memory_return import MemoryReturn
@@ -69,6 +69,7 @@ class ReplicaAuth:
 
 PUBLIC_PATHS = {"/healthz", "/"}  # answered without the bearer token: probes, and the page (it asks for the token)
 PAGE = Path(__file__).with_name("static") / "index.html"
+PINNED_VERSIONS = 2  # versions besides the live one a replica keeps loaded for ?version=N and the canary
 
 
 def _error(status: int, message: str, headers: Optional[dict] = None, **extra) -> JSONResponse:
@@ -107,8 +108,7 @@ async def _require_token(request: Request, call_next):
 @serve.ingress(app)
 class Classifier:
     def __init__(self, store: str, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
-                 intra_op_threads: Optional[int] = None, auth_token: Optional[str] = None,
-                 max_cached_versions: int = 2):
+                 intra_op_threads: Optional[int] = None, auth_token: Optional[str] = None):
         patch_replica_grpc()  # before Serve starts this replica's gRPC server (a no-op outside `cl-serve serve`)
         self.settings = dict(DEFAULTS)
         self.limits = ImageLimits()
@@ -116,7 +116,7 @@ class Classifier:
         self.metrics = ServerMetrics()
         self._inflight = 0  # requests this replica holds (overload protection)
         self.watcher = ModelWatcher(store, self.settings["poll_interval_s"], intra_op_threads,
-                                    on_event=self.metrics.event, max_cached_versions=max_cached_versions)
+                                    on_event=self.metrics.event)
         # Decoding is where a request's memory goes (up to ~300 MiB for the largest admitted image): at most this
         # many requests decode at once per replica; the others wait their turn.
         self._decode_slots = asyncio.Semaphore(int(self.settings["max_concurrent_decodes"]))
@@ -244,20 +244,33 @@ class Classifier:
         self.metrics.request(200, result["model_version"], time.monotonic() - t0)
         return result
 
+    async def _model_of(self, version: int) -> LoadedModel:
+        """An explicit version: the live model when it is that version, else Serve's multiplexed cache."""
+        live = self.watcher.model
+        if live is not None and live.version == version:
+            return live
+        return await self.pinned_model(str(version))
+
+    @serve.multiplexed(max_num_models_per_replica=PINNED_VERSIONS)
+    async def pinned_model(self, version: str) -> LoadedModel:
+        """A version asked for by `?version=N` or the canary, loaded once and kept in Serve's per-replica LRU of
+        `PINNED_VERSIONS` models (a failure to load is not kept: it is asked again next time)."""
+        return await asyncio.to_thread(self.watcher.load_pinned, int(version))
+
     async def _classify(self, request: Request, body: bytes):
         canary = False
         try:
             version = parse_version(request.query_params.get("version"))
             model = self.watcher.model
             if version is not None:
-                model = await asyncio.to_thread(self.watcher.model_for, version)
+                model = await self._model_of(version)
             elif model is None:
                 return _error(503, self.watcher.unavailable_reason() or "no model", **self.watcher.status())
             elif random.random() * 100 < float(self.settings["canary_percent"]):
                 candidate = await asyncio.to_thread(self.watcher.newest_candidate)
                 if candidate is not None:
                     try:
-                        model, version = await asyncio.to_thread(self.watcher.model_for, candidate), candidate
+                        model, version = await self._model_of(candidate), candidate
                         canary = True
                     except BadInput:  # a candidate that cannot be served: the live version answers
                         pass
@@ -311,7 +324,7 @@ def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_
               max_request_bytes: int = DEFAULTS["max_request_bytes"],
               num_cpus: float = 1.0, gpus_per_replica: float = 0.0, intra_op_threads: Optional[int] = None,
               auth_token: Optional[str] = None, settings: Optional[dict[str, Any]] = None,
-              max_cached_versions: int = 2, autoscaling: Optional[dict[str, Any]] = None):
+              autoscaling: Optional[dict[str, Any]] = None):
     """The bound Serve application for a store (used by `cl-serve serve`, the tests and the RayService).
     `settings`: more user_config keys (see `Classifier.reconfigure`), e.g. max_queued_requests.
     `autoscaling`: a Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...) instead of
@@ -322,7 +335,7 @@ def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_
     return Classifier.options(
         **scaling, ray_actor_options={"num_cpus": num_cpus, "num_gpus": gpus_per_replica}, user_config=user_config,
     ).bind(store=str(store), max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-           intra_op_threads=intra_op_threads, auth_token=auth_token, max_cached_versions=max_cached_versions)
+           intra_op_threads=intra_op_threads, auth_token=auth_token)
 
 
 def app_builder(args: dict[str, Any]):

@@ -225,11 +225,11 @@ def test_a_restored_version_is_served_again_and_a_deleted_current_is_reported(tw
     w = ModelWatcher(str(two_version_store), poll_interval_s=60)
     try:
         with pytest.raises(Exception, match="cannot be served"):
-            w.model_for(2)
+            w.load_pinned(2)
         assert w.refusal(2) is not None and w.model is None
         onnx.write_bytes(good)  # the operator restores the file
         assert w.refusal(2) is None
-        assert w.model_for(2).version == 2
+        assert w.load_pinned(2).version == 2
         w.check()
         assert w.model is not None and w.model.version == 2 and w.store_error is None
         (two_version_store / "CURRENT").unlink()
