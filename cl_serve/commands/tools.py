@@ -37,9 +37,22 @@ def _bench_parser(sub) -> None:
 
 
 def _bench(a: argparse.Namespace) -> int:
+    """The benchmarks live in the repository's benchmarks/ (not installed with the package): run from its root."""
     import importlib
+    import os
+    import sys
 
-    mod = importlib.import_module(f"benchmarks.{a.which}")
+    from cl_serve.errors import UserError
+
+    if os.path.isfile(os.path.join(os.getcwd(), "benchmarks", "cil.py")) and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(f"benchmarks.{a.which}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("benchmarks", f"benchmarks.{a.which}"):
+            raise
+        raise UserError("the benchmarks are not installed with cl-serve: run `cl-serve bench` from the root of a "
+                        "source checkout (git clone ...; cd cl-serve)") from None
     return int(mod.main(a.args) or 0)
 
 
