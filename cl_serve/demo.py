@@ -115,8 +115,8 @@ def learn_tasks(store: Path, method: dict, head: str, ckpt: Path, tasks: list[tu
         g = r.gate
         print(f"[demo]   {label}: version {r.version} learned task {t} in {r.train_seconds:.1f}s; accuracy per "
               "task so far: " + ", ".join(f"{a:.2f}" for a in row)
-              + ("" if g is None else "; gate " + ("passed: live" if g["passed"]
-                                                   else "REFUSED (" + "; ".join(g["reasons"]) + ")")))
+              + ("" if g is None else "; gate " + ("passed: live" if g.passed
+                                                   else "REFUSED (" + "; ".join(g.reasons) + ")")))
         if not r.live:  # a refused version is a candidate; the next task would build on its parent instead
             pipeline.promote(store, r.version)
             print(f"[demo]   (the demo promotes version {r.version} by hand to go on: `cl-serve promote "

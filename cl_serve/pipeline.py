@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from cl_serve import release_gate
 from cl_serve.errors import StoreError, UserError
 from cl_serve.remote_inputs import local_copy
-from cl_serve.contract.store_schema import TaskRecord, describe_error
+from cl_serve.contract.store_schema import GateDecision, OnnxInfo, TaskRecord, describe_error
 from cl_serve.store import (LOCK_HINTS, Manifest, Store, StoreConfig, VerifiedVersion, atomic_write_text,
                             sha256_file)
 from cl_serve.open_store import open_store
@@ -32,19 +32,20 @@ from cl_serve.trainer.ray_train import LearnerFactory, train_task_on_ray
 from cl_serve.trainer.heads import head_config_from_dict
 from cl_serve.trainer.auto import choose_method
 from cl_serve.trainer.methods import method_config_from_dict
-from cl_serve.trainer.methods.config import AutoConfig, NoneConfig
+from cl_serve.contract.head_settings import HeadConfig
+from cl_serve.contract.method_settings import AutoConfig, MethodConfig, NoneConfig
 from cl_serve.trainer.train import TrainConfig, predict, resolve_device, train_task
 from cl_serve.versions import promote, rollback, set_policy, status  # noqa: F401  (the pipeline's other commands)
 
 
-def parse_method(method: dict[str, Any]):
+def parse_method(method: dict[str, Any] | MethodConfig):
     try:
         return method_config_from_dict(method)
     except ValidationError as e:
         raise UserError(f"invalid method settings: {describe_error(e, limit=None)}") from None
 
 
-def parse_head(head: dict[str, Any] | None):
+def parse_head(head: dict[str, Any] | HeadConfig | None):
     try:
         return head_config_from_dict(head)
     except ValidationError as e:
@@ -78,8 +79,8 @@ def init_store(root: str | Path, *, method: dict[str, Any], head: dict[str, Any]
         card = {**{k: v for k, v in card.items() if k != "classes"}, "timm_model": spec.timm_model,
                 "timm_kwargs": spec.timm_kwargs, "source": spec.source, "preprocessing": prep.model_dump()}
         atomic_write_text(store.backbone_dir / "card.json", json.dumps(card, indent=2, default=str))
-        config = StoreConfig(backbone=spec.model_dump(), backbone_sha256=sha256_file(store.backbone_weights_path()),
-                             method=mcfg.model_dump(), head=hcfg.model_dump(), preprocessing=prep)
+        config = StoreConfig(backbone=spec, backbone_sha256=sha256_file(store.backbone_weights_path()),
+                             method=mcfg, head=hcfg, preprocessing=prep)
         store.create(config)
     return config
 
@@ -87,7 +88,7 @@ def init_store(root: str | Path, *, method: dict[str, Any], head: dict[str, Any]
 def _backbone(store: Store) -> tuple[bb.BackboneSpec, dict[str, torch.Tensor]]:
     cfg = store.config()
     store.verify_backbone()
-    return bb.BackboneSpec(**cfg.backbone), load_file(str(store.backbone_weights_path()))
+    return cfg.backbone, load_file(str(store.backbone_weights_path()))
 
 
 def learner_factory(store: Store, version: int | None) -> LearnerFactory:
@@ -114,7 +115,7 @@ def open_learner(store: Store, version: int | None) -> Learner:
 
 def load_merged_model(store: Store, version: int) -> torch.nn.Module:
     """The plain timm model of a version (what the ONNX file computes)."""
-    spec = bb.BackboneSpec(**store.config().backbone)
+    spec = store.config().backbone
     return build_plain_model(spec, load_file(str(store.verified(version).path / "merged.safetensors")))
 
 
@@ -159,7 +160,7 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         learner, summary, task_index = _train(factory, data, cfg.preprocessing, train, device, workers,
                                               gpus_per_worker, progress, log)
         merged = merged_state_dict(learner)
-        model = build_plain_model(bb.BackboneSpec(**cfg.backbone), merged)
+        model = build_plain_model(cfg.backbone, merged)
         tasks = (parent_manifest.tasks if parent_manifest else []) + [
             TaskRecord(index=task_index, labels=data.class_names, version=0)]
         metrics, gate = _evaluate_and_gate(store, cfg.preprocessing, model, learner, parent_manifest, tasks,
@@ -171,7 +172,7 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         total_classes=len(learner.labels), seconds=time.time() - t0, train_seconds=summary["seconds"],
         decode_seconds=decode_seconds, metrics=metrics, method_summary=summary["method"],
         head_summary=summary["head"], onnx=onnx_info, device=str(device), gate=gate,
-        live=gate is None or gate["passed"], method=learner.method_config.name, auto=choice)
+        live=gate is None or gate.passed, method=learner.method_config.name, auto=choice)
 
 
 class AddTaskResult(BaseModel):
@@ -189,9 +190,9 @@ class AddTaskResult(BaseModel):
     metrics: dict[str, Any]  # train_accuracy, and test (accuracy, per_task) with --test-data
     method_summary: dict[str, Any]
     head_summary: dict[str, Any]
-    onnx: Optional[dict[str, Any]]  # None with export=False
+    onnx: Optional[OnnxInfo]  # None with export=False
     device: str
-    gate: Optional[dict[str, Any]]  # None without a release policy
+    gate: Optional[GateDecision]  # None without a release policy
     live: bool  # False: a candidate the gate refused
     method: str
     auto: Optional[dict[str, Any]]  # --method auto's evidence on the first task, else None
@@ -248,7 +249,7 @@ def _train(factory: LearnerFactory, data: TaskData, prep: Preprocessing, train: 
 
 def _evaluate_and_gate(store: Store, prep: Preprocessing, model, learner: Learner, parent_manifest: Manifest | None,
                        tasks: list[TaskRecord], test_found, summary: dict[str, Any], train: TrainConfig,
-                       log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                       log: Callable[[str], None]) -> tuple[dict[str, Any], GateDecision | None]:
     """Training metrics, test accuracy when a test folder was given, and the release gate's decision."""
     labels = list(learner.labels)
     metrics: dict[str, Any] = {"train_accuracy": summary["train_accuracy"], "final_loss": summary["final_loss"]}
@@ -263,7 +264,7 @@ def _evaluate_and_gate(store: Store, prep: Preprocessing, model, learner: Learne
 
 def _publish(store: Store, cfg: StoreConfig, learner: Learner, merged: dict[str, torch.Tensor], model,
              parent: int | None, task_index: int, tasks: list[TaskRecord], metrics: dict[str, Any],
-             gate: dict[str, Any] | None, choice: dict[str, Any] | None, summary: dict[str, Any], train: TrainConfig,
+             gate: GateDecision | None, choice: dict[str, Any] | None, summary: dict[str, Any], train: TrainConfig,
              device, corrupt: int, workers: int, export: bool) -> tuple[VerifiedVersion, dict[str, Any] | None]:
     """Write the learner, the merged weights and (with `export`) the parity-checked ONNX file into a new version,
     then publish it: live if the gate passed or there is none, else a candidate. Nothing is left on a failure."""
@@ -274,31 +275,31 @@ def _publish(store: Store, cfg: StoreConfig, learner: Learner, merged: dict[str,
         tensors, meta = learner.state()
         save_file(tensors, str(writer.file("learner.safetensors")), metadata=meta)
         save_file(merged, str(writer.file("merged.safetensors")),
-                  metadata={"timm_model": cfg.backbone["timm_model"],
-                            "timm_kwargs": json.dumps(cfg.backbone.get("timm_kwargs", {})),
+                  metadata={"timm_model": cfg.backbone.timm_model,
+                            "timm_kwargs": json.dumps(cfg.backbone.timm_kwargs),
                             "labels": json.dumps(labels),
                             "head": "linear" if "head.weight" in merged else "random-projection"})
         onnx_info = None
         if export:
-            onnx_info = {**_export(model, writer.file("model.onnx"), cfg.preprocessing, labels, writer.version,
-                                   learner.method_config.name), "file": "model.onnx"}
+            onnx_info = OnnxInfo(**_export(model, writer.file("model.onnx"), cfg.preprocessing, labels,
+                                           writer.version, learner.method_config.name), file="model.onnx")
         manifest = Manifest(
             version=writer.version, parent=parent, task_index=task_index, labels=labels, tasks=tasks,
             preprocessing=cfg.preprocessing, backbone=cfg.backbone, metrics=metrics, onnx=onnx_info, gate=gate,
-            method={**learner.method_config.model_dump(), **({"chosen_by": choice} if choice else {})},
-            head=learner.head_config.model_dump(), files={},
+            method=learner.method_config.model_copy(update={"chosen_by": choice}),
+            head=learner.head_config, files={},
             training={**train.model_dump(), "device": str(device),
                       "seconds": summary["seconds"], "workers": workers, "train_images": summary["train_images"],
                       "corrupt_skipped": corrupt, "method_summary": summary["method"],
                       "head_summary": summary["head"], "head_state_bytes": learner.head.state_bytes()})
-        return store.publish(writer, manifest, make_current=gate is None or gate["passed"]), onnx_info
+        return store.publish(writer, manifest, make_current=gate is None or gate.passed), onnx_info
     except BaseException:
         writer.discard()
         raise
 
 
 def run_gate(store: Store, policy, model, parent_manifest: Manifest | None, labels: list[str],
-             tasks: list[TaskRecord], batch_size: int, log: Callable[[str], None]) -> dict[str, Any]:
+             tasks: list[TaskRecord], batch_size: int, log: Callable[[str], None]) -> GateDecision:
     """Per-task accuracy of the new model and of its parent on the policy's gate data, and the decision."""
     gate_folder = local_copy(policy.gate_data, progress=False)
     found = {c: files for c, files in scan_image_folder(gate_folder).items() if c in labels}
@@ -322,8 +323,8 @@ def run_gate(store: Store, policy, model, parent_manifest: Manifest | None, labe
     decision = release_gate.decide(parent_acc, {p["task"]: p["accuracy"] for p in new["per_task"]}, tasks[-1].index,
                                    max_drop=policy.max_drop, min_new_accuracy=policy.min_new_accuracy,
                                    gate_images={p["task"]: p["images"] for p in new["per_task"]})
-    return {**decision, "gate_data": policy.gate_data, "parent": parent_manifest.version if parent_manifest else None,
-            "accuracy": new["accuracy"]}
+    return GateDecision(**decision, gate_data=policy.gate_data, accuracy=new["accuracy"],
+                        parent=parent_manifest.version if parent_manifest else None)
 
 
 def _export(model, path: Path, prep: Preprocessing, labels: list[str], version: int, method: str,
@@ -353,7 +354,7 @@ def export_version(root: str | Path, version: int | None = None, *, fp16: bool =
         model = load_merged_model(store, v)  # the same Store: its files are not hashed again
         tmp = store.version_dir(v) / f".model.export.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            info = _export(model, tmp, m.preprocessing, m.labels, v, m.method["name"], fp16=fp16, opset=opset)
+            info = _export(model, tmp, m.preprocessing, m.labels, v, m.method.name, fp16=fp16, opset=opset)
             name = store.switch_onnx(handle, tmp, info, fp16=fp16)
         finally:
             tmp.unlink(missing_ok=True)

@@ -240,8 +240,8 @@ class ModelWatcher:
             for v in sorted((v for v in self.store.versions() if v > serving), reverse=True):
                 if self.refusal(v) is not None:
                     continue
-                gate = self.store.manifest(v).gate or {}
-                if gate and not gate.get("passed", True):
+                gate = self.store.manifest(v).gate
+                if gate is not None and not gate.passed:
                     found = v
                     break
         except StoreError:
@@ -288,15 +288,15 @@ class ModelWatcher:
                              "error": str(e)})
                 continue
             test = (m.metrics.get("test") or {}).get("per_task") or []
-            gate = m.gate or {}
+            gate = m.gate
             row.update({"parent": m.parent, "task": m.task_index, "created_at": m.created_at,
                         "classes": len(m.labels), "new_labels": m.tasks[-1].labels if m.tasks else [],
-                        "method": m.method.get("name"), "head": m.head.get("name"),
-                        "per_task_accuracy": {str(t["task"]): t["accuracy"] for t in gate.get("tasks", [])
-                                              if t.get("accuracy") is not None}
+                        "method": m.method.name, "head": m.head.name,
+                        "per_task_accuracy": {str(t.task): t.accuracy for t in (gate.tasks if gate else [])
+                                              if t.accuracy is not None}
                         or {str(t["task"]): t["accuracy"] for t in test},
                         "accuracy_source": "gate" if gate else ("test" if test else None),
-                        "gate": None if not gate else {"passed": gate["passed"], "reasons": gate["reasons"]}})
+                        "gate": None if not gate else {"passed": gate.passed, "reasons": gate.reasons}})
             refused = self.refusal(v)
             row["state"] = version_state(live=v == current, gate=m.gate, error=refused)
             if refused is not None:

@@ -25,7 +25,8 @@ from typing import Any, Iterator
 
 from pydantic import ValidationError
 
-from cl_serve.contract.store_schema import FORMAT_VERSION, Manifest, ReleasePolicy, StoreConfig, describe_error
+from cl_serve.contract.store_schema import (FORMAT_VERSION, Manifest, OnnxInfo, ReleasePolicy, StoreConfig,
+                                            describe_error)
 from cl_serve.errors import StoreError
 from cl_serve.store_backends import (LocalBackend, StoreBackend, atomic_write_text, fault_point, fsync_dir,
                                      sha256_file, vname)
@@ -335,7 +336,7 @@ class Store:
         files = {k: h for k, h in m.files.items() if k != old}
         files[name] = digest
         key = "onnx_fp16" if fp16 else "onnx"
-        m = m.model_copy(update={key: {**info, "file": name}, "files": files})
+        m = m.model_copy(update={key: OnnxInfo(**{**info, "file": name}), "files": files})
         atomic_write_text(d / "manifest.json", m.model_dump_json(indent=2))
         self.backend.put(f"{rel}/manifest.json")  # the switch
         fault_point("export-before-cleanup")

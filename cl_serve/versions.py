@@ -41,7 +41,7 @@ def promote(root: str | Path, version: int, wait: bool = False) -> dict[str, Any
     """Make a version live by hand (a candidate the gate refused, or any verified version)."""
     rollback(root, version, wait=wait)
     m = open_store(root).manifest(version)
-    return {"version": version, "gate": m.gate}
+    return {"version": version, "gate": None if m.gate is None else m.gate.model_dump()}
 
 
 def rollback(root: str | Path, version: int, wait: bool = False) -> int:
@@ -76,7 +76,7 @@ def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
                         "new_classes": len(m.tasks[-1].labels) if m.tasks else 0, "created_at": m.created_at,
                         "test_accuracy": (m.metrics.get("test") or {}).get("accuracy"),
                         "onnx": m.onnx_file() is not None, "state": version_state(live=v == current, gate=m.gate),
-                        "gate": None if m.gate is None else {"passed": m.gate["passed"], "reasons": m.gate["reasons"]}})
+                        "gate": None if m.gate is None else {"passed": m.gate.passed, "reasons": m.gate.reasons}})
             by_version[v] = m
         except StoreError as e:
             row.update({"state": version_state(live=v == current, gate=None, error=str(e)), "error": str(e)})
@@ -95,7 +95,8 @@ def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
     else:
         serving = {"version": current}
     healthy = current_error is None and (serving["version"] is not None or not versions)
-    return {"store": store.name, "method": cfg.method, "head": cfg.head, "backbone": cfg.backbone,
+    return {"store": store.name, "method": cfg.method.model_dump(exclude_none=True), "head": cfg.head.model_dump(),
+            "backbone": cfg.backbone.model_dump(),
             "preprocessing": cfg.preprocessing.model_dump(), "current": current, "current_error": current_error,
             "verified": not fast, "serving": serving, "healthy": healthy, "policy": store.policy().model_dump(),
             "tasks": len(live.tasks) if live else 0, "classes": len(live.labels) if live else 0,

@@ -69,12 +69,12 @@ def test_method_auto_decides_on_the_first_task_records_why_and_keeps_the_winner(
     assert chosen["adapter_held_out_accuracy"] == best[True] and chosen["frozen_held_out_accuracy"] == best[False]
     assert (chosen["method"] == "inflora") == (best[True] >= best[False] + auto["margin"])
     m = open_store(store).manifest(r.version)
-    assert m.method["name"] == chosen["method"] and m.method["chosen_by"]["chosen"] == chosen
-    assert m.head["projection"] == chosen["projection"]
+    assert m.method.name == chosen["method"] and m.method.chosen_by["chosen"] == chosen
+    assert m.head.projection == chosen["projection"]
     # the next task trains the winner from the parent version: no second choice
     r2 = pipeline.add_task(store, tasks[1]["train"], fast_train(), progress=False, export=False)
     assert r2.auto is None and r2.method == chosen["method"]
-    assert open_store(store).manifest(r2.version).head["projection"] == chosen["projection"]
+    assert open_store(store).manifest(r2.version).head.projection == chosen["projection"]
     assert json.loads((store / "store.json").read_text())["method"]["name"] == "auto"
 
 

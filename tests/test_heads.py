@@ -148,10 +148,10 @@ def test_head_settings_are_validated_and_recorded(tmp_path, tasks):
     assert r.returncode == 2 and "invalid head settings: analytic.projection" in r.stderr
     assert not (tmp_path / "s").exists()
     store = init_tiny_store(tmp_path / "ok", "none")
-    assert Store(store).config().head == {"name": "task-local"}
+    assert Store(store).config().head.model_dump() == {"name": "task-local"}
     out = pipeline.add_task(store, tasks[0]["train"], fast_train(optimizer="sgd", schedule="constant"), progress=False)
     m = Store(store).manifest(out.version)
-    assert m.training["optimizer"] == "sgd" and m.training["schedule"] == "constant" and m.head["name"] == "task-local"
+    assert m.training["optimizer"] == "sgd" and m.training["schedule"] == "constant" and m.head.name == "task-local"
     assert m.training["head_state_bytes"]["per_class"] == (32 + 1) * 4
 
 
@@ -216,7 +216,7 @@ def test_cli_default_head_is_analytic_and_its_two_layer_model_is_published(tmp_p
         assert r.returncode == 0, r.stderr
     s = Store(store)
     m = s.manifest(2)
-    assert m.head == {**m.head, "name": "analytic", "projection": 64} and m.onnx["parity_max_abs_diff"] <= 1e-4
+    assert m.head.name == "analytic" and m.head.projection == 64 and m.onnx.parity_max_abs_diff <= 1e-4
     assert m.training["head_summary"]["ridge"] > 0
     path = s.version_dir(2) / "merged.safetensors"
     with safe_open(str(path), framework="pt") as f:

@@ -180,4 +180,4 @@ def test_init_and_add_task_read_the_backbone_and_the_task_from_the_bucket(s3, ta
     summary = json.loads(r.stdout)
     assert summary["version"] == 1 and sorted(summary["classes_added"]) == sorted(tasks[0]["classes"])
     assert summary["metrics"]["test"]["images"] == 6 * len(tasks[0]["classes"])
-    assert _fresh(store, tmp_path).current() == 1 and open_store(store).config().backbone["timm_model"] == TINY_MODEL
+    assert _fresh(store, tmp_path).current() == 1 and open_store(store).config().backbone.timm_model == TINY_MODEL

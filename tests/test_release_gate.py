@@ -39,12 +39,12 @@ def test_a_forgetting_version_becomes_a_candidate_and_promote_makes_it_live(tmp_
     assert r.returncode == release_gate.GATE_REFUSED_EXIT, (r.stdout, r.stderr)
     assert "is a candidate, not live" in r.stderr and "task 0 dropped" in r.stderr and "cl-serve promote 2" in r.stderr
     assert s.current() == 1
-    assert not m.gate["passed"]
-    assert m.gate["parent"] == 1
-    row0 = next(t for t in m.gate["tasks"] if t["task"] == 0)
-    assert row0["drop"] > 0.05 + 0.3, row0  # forgetting by a wide margin, not by chance
-    assert s.config().backbone["seed"] == 0
-    print(f"\ngate decision: {m.gate['reasons']}")
+    assert not m.gate.passed
+    assert m.gate.parent == 1
+    row0 = next(t for t in m.gate.tasks if t.task == 0)
+    assert row0.drop > 0.05 + 0.3, row0  # forgetting by a wide margin, not by chance
+    assert s.config().backbone.seed == 0
+    print(f"\ngate decision: {m.gate.reasons}")
     st = json.loads(run_cli("status", "--store", str(store), "--json").stdout)
     assert [v["state"] for v in st["versions"]] == ["live", "candidate"]
     r = run_cli("add-task", "--store", str(store), "--data", str(tasks[2]["train"]), *TRAIN)

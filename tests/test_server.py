@@ -413,7 +413,8 @@ def test_the_canary_sends_its_share_of_requests_to_the_newest_candidate(server, 
 
     c, store = server["client"], server["store"]
     live = _ensure_live(server, tasks)
-    refuse = lambda *a, **k: {"passed": False, "reasons": ["refused for the canary test"], "tasks": []}  # noqa: E731
+    refuse = lambda *a, **k: {"passed": False, "reasons": ["refused for the canary test"], "tasks": [],  # noqa: E731
+                              "max_drop": 0.05, "min_new_accuracy": 0.0}
     monkeypatch.setattr(release_gate, "decide", refuse)
     pipeline.set_policy(store, gate_data=tasks[0]["test"])
     known = set(Store(store).manifest(live).labels)
@@ -568,9 +569,11 @@ def test_gpu_path_prefers_tensorrt_then_cuda_and_the_fp16_file_on_a_gpu(tmp_path
     assert onnx_providers(every, gpu_present=True) == every
     assert onnx_providers(every[1:], gpu_present=True) == every[1:]
     assert onnx_providers(every, gpu_present=False) == ["CPUExecutionProvider"]
-    m = Manifest(version=1, parent=None, task_index=0, labels=["a"], tasks=[], backbone={}, method={"name": "none"},
+    m = Manifest(version=1, parent=None, task_index=0, labels=["a"], tasks=[], backbone={"timm_model": "vit"},
+                 method={"name": "none"},
                  preprocessing={"input_size": 32, "scale_size": 36, "mean": (0, 0, 0), "std": (1, 1, 1)},
-                 onnx={"file": "model.onnx"}, onnx_fp16={"file": "model.fp16.0123456789ab.onnx"},
+                 onnx={"file": "model.onnx", "opset": 18},
+                 onnx_fp16={"file": "model.fp16.0123456789ab.onnx", "opset": 18, "dtype": "float16"},
                  files={"model.onnx": "0" * 64, "model.fp16.0123456789ab.onnx": "0" * 64})
     assert choose_onnx_file(m, every[1:]) == "model.fp16.0123456789ab.onnx"
     assert choose_onnx_file(m, ["CPUExecutionProvider"]) == "model.onnx"

@@ -42,7 +42,7 @@ def test_cli_three_tasks_produce_versions_that_load_into_plain_timm(tmp_path, ta
     assert m.parent == 2 and m.task_index == 2 and len(m.labels) == 9 and len(m.tasks) == 3
     assert m.labels == sum((sorted(tk["classes"]) for tk in tasks[:3]), [])  # task order, sorted within a task
     assert set(m.files) == {"learner.safetensors", "merged.safetensors", "model.onnx"}
-    assert m.onnx["parity_max_abs_diff"] <= 1e-4
+    assert m.onnx.parity_max_abs_diff <= 1e-4
     model = timm.create_model(TINY_MODEL, pretrained=False, num_classes=9, **TINY)
     model.load_state_dict(load_file(str(s.version_dir(3) / "merged.safetensors")), strict=True)
     st = run_cli("status", "--store", str(store), "--json")

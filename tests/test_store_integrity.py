@@ -137,7 +137,7 @@ def test_a_killed_re_export_leaves_every_version_verifiable(two_version_store, f
     assert r.returncode == 0, r.stderr
     _verifies_all(two_version_store)
     new = s.manifest(2)
-    assert new.onnx["opset"] == 17 and new.onnx_file() != "model.onnx" and old.onnx_file() == "model.onnx"
+    assert new.onnx.opset == 17 and new.onnx_file() != "model.onnx" and old.onnx_file() == "model.onnx"
     on_disk = {p.name for p in s.version_dir(2).iterdir()}
     assert on_disk == set(new.files) | {"manifest.json"}  # the old file and every temporary are gone
 
@@ -219,7 +219,7 @@ def test_a_restored_version_is_served_again_and_a_deleted_current_is_reported(tw
     """A refusal lapses when any of the version's files changes: restoring the file makes the version servable
     without a restart. A CURRENT deleted under a serving replica is a store error with the fix, not silence."""
     s = Store(two_version_store)
-    onnx = s.version_dir(2) / s.manifest(2).onnx["file"]
+    onnx = s.version_dir(2) / s.manifest(2).onnx.file
     good = onnx.read_bytes()
     onnx.write_bytes(good[:100] + b"\x00garbage\x00" + good[109:])
     w = ModelWatcher(str(two_version_store), poll_interval_s=60)

@@ -66,11 +66,11 @@ def _add_task(a: argparse.Namespace) -> int:
                           export=not a.no_export, progress=not a.json, log=log, workers=a.workers,
                           gpus_per_worker=a.gpus_per_worker)
     print_json(r.model_dump()) if a.json else print_summary(r)
-    if r.gate is not None and not r.gate["passed"]:
+    if r.gate is not None and not r.gate.passed:
         from cl_serve.release_gate import GATE_REFUSED_EXIT
 
         print(f"cl-serve add-task: version {r.version} is a candidate, not live: "
-              + "; ".join(r.gate["reasons"]) + f". Make it live with `cl-serve promote {r.version}`",
+              + "; ".join(r.gate.reasons) + f". Make it live with `cl-serve promote {r.version}`",
               file=sys.stderr)
         return GATE_REFUSED_EXIT
     return 0
@@ -91,16 +91,16 @@ def print_summary(r: "AddTaskResult") -> None:
                 f"{c['adapter_held_out_accuracy']:.3f}, frozen {c['frozen_held_out_accuracy']:.3f} on "
                 f"{r.auto['held_out_images']} images (margin {r.auto['margin']:g}; in the manifest)")
     if r.onnx:
-        print(f"  model.onnx parity max |diff| {r.onnx['parity_max_abs_diff']:.2e}")
+        print(f"  model.onnx parity max |diff| {r.onnx.parity_max_abs_diff:.2e}")
     if "test" in r.metrics:
         t = r.metrics["test"]
         per = ", ".join(f"task {p['task']}: {p['accuracy']:.3f}" for p in t["per_task"])
         print(f"  test accuracy {t['accuracy']:.3f} on {t['images']} images ({per})")
     if r.gate is not None:
         g = r.gate
-        per = ", ".join(f"task {row['task']}: {row['accuracy']:.3f}" + (
-            f" (parent {row['parent_accuracy']:.3f})" if "parent_accuracy" in row else "")
-            for row in g["tasks"] if row["accuracy"] is not None)
-        print(f"  release gate {'passed' if g['passed'] else 'REFUSED'}: {per}")
+        per = ", ".join(f"task {row.task}: {row.accuracy:.3f}" + (
+            f" (parent {row.parent_accuracy:.3f})" if row.parent_accuracy is not None else "")
+            for row in g.tasks if row.accuracy is not None)
+        print(f"  release gate {'passed' if g.passed else 'REFUSED'}: {per}")
 
 COMMANDS = [Command("add-task", _add_task_parser, _add_task)]

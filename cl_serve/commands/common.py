@@ -1,4 +1,4 @@
-"""What every command shares: the --store and release-policy arguments, the method and head names, printing."""
+"""What every command shares: the --store and release-policy arguments, printing."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 DEFAULT_STORE = os.environ.get("CL_SERVE_STORE", "./cl-store")
-METHODS = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora", "none", "auto")
-HEADS = ("task-local", "aligned", "analytic")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ import argparse
 import json
 from typing import Any
 
-from cl_serve.commands.common import HEADS, METHODS, Command, policy_args, print_policy, store_arg
+from cl_serve.commands.common import Command, policy_args, print_policy, store_arg
+from cl_serve.contract.head_settings import HEAD_NAMES as HEADS  # the one list of names: the contract's
+from cl_serve.contract.method_settings import METHOD_NAMES as METHODS
 from cl_serve.errors import UserError
 
 
@@ -100,8 +102,8 @@ def _init(a: argparse.Namespace) -> int:
     cfg = pipeline.init_store(a.store, method=method_dict(a), head=head_dict(a), backbone=a.backbone,
                               checkpoint=a.checkpoint, pretrained=a.pretrained, timm_kwargs=a.timm_kwargs,
                               seed=a.seed)
-    print(f"created store {a.store}: {cfg.backbone['timm_model']} ({cfg.backbone['source']}), "
-          f"method {cfg.method['name']}, head {cfg.head['name']}, input {cfg.preprocessing.input_size}px")
+    print(f"created store {a.store}: {cfg.backbone.timm_model} ({cfg.backbone.source}), "
+          f"method {cfg.method.name}, head {cfg.head.name}, input {cfg.preprocessing.input_size}px")
     if a.gate_data or a.max_drop is not None or a.min_new_accuracy is not None:
         print_policy(pipeline.set_policy(a.store, gate_data=a.gate_data, max_drop=a.max_drop,
                                           min_new_accuracy=a.min_new_accuracy))

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from cl_serve.commands.common import HEADS, METHODS, Command
+from cl_serve.commands.common import Command
+from cl_serve.contract.head_settings import HEAD_NAMES as HEADS
+from cl_serve.contract.method_settings import METHOD_NAMES as METHODS
 from cl_serve.demo import PRETRAIN_STEPS
 
 

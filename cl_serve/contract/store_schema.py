@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cl_serve.contract.head_settings import HeadConfig, TaskLocalConfig
+from cl_serve.contract.method_settings import MethodConfig
 from cl_serve.contract.preprocessing import Preprocessing
 
 FORMAT_VERSION = 1
@@ -21,6 +23,27 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# Keyword arguments that only concern the pretraining head or regularisation: a frozen, adapted backbone
+# is always built without them.
+_DROPPED_KWARGS = {"num_classes", "drop_path_rate", "drop_rate", "pos_drop_rate", "attn_drop_rate", "proj_drop_rate"}
+
+
+class BackboneSpec(BaseModel):
+    """What `timm.create_model` needs to rebuild the backbone (recorded in store.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timm_model: str = Field(min_length=1)
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    source: Literal["checkpoint", "pretrained", "random"] = "checkpoint"
+    seed: int | None = Field(None, description="seed of a random initialisation (source 'random')")
+
+    def build_kwargs(self, num_classes: int = 0) -> dict[str, Any]:
+        kw = {k: v for k, v in self.timm_kwargs.items() if k not in _DROPPED_KWARGS}
+        kw["num_classes"] = num_classes
+        return kw
+
+
 class StoreConfig(BaseModel):
     """store.json: fixed when the store is created."""
 
@@ -28,10 +51,10 @@ class StoreConfig(BaseModel):
 
     format_version: int = FORMAT_VERSION
     created_at: str = Field(default_factory=utc_now)
-    backbone: dict[str, Any]  # cl_serve.trainer.backbone.BackboneSpec as a dict
+    backbone: BackboneSpec
     backbone_sha256: str
-    method: dict[str, Any]  # the method config (name + hyper-parameters)
-    head: dict[str, Any] = Field(default_factory=lambda: {"name": "task-local"})  # the head strategy and settings
+    method: MethodConfig  # name + hyper-parameters (cl_serve.contract.method_settings)
+    head: HeadConfig = Field(default_factory=TaskLocalConfig)  # (cl_serve.contract.head_settings)
     preprocessing: Preprocessing
 
 
@@ -45,6 +68,45 @@ class ReleasePolicy(BaseModel):
     max_drop: float = Field(0.05, ge=0.0, le=1.0, description="largest accuracy drop allowed on any earlier task, "
                                                               "against the parent version, on the gate data")
     min_new_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="accuracy the new task must reach")
+
+
+class OnnxInfo(BaseModel):
+    """How a version's ONNX file was exported (cl_serve.export), and its parity with the merged weights."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str = "model.onnx"  # the file to serve, one of the manifest's files
+    opset: int
+    dtype: Literal["float32", "float16"] = "float32"
+    input: str = "input"
+    output: str = "logits"
+    dynamic_batch: bool = True
+    parity_max_abs_diff: float | None = None  # largest |ONNX - torch| logit on the parity batch
+
+
+class GateRow(BaseModel):
+    """One task's line in a release-gate decision."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: int
+    images: int = 0
+    accuracy: float | None = None
+    floor: float | None = None  # the new task's floor (min_new_accuracy)
+    parent_accuracy: float | None = None
+    drop: float | None = None
+
+
+class GateDecision(BaseModel):
+    """The release gate's decision on a version (cl_serve.release_gate): live if it passed, else a candidate."""
+
+    model_config = ConfigDict(extra="forbid")
+    passed: bool
+    reasons: list[str] = Field(default_factory=list)
+    max_drop: float
+    min_new_accuracy: float = 0.0
+    tasks: list[GateRow] = Field(default_factory=list)
+    gate_data: str | None = None
+    parent: int | None = None
+    accuracy: float | None = None  # on all the gate data
 
 
 class TaskRecord(BaseModel):
@@ -67,14 +129,14 @@ class Manifest(BaseModel):
     labels: list[str]  # class-index order
     tasks: list[TaskRecord]
     preprocessing: Preprocessing
-    method: dict[str, Any]
-    head: dict[str, Any] = Field(default_factory=lambda: {"name": "task-local"})
-    backbone: dict[str, Any]
+    method: MethodConfig  # the method that learned this version (`chosen_by`: --method auto's evidence)
+    head: HeadConfig = Field(default_factory=TaskLocalConfig)
+    backbone: BackboneSpec
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
-    onnx: dict[str, Any] | None = None  # export info; "file" names the ONNX file (default model.onnx)
-    onnx_fp16: dict[str, Any] | None = None  # the same for the fp16 export, when there is one
-    gate: dict[str, Any] | None = None  # the release gate's decision (cl_serve.release_gate), when a policy ran
+    onnx: OnnxInfo | None = None  # None: published with --no-export
+    onnx_fp16: OnnxInfo | None = None  # the half-precision export, when there is one
+    gate: GateDecision | None = None  # when a release policy ran
     files: dict[str, str]  # file name -> sha256
 
     @field_validator("files")
@@ -88,7 +150,7 @@ class Manifest(BaseModel):
     def onnx_file(self, fp16: bool = False) -> str | None:
         """The version's ONNX file name (fp16: the half-precision one), or None when it has none."""
         info = self.onnx_fp16 if fp16 else self.onnx
-        name = (info or {}).get("file", "model.fp16.onnx" if fp16 else "model.onnx")
+        name = info.file if info is not None else ("model.fp16.onnx" if fp16 else "model.onnx")
         return name if name in self.files else None
 
 
@@ -111,10 +173,10 @@ VERSION_STATES = {
 }
 
 
-def version_state(*, live: bool, gate: dict[str, Any] | None, error: str | None = None) -> str:
+def version_state(*, live: bool, gate: GateDecision | None, error: str | None = None) -> str:
     """The state of one version in `VERSION_STATES` (a live version that is broken is `broken`)."""
     if error is not None:
         return "broken"
     if live:
         return "live"
-    return "candidate" if gate is not None and not gate.get("passed", True) else "published"
+    return "candidate" if gate is not None and not gate.passed else "published"

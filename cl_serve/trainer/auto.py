@@ -20,7 +20,7 @@ from cl_serve.contract.preprocessing import Preprocessing
 from cl_serve.trainer.data import TaskData
 from cl_serve.trainer.heads import build_head
 from cl_serve.trainer.learner import Learner
-from cl_serve.trainer.methods.config import AutoConfig, NoneConfig
+from cl_serve.contract.method_settings import AutoConfig, NoneConfig
 from cl_serve.trainer.train import TrainConfig, eval_batches, resolve_device, train_adapter
 
 

@@ -8,36 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from cl_serve.contract.preprocessing import Preprocessing
+from cl_serve.contract.store_schema import BackboneSpec
 from cl_serve.trainer.errors import BackboneError
-
-# Keyword arguments that only concern the pretraining head or regularisation: a frozen, adapted backbone
-# is always built without them.
-_DROPPED_KWARGS = {"num_classes", "drop_path_rate", "drop_rate", "pos_drop_rate", "attn_drop_rate", "proj_drop_rate"}
-
-
-class BackboneSpec(BaseModel):
-    """What `timm.create_model` needs to rebuild the backbone (recorded in store.json)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    timm_model: str = Field(min_length=1)
-    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
-    source: Literal["checkpoint", "pretrained", "random"] = "checkpoint"
-    seed: int | None = Field(None, description="seed of a random initialisation (source 'random')")
-
-    def build_kwargs(self, num_classes: int = 0) -> dict[str, Any]:
-        kw = {k: v for k, v in self.timm_kwargs.items() if k not in _DROPPED_KWARGS}
-        kw["num_classes"] = num_classes
-        return kw
-
 
 def create_model(spec: BackboneSpec, num_classes: int = 0) -> torch.nn.Module:
     """A randomly initialised timm model of the spec's architecture (weights are loaded by the caller)."""

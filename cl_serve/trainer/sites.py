@@ -14,12 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# target name -> (linear layer inside each block, which third of its rows; None = all rows)
-TARGETS: dict[str, tuple[str, int | None]] = {
-    "q": ("attn.qkv", 0), "k": ("attn.qkv", 1), "v": ("attn.qkv", 2),
-    "proj": ("attn.proj", None), "fc1": ("mlp.fc1", None), "fc2": ("mlp.fc2", None),
-}
-
+from cl_serve.contract.method_settings import TARGETS
 
 @dataclass(frozen=True)
 class Site:

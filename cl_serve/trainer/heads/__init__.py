@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from cl_serve.trainer.heads.base import Head
-from cl_serve.trainer.heads.config import HEAD_NAMES, HeadConfig, head_config_from_dict
+from cl_serve.contract.head_settings import HEAD_NAMES, HeadConfig, head_config_from_dict
 
 
 def build_head(config, dim: int) -> Head:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from cl_serve.trainer.methods.base import Method
-from cl_serve.trainer.methods.config import MethodConfig, method_config_from_dict, METHOD_NAMES
+from cl_serve.contract.method_settings import MethodConfig, method_config_from_dict, METHOD_NAMES
 
 
 def build_method(config: MethodConfig, sites) -> Method:

@@ -1,4 +1,5 @@
-"""Typed, validated method hyper-parameters (recorded in store.json), one model per method family.
+"""Typed, validated method hyper-parameters (recorded in store.json and every manifest), one model per method
+family; torch-free, so the CLI, the store and the server read them without the trainer.
 
 Defaults are the papers' recipes from DESIGN.md: InfLoRA r = 10 on key/value, eps_0 = 0.95 (CIFAR) growing to 1
 over the expected number of tasks; SD-LoRA r = 10 on query/value, magnitudes start at 1, the RR rank schedule
@@ -11,13 +12,22 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from cl_serve.trainer.sites import TARGETS
+# target name -> (linear layer inside each block, which third of its rows; None = all rows)
+TARGETS: dict[str, tuple[str, int | None]] = {
+    "q": ("attn.qkv", 0), "k": ("attn.qkv", 1), "v": ("attn.qkv", 2),
+    "proj": ("attn.proj", None), "fc1": ("mlp.fc1", None), "fc2": ("mlp.fc2", None),
+}
 
 METHOD_NAMES = ("inflora", "sdlora", "sdlora-rr", "sdlora-kd", "seq-lora", "none", "auto")
 
 
+CHOSEN_BY = Field(None, description=(
+    "manifests only: --method auto's evidence for choosing this method (held-out accuracies, the rows tried)"))
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    chosen_by: dict[str, Any] | None = CHOSEN_BY
 
     rank: int = Field(10, ge=1, le=512, description="rank of each task's branch")
     blocks: int | None = Field(None, ge=1, le=1024, description=(
@@ -112,6 +122,7 @@ class NoneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["none"] = "none"
     targets: list[str] = Field(default_factory=list, max_length=0)
+    chosen_by: dict[str, Any] | None = CHOSEN_BY
 
     @property
     def family(self) -> str:

@@ -1,4 +1,5 @@
-"""Typed, validated head settings (recorded in store.json next to the method), one model per head strategy.
+"""Typed, validated head settings (recorded in store.json next to the method), one model per head strategy;
+torch-free, like the method settings.
 
 Defaults follow the official recipes: `aligned` is InfLoRA+CA's classifier alignment (5 epochs of SGD, lr 0.01,
 momentum 0.9, weight decay 5e-4, cosine over the epochs, 256 samples per class per epoch drawn from each class's
