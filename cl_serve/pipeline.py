@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from cl_serve import release_gate
 from cl_serve.errors import StoreError, UserError
 from cl_serve.remote_inputs import local_copy
-from cl_serve.contract.store_schema import GateDecision, OnnxInfo, TaskRecord, describe_error
+from cl_serve.contract.store_schema import GateDecision, Metrics, OnnxInfo, TaskRecord, describe_error
 from cl_serve.store import (LOCK_HINTS, Manifest, Store, StoreConfig, VerifiedVersion, atomic_write_text,
                             sha256_file)
 from cl_serve.open_store import open_store
@@ -187,7 +187,7 @@ class AddTaskResult(BaseModel):
     seconds: float
     train_seconds: float
     decode_seconds: float
-    metrics: dict[str, Any]  # train_accuracy, and test (accuracy, per_task) with --test-data
+    metrics: Metrics  # train_accuracy, final_loss, and test (accuracy, per_task) with --test-data
     method_summary: dict[str, Any]
     head_summary: dict[str, Any]
     onnx: Optional[OnnxInfo]  # None with export=False
@@ -249,7 +249,7 @@ def _train(factory: LearnerFactory, data: TaskData, prep: Preprocessing, train: 
 
 def _evaluate_and_gate(store: Store, prep: Preprocessing, model, learner: Learner, parent_manifest: Manifest | None,
                        tasks: list[TaskRecord], test_found, summary: dict[str, Any], train: TrainConfig,
-                       log: Callable[[str], None]) -> tuple[dict[str, Any], GateDecision | None]:
+                       log: Callable[[str], None]) -> tuple[Metrics, GateDecision | None]:
     """Training metrics, test accuracy when a test folder was given, and the release gate's decision."""
     labels = list(learner.labels)
     metrics: dict[str, Any] = {"train_accuracy": summary["train_accuracy"], "final_loss": summary["final_loss"]}
@@ -259,11 +259,11 @@ def _evaluate_and_gate(store: Store, prep: Preprocessing, model, learner: Learne
     policy = store.policy()
     gate = run_gate(store, policy, model, parent_manifest, labels, tasks, train.eval_batch_size, log) \
         if policy.gate_data else None
-    return metrics, gate
+    return Metrics(**metrics), gate
 
 
 def _publish(store: Store, cfg: StoreConfig, learner: Learner, merged: dict[str, torch.Tensor], model,
-             parent: int | None, task_index: int, tasks: list[TaskRecord], metrics: dict[str, Any],
+             parent: int | None, task_index: int, tasks: list[TaskRecord], metrics: Metrics,
              gate: GateDecision | None, choice: dict[str, Any] | None, summary: dict[str, Any], train: TrainConfig,
              device, corrupt: int, workers: int, export: bool) -> tuple[VerifiedVersion, dict[str, Any] | None]:
     """Write the learner, the merged weights and (with `export`) the parity-checked ONNX file into a new version,

@@ -287,14 +287,14 @@ class ModelWatcher:
                 rows.append({**row, "state": version_state(live=v == current, gate=None, error=str(e)),
                              "error": str(e)})
                 continue
-            test = (m.metrics.get("test") or {}).get("per_task") or []
+            test = m.metrics.test.per_task if m.metrics.test else []
             gate = m.gate
             row.update({"parent": m.parent, "task": m.task_index, "created_at": m.created_at,
                         "classes": len(m.labels), "new_labels": m.tasks[-1].labels if m.tasks else [],
                         "method": m.method.name, "head": m.head.name,
                         "per_task_accuracy": {str(t.task): t.accuracy for t in (gate.tasks if gate else [])
                                               if t.accuracy is not None}
-                        or {str(t["task"]): t["accuracy"] for t in test},
+                        or {str(t.task): t.accuracy for t in test},
                         "accuracy_source": "gate" if gate else ("test" if test else None),
                         "gate": None if not gate else {"passed": gate.passed, "reasons": gate.reasons}})
             refused = self.refusal(v)

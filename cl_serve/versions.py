@@ -74,7 +74,7 @@ def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
             m = store.manifest(v) if fast else store.verified(v).manifest
             row.update({"parent": m.parent, "task": m.task_index, "classes": len(m.labels),
                         "new_classes": len(m.tasks[-1].labels) if m.tasks else 0, "created_at": m.created_at,
-                        "test_accuracy": (m.metrics.get("test") or {}).get("accuracy"),
+                        "test_accuracy": m.metrics.test.accuracy if m.metrics.test else None,
                         "onnx": m.onnx_file() is not None, "state": version_state(live=v == current, gate=m.gate),
                         "gate": None if m.gate is None else {"passed": m.gate.passed, "reasons": m.gate.reasons}})
             by_version[v] = m

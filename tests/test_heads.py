@@ -151,8 +151,8 @@ def test_head_settings_are_validated_and_recorded(tmp_path, tasks):
     assert Store(store).config().head.model_dump() == {"name": "task-local"}
     out = pipeline.add_task(store, tasks[0]["train"], fast_train(optimizer="sgd", schedule="constant"), progress=False)
     m = Store(store).manifest(out.version)
-    assert m.training["optimizer"] == "sgd" and m.training["schedule"] == "constant" and m.head.name == "task-local"
-    assert m.training["head_state_bytes"]["per_class"] == (32 + 1) * 4
+    assert m.training.optimizer == "sgd" and m.training.schedule == "constant" and m.head.name == "task-local"
+    assert m.training.head_state_bytes["per_class"] == (32 + 1) * 4
 
 
 def second_task_started(backbone, datasets, method):
@@ -217,7 +217,7 @@ def test_cli_default_head_is_analytic_and_its_two_layer_model_is_published(tmp_p
     s = Store(store)
     m = s.manifest(2)
     assert m.head.name == "analytic" and m.head.projection == 64 and m.onnx.parity_max_abs_diff <= 1e-4
-    assert m.training["head_summary"]["ridge"] > 0
+    assert m.training.head_summary["ridge"] > 0
     path = s.version_dir(2) / "merged.safetensors"
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["head"] == "random-projection"

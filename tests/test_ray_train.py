@@ -58,7 +58,7 @@ def test_two_workers_learn_what_one_process_learns(tmp_path, tasks, method, head
     if (method, head) == ("none", "analytic"):  # the CLI's path: add-task --workers 2 publishes that learner
         r = pipeline.add_task(store, tasks[1]["train"], fast_train(), progress=False, workers=2)
         m = s.manifest(r.version)
-        assert m.training["workers"] == 2 and m.parent == 1
+        assert m.training.workers == 2 and m.parent == 1
         from safetensors.torch import load_file
         from cl_serve.trainer.merge import merged_state_dict
 

@@ -51,7 +51,7 @@ def test_cli_three_tasks_produce_versions_that_load_into_plain_timm(tmp_path, ta
     ev = run_cli("evaluate", "--store", str(store), "--data", str(tasks[2]["seen"]), "--json")
     rep = json.loads(ev.stdout)
     assert rep["version"] == 3 and [p["task"] for p in rep["per_task"]] == [0, 1, 2]
-    assert rep["accuracy"] == pytest.approx(m.metrics["test"]["accuracy"])
+    assert rep["accuracy"] == pytest.approx(m.metrics.test.accuracy)
 
 
 @pytest.fixture()
@@ -105,7 +105,7 @@ def test_corrupt_files_are_reported_or_refused_with_strict(tmp_path, tasks, one_
     assert tree_snapshot(one_version_store) == before
     r = run_cli("add-task", "--store", str(one_version_store), "--data", str(data), "--json", *CLI_TRAIN)
     assert r.returncode == 0, r.stderr
-    assert Store(one_version_store).manifest(2).training["corrupt_skipped"] == 2
+    assert Store(one_version_store).manifest(2).training.corrupt_skipped == 2
 
 
 def test_concurrent_writer_is_refused_at_once_and_store_unchanged(tasks, one_version_store):

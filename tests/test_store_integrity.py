@@ -200,7 +200,7 @@ def test_hostile_training_images_are_skipped_as_corrupt_never_a_traceback(tmp_pa
     assert tree_snapshot(two_version_store) == before
     r = run_cli("add-task", "--store", str(two_version_store), "--data", str(data), "--json", *CLI_TRAIN)
     assert r.returncode == 0, r.stderr
-    assert Store(two_version_store).manifest(3).training["corrupt_skipped"] == 5
+    assert Store(two_version_store).manifest(3).training.corrupt_skipped == 5
 
 
 def test_symlink_loops_and_dangling_class_folders_are_reported(tmp_path, tasks, two_version_store):

@@ -81,7 +81,7 @@ def print_summary(r: "AddTaskResult") -> None:
           f"+{len(r.classes_added)} classes ({', '.join(r.classes_added[:8])}"
           f"{', ...' if len(r.classes_added) > 8 else ''}), {r.total_classes} in all; "
           f"{r.train_seconds:.1f}s training on {r.device}, {r.seconds:.1f}s total")
-    print(f"  train accuracy {r.metrics['train_accuracy']:.3f}; method: {json.dumps(r.method_summary)[:300]}"
+    print(f"  train accuracy {r.metrics.train_accuracy:.3f}; method: {json.dumps(r.method_summary)[:300]}"
           f"; head: {json.dumps(r.head_summary)[:200]}")
     if r.auto:
         c = r.auto["chosen"]
@@ -92,10 +92,10 @@ def print_summary(r: "AddTaskResult") -> None:
                 f"{r.auto['held_out_images']} images (margin {r.auto['margin']:g}; in the manifest)")
     if r.onnx:
         print(f"  model.onnx parity max |diff| {r.onnx.parity_max_abs_diff:.2e}")
-    if "test" in r.metrics:
-        t = r.metrics["test"]
-        per = ", ".join(f"task {p['task']}: {p['accuracy']:.3f}" for p in t["per_task"])
-        print(f"  test accuracy {t['accuracy']:.3f} on {t['images']} images ({per})")
+    if r.metrics.test is not None:
+        t = r.metrics.test
+        per = ", ".join(f"task {p.task}: {p.accuracy:.3f}" for p in t.per_task)
+        print(f"  test accuracy {t.accuracy:.3f} on {t.images} images ({per})")
     if r.gate is not None:
         g = r.gate
         per = ", ".join(f"task {row.task}: {row.accuracy:.3f}" + (

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cl_serve.contract.head_settings import HeadConfig, TaskLocalConfig
 from cl_serve.contract.method_settings import MethodConfig
 from cl_serve.contract.preprocessing import Preprocessing
+from cl_serve.contract.train_settings import TrainConfig
 
 FORMAT_VERSION = 1
 VERSION_FILES = ("learner.safetensors", "merged.safetensors", "model.onnx")
@@ -109,6 +110,44 @@ class GateDecision(BaseModel):
     accuracy: float | None = None  # on all the gate data
 
 
+class TaskAccuracy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: int
+    accuracy: float
+    images: int
+
+
+class AccuracyReport(BaseModel):
+    """Accuracy of a version on an ImageFolder of known classes, overall and per task that introduced them."""
+
+    model_config = ConfigDict(extra="forbid")
+    accuracy: float
+    images: int
+    per_task: list[TaskAccuracy] = Field(default_factory=list)
+
+
+class Metrics(BaseModel):
+    """What add-task measured: on the task's training images, and with --test-data on the test folder."""
+
+    model_config = ConfigDict(extra="forbid")
+    train_accuracy: float | None = None
+    final_loss: float | None = None
+    test: AccuracyReport | None = None
+
+
+class TrainingRecord(TrainConfig):
+    """The task's training settings as run, and what the run cost and learned (method and head summaries)."""
+
+    device: str = "cpu"  # the device it ran on ("cpu", "cuda:0"), not the option
+    seconds: float | None = None
+    workers: int = 1
+    train_images: int | None = None
+    corrupt_skipped: int = 0
+    method_summary: dict[str, Any] = Field(default_factory=dict)  # per method family (cl_serve.trainer.methods)
+    head_summary: dict[str, Any] = Field(default_factory=dict)  # per head strategy (cl_serve.trainer.heads)
+    head_state_bytes: dict[str, Any] = Field(default_factory=dict)
+
+
 class TaskRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     index: int
@@ -132,8 +171,8 @@ class Manifest(BaseModel):
     method: MethodConfig  # the method that learned this version (`chosen_by`: --method auto's evidence)
     head: HeadConfig = Field(default_factory=TaskLocalConfig)
     backbone: BackboneSpec
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: Metrics = Field(default_factory=Metrics)
+    training: TrainingRecord | None = None
     onnx: OnnxInfo | None = None  # None: published with --no-export
     onnx_fp16: OnnxInfo | None = None  # the half-precision export, when there is one
     gate: GateDecision | None = None  # when a release policy ran

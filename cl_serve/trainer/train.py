@@ -6,46 +6,18 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from cl_serve.contract.preprocessing import Preprocessing
+from cl_serve.contract.train_settings import TrainConfig
 from cl_serve.trainer.collective import Local
 from cl_serve.trainer.data import TaskData
 from cl_serve.trainer.learner import Learner
 from cl_serve.trainer.heads.drift import fit_drift
-
-
-class TrainConfig(BaseModel):
-    """Per-task optimisation budget and recipe (recorded in every version's manifest).
-
-    Defaults are InfLoRA's recipe shape (Adam, cosine schedule); SD-LoRA's official recipe is
-    `optimizer="sgd", momentum=0.9, schedule="constant", lr=8e-3`. `precision="bf16"` runs the training forward
-    under CPU/GPU autocast (faster where the CPU has bf16 units); feature passes, heads and merging stay fp32.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(5, ge=1, le=1000)
-    lr: float = Field(5e-4, gt=0, le=1.0)
-    batch_size: int = Field(64, ge=1, le=8192)
-    weight_decay: float = Field(0.0, ge=0.0)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
-    schedule: Literal["cosine", "constant"] = "cosine"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    min_crop_scale: float = Field(0.35, gt=0.0, le=1.0, description="random resized crop keeps >= this area")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    eval_batch_size: int = Field(256, ge=1)
-    views: int = Field(4, ge=1, le=64, description=(
-        "augmented views per image cached when only the last blocks are adapted (method `blocks`)"))
-    cache_max_gib: float = Field(4.0, ge=0.0, description=(
-        "memory for those cached views; fewer views are kept when they would not fit (0: no training cache)"))
 
 
 def resolve_device(name: str) -> torch.device:
