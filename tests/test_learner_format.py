@@ -1,40 +1,91 @@
-"""Learner files written before adapter state moved onto the layers (format 1, tests/fixtures/learner-v1, made at
-commit 13d860f on the tiny ViT after two tasks) still load: the same merged deltas and method summary, then they
-learn a third task and round-trip in the current format."""
+"""Learner files written before adapter state moved onto the layers (format 1) still load.
+
+The format-1 files are written here, from a learner trained in the test, by `write_format_1`: the tensor names
+the methods built by hand before the change (commit 13d860f: InfLoRA `inflora.<site>.B_last`, `.memory`,
+`.memory_is_complement`, `.<target>.delta`; SD-LoRA `sdlora.<site>.<target>.<NNN>.t<k>.B/.A/.scale/.alpha` and
+`sdlora.alpha.task__t<k>`; seq-LoRA `seqlora.<site with _>__<target>.A/.B`; no `format` in the header). Loading one
+must give the same merged deltas, bit for bit, and the same method summary; it then learns a third task and
+round-trips in the current format."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from tests.conftest import fast_train
 from cl_serve.trainer.learner import Learner
 from cl_serve.trainer.merge import merged_state_dict
+from cl_serve.trainer.methods import method_config_from_dict
 from cl_serve.trainer.train import train_task
 
-FIXTURES = Path(__file__).parent / "fixtures" / "learner-v1"
-NAMES = ["inflora", "sdlora", "sdlora-per-task", "sdlora-kd", "seq-lora"]
+ALL = ["q", "k", "v", "proj", "fc1", "fc2"]
+CONFIGS = {  # every method family; InfLoRA's high threshold makes some memories switch to the complement basis
+    "inflora": {"name": "inflora", "rank": 4, "targets": ALL, "expected_tasks": 2, "eps0": 0.999},
+    "sdlora": {"name": "sdlora", "rank": 4, "targets": ALL},
+    "sdlora-per-task": {"name": "sdlora", "rank": 4, "targets": ["q", "v"], "magnitudes": "per-task"},
+    "sdlora-kd": {"name": "sdlora-kd", "rank": 4, "targets": ["q", "v"], "kd_tau": 10.0},
+    "seq-lora": {"name": "seq-lora", "rank": 4, "targets": ["q", "v"], "blocks": 1},
+}
 
 
-def _read(path: Path):
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+def write_format_1(learner: Learner) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The learner's state as a format-1 learner.safetensors held it (names and shapes of commit 13d860f)."""
+    tensors, meta = learner.state()
+    header = json.loads(meta["cl_serve_learner"])
+    del header["format"]
+    old = {k: v for k, v in tensors.items() if k.startswith("head.")}
+    method = learner.method
+    for key, layer in method.layers.items():
+        state = layer.adapter_state()
+        if method.config.family == "inflora":
+            old[f"inflora.{key}.B_last"] = state["B"]
+            old[f"inflora.{key}.memory"] = state["memory"]
+            old[f"inflora.{key}.memory_is_complement"] = state["memory_is_complement"].reshape(1)
+            for t in layer.site.targets:
+                old[f"inflora.{key}.{t}.delta"] = state[f"folded.{t}"]
+        elif method.config.family == "sdlora":
+            for t in layer.site.targets:
+                for n, d in enumerate(layer.directions[t]):
+                    base = f"sdlora.{key}.{t}.{n:03d}.t{d.task_id}"
+                    old[f"{base}.B"], old[f"{base}.A"] = d.B, d.A
+                    old[f"{base}.scale"] = d.scale.reshape(1)
+                    if d.alpha is not None:
+                        old[f"{base}.alpha"] = d.alpha.detach().reshape(1)
+        else:
+            for t in layer.A:
+                old[f"seqlora.{key.replace('.', '_')}__{t}.A"] = state[f"A.{t}"]
+                old[f"seqlora.{key.replace('.', '_')}__{t}.B"] = state[f"B.{t}"]
+    if getattr(method, "shared", None) is not None:
+        for name, p in method.shared.alpha.items():
+            old[f"sdlora.alpha.task__{name}"] = p.detach().reshape(1)
+    assert not any(k.startswith(("method.", "blocks.")) for k in old)  # nothing in the current names
+    return {k: v.detach().cpu().contiguous() for k, v in old.items()}, {"cl_serve_learner": json.dumps(header)}
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _deltas(learner: Learner) -> dict[str, torch.Tensor]:
+    return {f"{key}.{t}": d for key, layer in learner.method.layers.items() for t in layer.site.targets
+            if (d := layer.merged_delta(t)) is not None}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_a_format_1_learner_file_loads_with_the_same_deltas_and_learns_on(backbone, datasets, name):
     spec, weights, prep = backbone
-    tensors, meta = _read(FIXTURES / f"{name}.safetensors")
-    assert "format" not in json.loads(meta["cl_serve_learner"])  # really an old file
-    expected, expected_meta = _read(FIXTURES / f"{name}.expected.safetensors")
+    torch.manual_seed(1)
+    trained = Learner(spec, weights, method_config_from_dict(CONFIGS[name]))
+    for data in datasets[:2]:
+        train_task(trained, data, prep, fast_train(epochs=1), progress=False)
+    want = _deltas(trained)
+    assert want and all(d.abs().sum() > 0 for d in want.values())  # something was learned to compare
+    if name == "inflora":  # both memory kinds are exercised
+        kinds = {bool(layer.memory_is_complement[0]) for layer in trained.method.layers.values()}
+        assert kinds == {True, False}, kinds
+
+    tensors, meta = write_format_1(trained)
     learner = Learner.from_state(spec, weights, tensors, meta)
-    assert learner.method.describe() == json.loads(expected_meta["describe"])
-    got = {f"{key}.{t}": layer.merged_delta(t) for key, layer in learner.method.layers.items()
-           for t in layer.site.targets}
-    assert {k for k, v in got.items() if v is not None} == set(expected)
-    for k, want in expected.items():
-        assert torch.equal(got[k], want), k  # the same numbers, not merely close
+    assert learner.method.describe() == trained.method.describe()
+    got = _deltas(learner)
+    assert got.keys() == want.keys()
+    for k, d in want.items():
+        assert torch.equal(got[k], d), k  # the same numbers, not merely close
 
     train_task(learner, datasets[2], prep, fast_train(epochs=1), progress=False)
     saved, saved_meta = learner.state()
@@ -46,13 +97,8 @@ def test_a_format_1_learner_file_loads_with_the_same_deltas_and_learns_on(backbo
 
 def test_a_learner_file_from_a_newer_format_is_refused_with_a_clear_error(backbone):
     spec, weights, _ = backbone
-    tensors, meta = _read(FIXTURES / "seq-lora.safetensors")
+    learner = Learner(spec, weights, method_config_from_dict(CONFIGS["seq-lora"]))
+    tensors, meta = learner.state()
     newer = json.loads(meta["cl_serve_learner"]) | {"format": 99}
     with pytest.raises(ValueError, match="format 99 is newer"):
         Learner.from_state(spec, weights, tensors, {"cl_serve_learner": json.dumps(newer)})
-
-
-def test_the_fixtures_hold_every_method_family(backbone):
-    families = {json.loads(_read(FIXTURES / f"{n}.safetensors")[1]["cl_serve_learner"])["method"]["name"]
-                for n in NAMES}
-    assert families == {"inflora", "sdlora", "sdlora-kd", "seq-lora"}

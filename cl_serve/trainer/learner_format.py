@@ -4,8 +4,8 @@ Format 1 kept each method's tensors under names the method built by hand (`inflo
 `sdlora.<site>.<target>.<NNN>.t<k>.B`, `seqlora.<site with _>__<target>.A`); format 2 stores each layer's
 `adapter_state()` under its site key and the method's own state under `method.` (see methods/base.py). The
 mapping is exact: a store's learner.safetensors from before the change loads, learns its next task and merges to
-the same weights (tests/test_learner_format.py, fixtures in tests/fixtures/learner-v1). Files are upgraded on
-read; the next version written is format 2.
+the same weights (tests/test_learner_format.py writes format-1 files of every method family). Files are
+upgraded on read; the next version written is format 2.
 """
 from __future__ import annotations
 
