@@ -90,6 +90,11 @@ class ObjectBackend:
         except FileNotFoundError:
             return None
 
+    def _marker(self, rel: str) -> Path:
+        """Where the cache remembers the identity of the object its copy of `rel` came from."""
+        local = self.root / rel
+        return local.with_name(f".{local.name}.id")
+
     # -- reading -------------------------------------------------------------------------------------------------
     def fetch(self, rel: str) -> bool:
         """Download one object to the same relative path in the cache (atomically), remembering its identity;
@@ -105,13 +110,13 @@ class ObjectBackend:
             local.unlink(missing_ok=True)  # a copy of an object the bucket no longer has
             return False
         os.replace(tmp, local)
-        local.with_name(f".{local.name}.id").write_text(identity or "")
+        self._marker(rel).write_text(identity or "")
         return True
 
     def refresh(self, rel: str) -> None:
         """Keep the cached copy while its identity is the bucket object's (one HEAD request), else download."""
         local = self.root / rel
-        marker = local.with_name(f".{local.name}.id")
+        marker = self._marker(rel)
         if local.is_file() and marker.is_file() and marker.read_text() == (self._identity(rel) or "-"):
             return
         self.fetch(rel)
@@ -134,7 +139,7 @@ class ObjectBackend:
     # -- writing -------------------------------------------------------------------------------------------------
     def put(self, rel: str) -> None:
         self.fs.put_file(str(self.root / rel), self.path(rel))
-        (self.root / rel).with_name(f".{Path(rel).name}.id").write_text(self._identity(rel) or "")
+        self._marker(rel).write_text(self._identity(rel) or "")
 
     def delete(self, rel: str) -> None:
         self.fs.rm_file(self.path(rel))

@@ -85,16 +85,18 @@ def init_store(root: str | Path, *, method: dict[str, Any], head: dict[str, Any]
     return config
 
 
-def _backbone(store: Store) -> tuple[bb.BackboneSpec, dict[str, torch.Tensor]]:
-    cfg = store.config()
-    store.verify_backbone()
+def _backbone(store: Store, cfg: StoreConfig | None = None) -> tuple[bb.BackboneSpec, dict[str, torch.Tensor]]:
+    """The store's backbone spec and weights, verified against store.json (`cfg`: as the caller read it)."""
+    cfg = cfg or store.config()
+    store.verify_backbone(cfg)
     return cfg.backbone, load_file(str(store.backbone_weights_path()))
 
 
-def learner_factory(store: Store, version: int | None) -> LearnerFactory:
-    """How to build the learner of `version` (None: a fresh one), here or on Ray Train workers."""
-    spec, weights = _backbone(store)
-    cfg = store.config()
+def learner_factory(store: Store, version: int | None, cfg: StoreConfig | None = None) -> LearnerFactory:
+    """How to build the learner of `version` (None: a fresh one), here or on Ray Train workers; `cfg`: store.json
+    when the caller has read it already."""
+    cfg = cfg or store.config()
+    spec, weights = _backbone(store, cfg)
     if version is None:
         mcfg = parse_method(cfg.method)
         if isinstance(mcfg, AutoConfig):  # add-task decides on the first task; a learner before it holds nothing
@@ -215,8 +217,8 @@ def _choose(store: Store, cfg: StoreConfig, parent: int | None, data: TaskData, 
     """The learner to train: the parent's; a fresh one; or, for `auto` on the first task, the measured winner."""
     mcfg = parse_method(cfg.method)
     if parent is not None or not isinstance(mcfg, AutoConfig):
-        return learner_factory(store, parent), None
-    spec, weights = _backbone(store)
+        return learner_factory(store, parent, cfg), None
+    spec, weights = _backbone(store, cfg)
     log(f"method auto: trying the frozen backbone and {mcfg.candidate.name} on {1 - mcfg.holdout:.0%} of each "
         f"class, scoring on the rest")
     try:

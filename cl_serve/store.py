@@ -131,13 +131,14 @@ class Store:
     def backbone_weights_path(self) -> Path:
         return self.backbone_dir / "model.safetensors"
 
-    def verify_backbone(self) -> None:
+    def verify_backbone(self, config: StoreConfig | None = None) -> None:
+        """The backbone weights match store.json's sha256 (`config`: store.json when the caller has read it)."""
         for name in ("model.safetensors", "card.json"):
             self.backend.refresh(f"backbone/{name}")
         path = self.backbone_weights_path()
         if not path.is_file():
             raise StoreError(f"broken store: backbone weights {path} are missing")
-        if self._sha256(path) != self.config().backbone_sha256:
+        if self._sha256(path) != (config or self.config()).backbone_sha256:
             raise StoreError(f"broken store: backbone weights {path} do not match their sha256 in store.json")
 
     # -- versions ------------------------------------------------------------------------------------------------
@@ -213,9 +214,14 @@ class Store:
                 raise StoreError(f"broken version {v}: {name} does not match its sha256 in manifest.json")
         return VerifiedVersion(v, m, d)
 
-    def _sha256(self, path: Path) -> str:
+    @staticmethod
+    def _file_key(path: Path) -> tuple:
+        """What identifies a file's bytes for the hash memo: its path, size, mtime and inode."""
         st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        return str(path), st.st_size, st.st_mtime_ns, st.st_ino
+
+    def _sha256(self, path: Path) -> str:
+        key = self._file_key(path)
         if key not in self._hashed:
             self._hashed[key] = sha256_file(path)
         return self._hashed[key]
@@ -296,8 +302,7 @@ class Store:
             os.fsync(f.fileno())
         final = self.backend.commit_version(writer.path, writer.version, sorted(files))
         for name, digest in files.items():  # the same bytes under their final name: no second hashing
-            st = (final / name).stat()
-            self._hashed[(str(final / name), st.st_size, st.st_mtime_ns, st.st_ino)] = digest
+            self._hashed[self._file_key(final / name)] = digest
         fault_point("before-current")
         handle = VerifiedVersion(writer.version, manifest, final)
         if make_current:

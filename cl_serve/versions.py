@@ -91,7 +91,7 @@ def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
         serving["reason"] = f"live version {current} is broken: a server refuses it; {store.fix_hint()}"
     elif live.onnx_file() is None:
         serving["reason"] = (f"live version {current} has no ONNX file (published with --no-export); "
-                             f"run `cl-serve export --store {store.root} --version {current}`")
+                             f"run `cl-serve export --store {store.name} --version {current}`")
     else:
         serving = {"version": current}
     healthy = current_error is None and (serving["version"] is not None or not versions)
