@@ -106,14 +106,24 @@ def ncm_logits(means: list[torch.Tensor]):
     return lambda f: torch.nn.functional.normalize(f, dim=1) @ proto.T
 
 
+def test_features(body, seen: list, test_tokens, cache: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    """Features of every seen test split under `body`, reusing (and filling) `cache` by split index."""
+    feats = []
+    for j, t in enumerate(seen):
+        if j not in cache:
+            cache[j] = test_tokens.features(body, j, t.eval_u8)
+        feats.append(cache[j])
+    return feats
+
+
 def run_adapter(name: str, mcfg: dict, heads_cfg: dict, trains, tests, spec, weights, prep, tcfg, device,
                 simplecil: bool = False, refit: bool = False, all_tests: bool = False) -> dict:
     """One adapter run over `trains` with every head of `heads_cfg` fitted on it (see the module docstring)."""
+    from cl_serve.trainer.backbone import load_backbone
     from cl_serve.trainer.heads import build_head, head_config_from_dict
     from cl_serve.trainer.learner import Learner
     from cl_serve.trainer.merge import merged_body_state
     from cl_serve.trainer.methods import method_config_from_dict
-    from cl_serve.trainer.backbone import load_backbone
     from cl_serve.trainer.train import TrainConfig, train_adapter
 
     learner = Learner(spec, weights, method_config_from_dict(mcfg),
@@ -126,7 +136,7 @@ def run_adapter(name: str, mcfg: dict, heads_cfg: dict, trains, tests, spec, wei
         R["simplecil"], means = [], []
     frozen = not learner.sites
     offsets, seconds, phases, summaries, train_feats = [], [], [], [], []
-    test_cache: dict[int, torch.Tensor] = {}
+    test_cache: dict[int, torch.Tensor] = {}  # a frozen backbone's test features do not change between tasks
     test_tokens = TestTokens(learner.split, prep, device)
     for i, data in enumerate(trains):
         t0 = time.time()
@@ -143,14 +153,10 @@ def run_adapter(name: str, mcfg: dict, heads_cfg: dict, trains, tests, spec, wei
             train_feats.append((feats, data.labels))
         t_heads = time.time() - t0 - t_train
         offsets.append(sum(len(d.class_names) for d in trains[:i]))
-        body = load_backbone(spec, merged_body_state(learner)).to(device)
         seen = tests if all_tests else tests[: i + 1]
         offs = offsets if not all_tests else [sum(len(t.class_names) for t in tests[:j]) for j in range(len(tests))]
-        feats_t = []
-        for j, t in enumerate(seen):
-            if not (frozen and j in test_cache):
-                test_cache[j] = test_tokens.features(body, j, t.eval_u8)
-            feats_t.append(test_cache[j])
+        body = load_backbone(spec, merged_body_state(learner)).to(device)
+        feats_t = test_features(body, seen, test_tokens, test_cache if frozen else {})
         for h, head in heads.items():
             R[h].append(accuracies(head.cpu(), feats_t, seen, offs))
         if simplecil:
@@ -196,7 +202,7 @@ def refit_final(learner, heads_cfg, trains, tests, spec, prep, device) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks-root", required=True, type=Path)
     ap.add_argument("--checkpoint", required=True, type=Path)
@@ -222,12 +228,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (set it when several benchmark processes share one machine)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def one_run(run: str, seed: int, a, cfg: dict, prof: dict, tcfg: dict, heads_cfg: dict, data: tuple,
+            backbone: tuple, counts: list[int], refit: set[str], device) -> dict:
+    """One adapter run (or joint run) with one seed: its accuracy matrices, metrics, time and peak memory."""
+    from cl_serve.trainer.methods import method_config_from_dict
+
+    trains, tests = data
+    spec, weights, prep = backbone
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    mcfg = cfg["methods"][run]
+    run_tcfg = {**tcfg, "seed": seed, **prof.get("run_train", {}).get(run, {})}
+    if a.recipe == "official":
+        run_tcfg.update(cfg["recipes"]["official"].get(method_config_from_dict(mcfg).family, {}))
+    print(f"[cil] {run} seed {seed}", flush=True)
+    t0 = time.time()
+    frozen = mcfg["name"] == "none"
+    heads = {**heads_cfg, **(cfg.get("frozen_heads", {}) if frozen else {})}
+    if is_joint(run):
+        res = run_adapter(run, mcfg, heads, [union(trains)], tests, spec, weights, prep, run_tcfg, device,
+                          all_tests=True)
+    else:
+        res = run_adapter(run, mcfg, heads, trains, tests, spec, weights, prep, run_tcfg, device,
+                          simplecil=frozen, refit=run in refit)
+    res.update({"seed": seed, "seconds": time.time() - t0, "peak_memory_mb": peak_memory_mb(device),
+                "train": run_tcfg})
+    res["metrics"] = {h: ({"A_T": weighted_accuracy(R[0], counts)} if is_joint(run) else summarize(R, counts))
+                      for h, R in res["R"].items()}
+    print(f"[cil] {run} seed {seed} ({res['seconds']:.0f}s): " + "; ".join(
+        f"{h} A_T {m['A_T']:.4f}" + (f" A_avg {m['A_avg']:.4f} F {m['forgetting']:.4f}" if "A_avg" in m else "")
+        for h, m in res["metrics"].items()), flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
 
     from cl_serve.trainer.backbone import from_checkpoint
-    from cl_serve.trainer.methods import method_config_from_dict
     from cl_serve.trainer.train import resolve_device
 
     cfg = json.loads(a.config.read_text())
@@ -239,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             tcfg[key] = pick(key)
     n_tasks, train_images, test_images = pick("tasks"), pick("train_images"), pick("test_images")
     run_names = a.runs or prof.get("runs") or list(cfg["methods"])
-    head_names = a.heads or list(cfg["heads"])
-    heads_cfg = {h: cfg["heads"][h] for h in head_names}
+    heads_cfg = {h: cfg["heads"][h] for h in (a.heads or list(cfg["heads"]))}
     refit = set(a.refit if a.refit is not None else prof.get("refit", []))
     device = resolve_device(a.device)
     spec, weights, prep, _ = from_checkpoint(a.checkpoint)
@@ -271,32 +312,11 @@ def main(argv: list[str] | None = None) -> int:
             if str(seed) in result["runs"].get(run, {}):
                 print(f"[cil] {run} seed {seed}: done already (resumed)", flush=True)
                 continue
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            mcfg = cfg["methods"][run]
-            run_tcfg = {**tcfg, "seed": seed, **prof.get("run_train", {}).get(run, {})}
-            if a.recipe == "official":
-                run_tcfg.update(cfg["recipes"]["official"].get(method_config_from_dict(mcfg).family, {}))
-            print(f"[cil] {run} seed {seed}", flush=True)
-            t0 = time.time()
-            frozen = mcfg["name"] == "none"
-            heads = {**heads_cfg, **(cfg.get("frozen_heads", {}) if frozen else {})}
-            if is_joint(run):
-                res = run_adapter(run, mcfg, heads, [union(trains)], tests, spec, weights, prep, run_tcfg, device,
-                                  all_tests=True)
-            else:
-                res = run_adapter(run, mcfg, heads, trains, tests, spec, weights, prep, run_tcfg, device,
-                                  simplecil=frozen, refit=run in refit)
-            res.update({"seed": seed, "seconds": time.time() - t0, "peak_memory_mb": peak_memory_mb(device),
-                        "train": run_tcfg})
-            res["metrics"] = {h: ({"A_T": weighted_accuracy(R[0], counts)} if is_joint(run) else summarize(R, counts))
-                              for h, R in res["R"].items()}
+            res = one_run(run, seed, a, cfg, prof, tcfg, heads_cfg, (trains, tests), (spec, weights, prep), counts,
+                          refit, device)
             result["runs"].setdefault(run, {})[str(seed)] = res
             result["seconds_all_runs"] = sum(r["seconds"] for rr in result["runs"].values() for r in rr.values())
             out_path.write_text(json.dumps(result, indent=1))  # after every run: nothing lost if cut off
-            print(f"[cil] {run} seed {seed} ({res['seconds']:.0f}s): " + "; ".join(
-                f"{h} A_T {m['A_T']:.4f}" + (f" A_avg {m['A_avg']:.4f} F {m['forgetting']:.4f}" if "A_avg" in m else "")
-                for h, m in res["metrics"].items()), flush=True)
     print(f"[cil] wrote {out_path} ({time.time() - t_all:.0f}s this invocation)")
     return 0
 

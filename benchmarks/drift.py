@@ -18,7 +18,7 @@ from torch import nn
 
 
 def run(workdir: Path, projection: int, drift: str, lr: float, epochs: int) -> list[dict]:
-    from cl_serve.demo import TASKS, make_tasks, pretrain_backbone, PRETRAIN_STEPS
+    from cl_serve.workflow.demo import TASKS, make_tasks, pretrain_backbone, PRETRAIN_STEPS
     from cl_serve.trainer import backbone as bb
     from cl_serve.trainer.data import load_task_data, scan_image_folder
     from cl_serve.trainer.heads import build_head, head_config_from_dict

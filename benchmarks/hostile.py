@@ -18,31 +18,13 @@ import base64
 import io
 import json
 import os
-import struct
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
+from benchmarks.image_builders import encoded_image, png_header_only
+
 HERE = Path(__file__).parent
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height grey pixels but carries almost no data: a decompression bomb's header."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
-
-
-def encoded_image(fmt: str, size: tuple[int, int], mode: str = "L") -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new(mode, size).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def hostile_cases(good: bytes) -> dict[str, dict]:
@@ -244,6 +226,63 @@ def slowloris(client, url: str, image: bytes, connections: int, probes: int = 8)
     return out
 
 
+def start_tiny_server(work: Path) -> tuple[str, bytes]:
+    """A store with one tiny version, served on a free port: (url, one good PNG)."""
+    from cl_serve.serving import launch as serve_cli
+    from cl_serve.trainer.synthetic import class_names, write_image_folder
+    from cl_serve.trainer.train import TrainConfig
+    from cl_serve.workflow import pipeline
+
+    store = work / "store"
+    pipeline.init_store(store, method={"name": "none"}, head={"name": "analytic", "projection": 256},
+                        backbone="vit_tiny_patch16_224",
+                        timm_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})
+    data = write_image_folder(work / "task", class_names(3), 8, seed=0)
+    pipeline.add_task(store, data, TrainConfig(epochs=1, batch_size=16, device="cpu"), progress=False)
+    port = serve_cli.free_port()
+    serve_cli.start(str(store), port=port, num_cpus=2)
+    url = f"http://127.0.0.1:{port}"
+    serve_cli.wait_until_healthy(url)
+    return url, next(data.rglob("*.png")).read_bytes()
+
+
+def run_cases(c, pid: int, good: bytes) -> list[dict]:
+    """Every listed hostile case and admitted worst case, one at a time: status, seconds, the replica's peak growth."""
+    import httpx
+
+    rows = []
+    for group, cases in (("hostile", hostile_cases(good)), ("admitted worst case", admitted_worst_cases())):
+        for name, kwargs in cases.items():
+            reset = _reset_peak(pid)
+            base = _peak_rss_mib(pid) if reset else None
+            t0 = time.monotonic()
+            try:
+                status = c.post("/classify", **kwargs).status_code
+            except httpx.HTTPError as e:
+                status = type(e).__name__
+            took = time.monotonic() - t0
+            growth = (_peak_rss_mib(pid) - base) if reset else None
+            rows.append({"group": group, "case": name, "status": status, "seconds": round(took, 3),
+                         "peak_rss_growth_mib": None if growth is None else round(growth, 1)})
+            print(f"{group:20s} {name:42s} {status!s:>5} {took:7.3f}s "
+                  f"{'' if growth is None else f'{growth:+8.1f} MiB'}", flush=True)
+    return rows
+
+
+def summarise(rows: list[dict], generated: dict, slow: list[dict], ok: int, pid: int, idle_rss: float,
+              after_rss: float) -> dict:
+    fivexx = [r for r in rows if not isinstance(r["status"], int) or r["status"] >= 500]
+    worst_t = max(rows, key=lambda r: r["seconds"])
+    worst_m = max((r for r in rows if r["peak_rss_growth_mib"] is not None),
+                  key=lambda r: r["peak_rss_growth_mib"], default=None)
+    return {"requests": len(rows), "5xx_or_failed": len(fivexx), "served_after": ok, "slowloris": slow,
+            "corpus": generated["summary"],
+            "replica_rss_idle_mib": round(idle_rss, 1), "replica_rss_after_run_mib": round(after_rss, 1),
+            "replica_rss_kept_mib": round(after_rss - idle_rss, 1),
+            "worst_seconds": worst_t, "worst_peak_rss_growth": worst_m, "replica_peak_rss_mib": _peak_rss_mib(pid)
+            if os.path.exists(f"/proc/{pid}") else None, "cpu_count": os.cpu_count()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--name", default="hostile-cpu")
@@ -252,45 +291,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
 
-    from cl_serve import pipeline, serve_cli
-    from cl_serve.trainer.synthetic import class_names, write_image_folder
-    from cl_serve.trainer.train import TrainConfig
+    from cl_serve.serving import launch as serve_cli
 
-    work = Path(tempfile.mkdtemp(prefix="cl-hostile-"))
-    store = work / "store"
-    pipeline.init_store(store, method={"name": "none"}, head={"name": "analytic", "projection": 256},
-                        backbone="vit_tiny_patch16_224",
-                        timm_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})
-    data = write_image_folder(work / "task", class_names(3), 8, seed=0)
-    pipeline.add_task(store, data, TrainConfig(epochs=1, batch_size=16, device="cpu"), progress=False)
-    good = next(data.rglob("*.png")).read_bytes()
-    port = serve_cli.free_port()
-    serve_cli.start(str(store), port=port, num_cpus=2)
-    url = f"http://127.0.0.1:{port}"
-    serve_cli.wait_until_healthy(url)
+    url, good = start_tiny_server(Path(tempfile.mkdtemp(prefix="cl-hostile-")))
     pid = _replica_pids()[0]
-    with httpx.Client(base_url=url, timeout=120) as c:  # warm: the first requests load the model and the batcher
-        for _ in range(5):
-            c.post("/classify", files=[("file", ("a.png", good, "image/png"))])
-    idle_rss = _rss_mib(pid)
-    rows = []
     try:
         with httpx.Client(base_url=url, timeout=120) as c:
-            for group, cases in (("hostile", hostile_cases(good)), ("admitted worst case", admitted_worst_cases())):
-                for name, kwargs in cases.items():
-                    reset = _reset_peak(pid)
-                    base = _peak_rss_mib(pid) if reset else None
-                    t0 = time.monotonic()
-                    try:
-                        status = c.post("/classify", **kwargs).status_code
-                    except httpx.HTTPError as e:
-                        status = type(e).__name__
-                    took = time.monotonic() - t0
-                    growth = (_peak_rss_mib(pid) - base) if reset else None
-                    rows.append({"group": group, "case": name, "status": status, "seconds": round(took, 3),
-                                 "peak_rss_growth_mib": None if growth is None else round(growth, 1)})
-                    print(f"{group:20s} {name:42s} {status!s:>5} {took:7.3f}s "
-                          f"{'' if growth is None else f'{growth:+8.1f} MiB'}", flush=True)
+            for _ in range(5):  # warm: the first requests load the model and the batcher
+                c.post("/classify", files=[("file", ("a.png", good, "image/png"))])
+            idle_rss = _rss_mib(pid)
+            rows = run_cases(c, pid, good)
             ok = c.post("/classify", files=[("file", ("a.png", good, "image/png"))]).status_code
             generated = run_corpus(c, pid, good)
             slow = [slowloris(c, url, good, n) for n in (64, 500)]
@@ -298,23 +308,14 @@ def main(argv: list[str] | None = None) -> int:
             after_rss = _rss_mib(pid)
     finally:
         serve_cli.stop()
-    fivexx = [r for r in rows if not isinstance(r["status"], int) or r["status"] >= 500]
-    worst_t = max(rows, key=lambda r: r["seconds"])
-    worst_m = max((r for r in rows if r["peak_rss_growth_mib"] is not None),
-                  key=lambda r: r["peak_rss_growth_mib"], default=None)
-    summary = {"requests": len(rows), "5xx_or_failed": len(fivexx), "served_after": ok, "slowloris": slow,
-               "corpus": generated["summary"],
-               "replica_rss_idle_mib": round(idle_rss, 1), "replica_rss_after_run_mib": round(after_rss, 1),
-               "replica_rss_kept_mib": round(after_rss - idle_rss, 1),
-               "worst_seconds": worst_t, "worst_peak_rss_growth": worst_m, "replica_peak_rss_mib": _peak_rss_mib(pid)
-               if os.path.exists(f"/proc/{pid}") else None, "cpu_count": os.cpu_count()}
-    print(json.dumps({k: v for k, v in summary.items()}, indent=1))
+    summary = summarise(rows, generated, slow, ok, pid, idle_rss, after_rss)
+    print(json.dumps(summary, indent=1))
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"{a.name}.json").write_text(json.dumps({"summary": summary, "rows": rows,
                                                             "corpus_rows": generated["rows"]}, indent=1))
     slow_ok = all(r["legitimate_statuses"] == [200] for r in slow)
     corpus_ok = all(f["unexpected"] == 0 for f in generated["summary"].values())
-    return 0 if not fivexx and ok == 200 and slow_ok and corpus_ok else 1
+    return 0 if not summary["5xx_or_failed"] and ok == 200 and slow_ok and corpus_ok else 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from benchmarks.image_builders import png_header_only
+
 OK = frozenset({200})
 CLIENT_ERROR = frozenset(range(400, 500))
 ANY_NOT_5XX = OK | CLIENT_ERROR
@@ -46,12 +48,6 @@ def _encode(fmt: str, size: tuple[int, int], mode: str, seed: int, **save) -> by
         return buf.getvalue()
     except (OSError, ValueError, KeyError, TypeError):
         return None  # this format cannot hold this mode
-
-
-def _png_header(width: int, height: int) -> bytes:
-    from benchmarks.hostile import png_header_only
-
-    return png_header_only(width, height)
 
 
 def _files(blobs: list[bytes], field_name: str = "file") -> dict:
@@ -102,7 +98,7 @@ def image_cases(seed: int) -> list[Case]:
                             ANY_NOT_5XX))
     for w, h in [(40_000_001, 1), (1, 40_000_001), (6325, 6325), (6400, 6400), (20_001, 2), (2, 20_001),
                  (20_000, 1999), (1999, 20_000), (10_000, 10_000), (2**31 - 1, 2**31 - 1), (0, 10), (10, 0)]:
-        out.append(Case("headers", f"PNG header {w}x{h}", _files([_png_header(w, h)])))
+        out.append(Case("headers", f"PNG header {w}x{h}", _files([png_header_only(w, h)])))
     return out
 
 

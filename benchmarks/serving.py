@@ -167,25 +167,69 @@ def http_load(url: str, payload: bytes, concurrency: int, requests: int, images:
             "cpu_ms_per_request": cpu_ms}
 
 
-def end_to_end(quick: bool, requests: int, model_key: str, sizes: tuple[int, ...] = (1, 16)) -> dict:
-    import httpx
-
-    from cl_serve import pipeline, serve_cli
-    from cl_serve.runtime import load_version
-    from cl_serve.store import Store
+def two_task_store(work: Path, model_key: str) -> tuple[Path, bytes]:
+    """A store of two SD-LoRA versions of `model_key` on generated shapes: (store, one PNG)."""
     from cl_serve.trainer.synthetic import class_names, write_image_folder
     from cl_serve.trainer.train import TrainConfig
+    from cl_serve.workflow import pipeline
 
     name, kw = MODELS[model_key]
-    work = Path(tempfile.mkdtemp(prefix="cl-serving-"))
     store = work / "store"
     pipeline.init_store(store, method={"name": "sdlora"}, backbone=name, timm_kwargs=kw)
     names = class_names(12)
-    dirs = [write_image_folder(work / f"t{i}", names[3 * i:3 * i + 3], 8, seed=i) for i in range(4)]
-    cfg = TrainConfig(epochs=1, batch_size=16, device="cpu")
-    for d in dirs[:2]:
-        pipeline.add_task(store, d, cfg, progress=False)
-    image = next(dirs[0].rglob("*.png")).read_bytes()
+    dirs = [write_image_folder(work / f"t{i}", names[3 * i:3 * i + 3], 8, seed=i) for i in range(2)]
+    for d in dirs:
+        pipeline.add_task(store, d, TrainConfig(epochs=1, batch_size=16, device="cpu"), progress=False)
+    return store, next(dirs[0].rglob("*.png")).read_bytes()
+
+
+def raw_onnx(store: Path, image: bytes) -> tuple[dict[int, float], float]:
+    """Raw ONNX Runtime images/s of the live version at batch 1, 16, 32, and decode+preprocess seconds per image."""
+    import io
+
+    from PIL import Image
+
+    from cl_serve.contract.preprocessing import preprocess_image
+    from cl_serve.serving.model import load_version
+    from cl_serve.store.model_store import Store
+
+    m = load_version(Store(store), Store(store).current())
+    one = preprocess_image(Image.open(io.BytesIO(image)), m.preprocessing)
+    raw = {b: b / statistics.median(_time(lambda: m.run(np.stack([one] * b)), 10)) for b in (1, 16, 32)}
+    pre = statistics.median(_time(lambda: preprocess_image(Image.open(io.BytesIO(image)), m.preprocessing), 50))
+    return raw, pre
+
+
+def swap_delays(url: str, store: Path, body: bytes, swaps: int) -> tuple[list[float], int]:
+    """Roll back and forth between the two versions; per swap, the seconds until a request is answered by the new
+    one, and every non-200 answer on the way."""
+    import httpx
+
+    from cl_serve.store.model_store import Store
+    from cl_serve.workflow import pipeline
+
+    delays, errors = [], 0
+    versions = Store(store).versions()
+    for i in range(swaps):
+        target = versions[i % 2]
+        if Store(store).current() == target:
+            target = versions[(i + 1) % 2]
+        t = time.perf_counter()
+        pipeline.rollback(store, target)
+        while True:
+            r = httpx.post(url + "/classify", content=body, headers={"content-type": "application/json"})
+            errors += r.status_code != 200
+            if r.status_code == 200 and r.json()["model_version"] == target:
+                break
+        delays.append(time.perf_counter() - t)
+    return delays, errors
+
+
+def end_to_end(quick: bool, requests: int, model_key: str, sizes: tuple[int, ...] = (1, 16)) -> dict:
+    from cl_serve.serving import launch as serve_cli
+
+    store, image = two_task_store(Path(tempfile.mkdtemp(prefix="cl-serving-")), model_key)
+
     def payload(n: int) -> bytes:
         return json.dumps({"images": [base64.b64encode(image).decode()] * n}).encode()
 
@@ -199,29 +243,9 @@ def end_to_end(quick: bool, requests: int, model_key: str, sizes: tuple[int, ...
             for c in ((1, 8) if quick else (1, 8, 32)):
                 loads.append(http_load(url, payload(n), c, max(c, requests // n), n))
                 print(json.dumps(loads[-1]), flush=True)
-        m = load_version(Store(store), Store(store).current())
-        from cl_serve.contract.preprocessing import preprocess_image
-        from PIL import Image
-        import io
-
-        one = preprocess_image(Image.open(io.BytesIO(image)), m.preprocessing)
-        raw = {b: b / statistics.median(_time(lambda: m.run(np.stack([one] * b)), 10)) for b in (1, 16, 32)}
+        raw, pre = raw_onnx(store, image)
         raw_ips = raw[32]
-        pre = statistics.median(_time(lambda: preprocess_image(Image.open(io.BytesIO(image)), m.preprocessing), 50))
-        swaps, swap_errors = [], 0
-        versions = Store(store).versions()
-        for i in range(2 if quick else 5):
-            target = versions[i % 2]
-            if Store(store).current() == target:
-                target = versions[(i + 1) % 2]
-            t = time.perf_counter()
-            pipeline.rollback(store, target)
-            while True:
-                r = httpx.post(url + "/classify", content=payload(1), headers={"content-type": "application/json"})
-                swap_errors += r.status_code != 200
-                if r.status_code == 200 and r.json()["model_version"] == target:
-                    break
-            swaps.append(time.perf_counter() - t)
+        swaps, swap_errors = swap_delays(url, store, payload(1), 2 if quick else 5)
         best = {n: max(r["img_s"] for r in loads if r["images_per_request"] == n) for n in sizes}
         out = {"model": model_key, "loads": loads, "raw_onnx_img_s_batch32": raw_ips,
                "raw_onnx_img_s": raw, "decode_preprocess_ms_per_image": 1e3 * pre,

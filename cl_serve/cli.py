@@ -27,12 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(a: argparse.Namespace) -> int:
     """Writers take the store lock first, before torch is imported: a second writer is refused at once."""
-    from cl_serve.store import LOCK_HINTS
+    from cl_serve.store.model_store import LOCK_HINTS
 
     handler = {c.name: c.run for c in all_commands()}[a.command]
     if a.command not in LOCK_HINTS:
         return handler(a)
-    from cl_serve.open_store import open_store
+    from cl_serve.store.open_store import open_store
 
     store = open_store(a.store)
     store.config()  # a missing or broken store is reported before anything else
@@ -43,19 +43,11 @@ def run(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from cl_serve.errors import UserError
+    from cl_serve.base.errors import UserError
 
-    user_errors: tuple[type[BaseException], ...] = (UserError,)
-    if a.command not in ("serve", "classify"):
-        try:
-            from cl_serve.trainer.errors import BackboneError, DataError
-
-            user_errors += (DataError, BackboneError)
-        except ImportError:
-            pass
     try:
         return run(a)
-    except user_errors as e:
+    except UserError as e:  # the trainer's DataError and BackboneError are UserErrors too
         print(f"cl-serve {a.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

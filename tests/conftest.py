@@ -89,7 +89,7 @@ def method_dict(name: str, **kw) -> dict:
 
 
 def init_tiny_store(path: Path, method: str = "inflora", **kw) -> Path:
-    from cl_serve import pipeline
+    from cl_serve.workflow import pipeline
 
     pipeline.init_store(path, method=method_dict(method, **kw), backbone=TINY_MODEL, timm_kwargs=TINY)
     return path

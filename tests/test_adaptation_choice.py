@@ -52,8 +52,8 @@ def test_analytic_head_without_projection_transports_exactly_under_a_linear_drif
 
 
 def test_method_auto_decides_on_the_first_task_records_why_and_keeps_the_winner(tmp_path, tasks):
-    from cl_serve import pipeline
-    from cl_serve.open_store import open_store
+    from cl_serve.workflow import pipeline
+    from cl_serve.store.open_store import open_store
 
     store = tmp_path / "s"
     pipeline.init_store(store, method={"name": "auto", "candidate": {"name": "inflora", "rank": 4, "adapt_tasks": 1},
@@ -79,8 +79,8 @@ def test_method_auto_decides_on_the_first_task_records_why_and_keeps_the_winner(
 
 
 def test_method_auto_settings_are_validated(tmp_path):
-    from cl_serve import pipeline
-    from cl_serve.errors import UserError
+    from cl_serve.workflow import pipeline
+    from cl_serve.base.errors import UserError
 
     for bad, msg in [({"candidate": {"name": "none"}}, "candidate"), ({"projections": [-1]}, "projections"),
                      ({"holdout": 1.5}, "holdout")]:

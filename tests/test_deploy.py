@@ -265,7 +265,7 @@ def test_overlays_schedule_store_and_clean_up_as_documented(rendered, overlay):
 
 def test_app_builder_accepts_the_rayservice_arguments_and_reads_the_store_from_the_environment(
         rendered, tmp_path, monkeypatch):
-    from cl_serve.server import app_builder
+    from cl_serve.serving.app import app_builder
 
     svc = _one(rendered["cpu-volume"], "RayService")
     args = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]
@@ -297,9 +297,9 @@ def test_the_rayjob_publishes_and_the_rayservice_config_serves_in_a_real_ray_clu
 
     import httpx
 
-    from cl_serve import pipeline
-    from cl_serve.serve_cli import free_port
-    from cl_serve.store import Store
+    from cl_serve.workflow import pipeline
+    from cl_serve.serving.launch import free_port
+    from cl_serve.store.model_store import Store
     from tests.conftest import TINY, TINY_MODEL
 
     store = tmp_path / "store"

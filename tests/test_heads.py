@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cl_serve import pipeline
-from cl_serve.store import Store
+from cl_serve.workflow import pipeline
+from cl_serve.store.model_store import Store
 from tests.conftest import TINY, TINY_MODEL, fast_train, init_tiny_store, run_cli
 from cl_serve.trainer.data import load_task_data, scan_image_folder
 from cl_serve.trainer.heads import head_config_from_dict

@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from cl_serve import pipeline
-from cl_serve.errors import StoreError
-from cl_serve.open_store import open_store
-from cl_serve.store import Store
-from cl_serve.runtime import ModelWatcher
-from cl_serve.serve_cli import free_port
+from cl_serve.workflow import pipeline
+from cl_serve.base.errors import StoreError
+from cl_serve.store.open_store import open_store
+from cl_serve.store.model_store import Store
+from cl_serve.serving.watcher import ModelWatcher
+from cl_serve.serving.launch import free_port
 from tests.conftest import TINY, TINY_MODEL, fast_train, run_cli
 
 CLI_TRAIN = ["--epochs", "1", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu"]
@@ -125,8 +125,8 @@ def test_inputs_staged_in_the_bucket_are_synchronised_not_just_cached(s3, tasks)
     whole class too) disappear, and an empty prefix is a clear error."""
     import fsspec
 
-    from cl_serve.errors import UserError
-    from cl_serve.remote_inputs import local_copy
+    from cl_serve.base.errors import UserError
+    from cl_serve.store.remote_inputs import local_copy
     from cl_serve.trainer.data import scan_image_folder
 
     source = tasks[1]["train"]
@@ -159,7 +159,7 @@ def test_init_and_add_task_read_the_backbone_and_the_task_from_the_bucket(s3, ta
     whole bootstrap and a task without any shared volume, as the object-store deploy overlay runs them."""
     from safetensors.torch import save_file
 
-    from cl_serve.open_store import open_store
+    from cl_serve.store.open_store import open_store
     from cl_serve.trainer.backbone import from_timm
 
     staged = tmp_path / "staging"

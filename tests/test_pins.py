@@ -56,7 +56,7 @@ def test_the_gpu_image_base_matches_the_locked_torch_cuda_build():
 
 
 def test_the_serving_image_needs_no_torch_and_its_requirements_cover_the_server():
-    code = ("import sys, cl_serve.server, cl_serve.serve_cli, cl_serve.cli; "
+    code = ("import sys, cl_serve.serving.app, cl_serve.serving.launch, cl_serve.cli; "
             "print(sorted({m.split('.')[0] for m in sys.modules}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = set(eval(out))

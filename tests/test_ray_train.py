@@ -4,8 +4,8 @@ from the reduced second moments."""
 import pytest
 import torch
 
-from cl_serve import pipeline
-from cl_serve.store import Store
+from cl_serve.workflow import pipeline
+from cl_serve.store.model_store import Store
 from tests.conftest import fast_train
 from cl_serve.trainer.ray_train import train_task_on_ray
 

@@ -1,8 +1,8 @@
 """The release gate: a version that forgets is published as a candidate, not made live; promote makes it live."""
 import json
 
-from cl_serve import release_gate
-from cl_serve.store import Store
+from cl_serve.workflow import release_gate
+from cl_serve.store.model_store import Store
 from tests.conftest import TINY, TINY_MODEL, run_cli
 
 TRAIN = ["--epochs", "3", "--batch-size", "16", "--lr", "5e-3", "--device", "cpu"]

@@ -7,8 +7,8 @@ import time
 import pytest
 from PIL import Image
 
-from cl_serve.runtime import BadInput
-from cl_serve.request_parsing import BodyBudget, parse_classify_json, read_body
+from cl_serve.serving.model import BadInput
+from cl_serve.serving.request_parsing import BodyBudget, parse_classify_json, read_body
 from cl_serve.contract.image_decode import ImageLimits, ImageRejected, open_bounded
 
 
@@ -83,7 +83,7 @@ def test_formats_are_an_allow_list():
 
 def test_the_schema_says_what_the_server_accepts():
     """An empty image string is refused by the schema itself, so /openapi.json (minLength 1) and the server agree."""
-    from cl_serve.api_models import ClassifyJSON
+    from cl_serve.serving.api_models import ClassifyJSON
 
     item = ClassifyJSON.model_json_schema()["properties"]["images"]["items"]
     assert item.get("minLength") == 1
@@ -97,7 +97,7 @@ def test_freed_heap_memory_is_given_back_once_the_process_grew_past_its_slack():
     import ctypes
     import sys
 
-    from cl_serve.memory_return import MemoryReturn, resident_mib
+    from cl_serve.serving.memory_return import MemoryReturn, resident_mib
 
     if not sys.platform.startswith("linux") or resident_mib() is None:
         pytest.skip("needs /proc and glibc")
@@ -212,8 +212,8 @@ def test_files_decoded_whole_have_their_own_pixel_limit(fmt, mode, save):
 
 
 def test_server_settings_are_one_typed_model_checked_where_they_enter(tmp_path):
-    """cl_serve/server_settings.py: the CLI, build_app/app_builder and reconfigure all validate with it."""
-    from cl_serve import server_settings
+    """cl_serve/serving/settings.py: the CLI, build_app/app_builder and reconfigure all validate with it."""
+    from cl_serve.serving import settings as server_settings
     from tests.conftest import run_cli
 
     full = server_settings.validated({"canary_percent": 5, "image_formats": ["png", "jpeg"]})

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cl_serve import pipeline
-from cl_serve.store import Store, vname
+from cl_serve.workflow import pipeline
+from cl_serve.store.model_store import Store, vname
 from cl_serve.contract.preprocessing import preprocess_image
 from benchmarks.hostile import hostile_cases
 from cl_serve.contract.store_schema import VERSION_STATES
@@ -31,7 +31,7 @@ APP_KWARGS = {"poll_interval_s": 0.2, "max_batch_size": 16, "max_request_bytes":
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from cl_serve import serve_cli
+    from cl_serve.serving import launch as serve_cli
 
     import os
 
@@ -401,14 +401,14 @@ def _redeploy(server, **settings):
     """Change the running application's user_config (Serve reconfigures the replicas in place)."""
     from ray import serve
 
-    from cl_serve.server import build_app
+    from cl_serve.serving.app import build_app
 
     serve.run(build_app(str(server["store"]), **APP_KWARGS, settings={"max_queued_requests": MAX_QUEUED, **settings}),
               name="cl-serve", route_prefix="/", blocking=False)
 
 
 def test_the_canary_sends_its_share_of_requests_to_the_newest_candidate(server, tasks, monkeypatch, tmp_path):
-    from cl_serve import release_gate
+    from cl_serve.workflow import release_gate
     from cl_serve.trainer.synthetic import class_names, write_image_folder
 
     c, store = server["client"], server["store"]
@@ -561,9 +561,9 @@ def test_a_slowloris_of_64_connections_does_not_deny_service(server, tasks):
 
 
 def test_gpu_path_prefers_tensorrt_then_cuda_and_the_fp16_file_on_a_gpu(tmp_path):
-    from cl_serve.runtime import choose_onnx_file, onnx_providers
-    from cl_serve.server import build_app
-    from cl_serve.store import Manifest
+    from cl_serve.serving.model import choose_onnx_file, onnx_providers
+    from cl_serve.serving.app import build_app
+    from cl_serve.store.model_store import Manifest
 
     every = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert onnx_providers(every, gpu_present=True) == every
@@ -586,8 +586,8 @@ def test_gpu_path_prefers_tensorrt_then_cuda_and_the_fp16_file_on_a_gpu(tmp_path
 def test_the_page_classifies_an_uploaded_image_in_a_real_browser(server, tasks, tmp_path):
     import shutil
 
-    from cl_serve.demo_serving import headless_chromium
-    from cl_serve.errors import UserError
+    from cl_serve.workflow.demo_serving import headless_chromium
+    from cl_serve.base.errors import UserError
 
     live = _ensure_live(server, tasks)
     labels = Store(server["store"]).manifest(live).labels

@@ -13,9 +13,9 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from cl_serve import pipeline
-from cl_serve.errors import StoreError
-from cl_serve.store import Store
+from cl_serve.workflow import pipeline
+from cl_serve.base.errors import StoreError
+from cl_serve.store.model_store import Store
 from tests.conftest import TINY, TINY_MODEL, fast_train, init_tiny_store, run_cli, tree_snapshot
 from cl_serve.trainer.data import load_task_data, scan_image_folder
 from cl_serve.trainer.learner import Learner

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from cl_serve import pipeline
-from cl_serve.errors import StoreError
-from cl_serve.runtime import ModelWatcher
-from cl_serve.store import Store
+from cl_serve.workflow import pipeline
+from cl_serve.base.errors import StoreError
+from cl_serve.serving.watcher import ModelWatcher
+from cl_serve.store.model_store import Store
 from tests.conftest import fast_train, init_tiny_store, run_cli, tree_snapshot
-from benchmarks.hostile import encoded_image, png_header_only
+from benchmarks.image_builders import encoded_image, png_header_only
 
 CLI_TRAIN = ["--epochs", "1", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu"]
 
@@ -246,7 +246,7 @@ def test_each_command_hashes_each_file_once(tmp_path, tasks, monkeypatch):
     verifies the version once although three steps need it verified (it hashed every file 3 times before)."""
     import collections
 
-    import cl_serve.store as store_module
+    import cl_serve.store.model_store as store_module
 
     hashed = collections.Counter()
     real = store_module.sha256_file

@@ -7,10 +7,10 @@ import sys
 from typing import TYPE_CHECKING
 
 from cl_serve.commands.common import Command, print_json, store_arg
-from cl_serve.errors import UserError
+from cl_serve.base.errors import UserError
 
 if TYPE_CHECKING:
-    from cl_serve.pipeline import AddTaskResult
+    from cl_serve.workflow.pipeline import AddTaskResult
 
 
 def _add_task_parser(sub) -> None:
@@ -56,7 +56,7 @@ def _train_config(a: argparse.Namespace):
 
 
 def _add_task(a: argparse.Namespace) -> int:
-    from cl_serve import pipeline
+    from cl_serve.workflow import pipeline
 
     tc = _train_config(a)
     if a.workers < 1 or a.gpus_per_worker < 0:
@@ -67,7 +67,7 @@ def _add_task(a: argparse.Namespace) -> int:
                           gpus_per_worker=a.gpus_per_worker)
     print_json(r.model_dump()) if a.json else print_summary(r)
     if r.gate is not None and not r.gate.passed:
-        from cl_serve.release_gate import GATE_REFUSED_EXIT
+        from cl_serve.workflow.release_gate import GATE_REFUSED_EXIT
 
         print(f"cl-serve add-task: version {r.version} is a candidate, not live: "
               + "; ".join(r.gate.reasons) + f". Make it live with `cl-serve promote {r.version}`",

@@ -8,7 +8,7 @@ from typing import Any
 from cl_serve.commands.common import Command, policy_args, print_policy, store_arg
 from cl_serve.contract.head_settings import HEAD_NAMES as HEADS  # the one list of names: the contract's
 from cl_serve.contract.method_settings import METHOD_NAMES as METHODS
-from cl_serve.errors import UserError
+from cl_serve.base.errors import UserError
 
 
 def _rank_schedule(text: str) -> list[dict[str, int]]:
@@ -97,7 +97,7 @@ def _init_parser(sub) -> None:
 
 
 def _init(a: argparse.Namespace) -> int:
-    from cl_serve import pipeline
+    from cl_serve.workflow import pipeline
 
     cfg = pipeline.init_store(a.store, method=method_dict(a), head=head_dict(a), backbone=a.backbone,
                               checkpoint=a.checkpoint, pretrained=a.pretrained, timm_kwargs=a.timm_kwargs,

@@ -47,7 +47,7 @@ def _evaluate_parser(sub) -> None:
 
 
 def _evaluate(a: argparse.Namespace) -> int:
-    from cl_serve import pipeline
+    from cl_serve.workflow import pipeline
 
     r = pipeline.evaluate(a.store, a.data, a.version)
     if a.json:
@@ -68,7 +68,7 @@ def _status_parser(sub) -> None:
 
 
 def _status(a: argparse.Namespace) -> int:
-    from cl_serve import versions
+    from cl_serve.workflow import versions
 
     r = versions.status(a.store, fast=a.fast)
     if a.json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from cl_serve.commands.common import Command, print_json, store_arg
-from cl_serve.server_settings import default
+from cl_serve.serving.settings import default
 
 
 def _serve_parser(sub) -> None:
@@ -32,7 +32,7 @@ def _serve_parser(sub) -> None:
 
 
 def _serve(a: argparse.Namespace) -> int:
-    from cl_serve.serve_cli import serve_forever
+    from cl_serve.serving.launch import serve_forever
 
     serve_forever(a)
     return 0
@@ -46,7 +46,7 @@ def _classify_parser(sub) -> None:
 
 
 def _classify(a: argparse.Namespace) -> int:
-    from cl_serve.client import classify_files
+    from cl_serve.serving.client import classify_files
 
     print_json(classify_files(a.images, a.url, a.top_k))
     return 0

@@ -6,7 +6,7 @@ import argparse
 from cl_serve.commands.common import Command
 from cl_serve.contract.head_settings import HEAD_NAMES as HEADS
 from cl_serve.contract.method_settings import METHOD_NAMES as METHODS
-from cl_serve.demo import PRETRAIN_STEPS
+from cl_serve.workflow.demo import PRETRAIN_STEPS
 
 
 def _demo_parser(sub) -> None:
@@ -25,7 +25,7 @@ def _demo_parser(sub) -> None:
 
 
 def _demo(a: argparse.Namespace) -> int:
-    from cl_serve.demo import run_demo
+    from cl_serve.workflow.demo import run_demo
 
     run_demo(a.workdir, method=a.method, head=a.head, pretrain_steps=a.pretrain_steps, serve=not a.no_serve,
              screenshot=a.screenshot, seed=a.seed)
@@ -44,7 +44,7 @@ def _bench(a: argparse.Namespace) -> int:
     import os
     import sys
 
-    from cl_serve.errors import UserError
+    from cl_serve.base.errors import UserError
 
     if os.path.isfile(os.path.join(os.getcwd(), "benchmarks", "cil.py")) and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -17,7 +17,7 @@ def _export_parser(sub) -> None:
 
 
 def _export(a: argparse.Namespace) -> int:
-    from cl_serve import pipeline
+    from cl_serve.workflow import pipeline
 
     r = pipeline.export_version(a.store, a.version, fp16=a.fp16, opset=a.opset)
     print(f"exported version {r['version']} to {r['file']} (opset {r['opset']}, {r['dtype']}, "
@@ -34,13 +34,13 @@ def _policy_parser(sub) -> None:
 
 
 def _policy(a: argparse.Namespace) -> int:
-    from cl_serve import versions
+    from cl_serve.workflow import versions
 
     if a.off or a.gate_data or a.max_drop is not None or a.min_new_accuracy is not None:
         policy = versions.set_policy(a.store, gate_data=a.gate_data, max_drop=a.max_drop,
                                      min_new_accuracy=a.min_new_accuracy, off=a.off)
     else:
-        from cl_serve.open_store import open_store
+        from cl_serve.store.open_store import open_store
 
         policy = open_store(a.store).policy()
     print_json(policy.model_dump()) if a.json else print_policy(policy)
@@ -55,7 +55,7 @@ def _promote_parser(sub) -> None:
 
 
 def _promote(a: argparse.Namespace) -> int:
-    from cl_serve import versions
+    from cl_serve.workflow import versions
 
     r = versions.promote(a.store, a.version, wait=a.wait)
     note = "" if r["gate"] is None or r["gate"]["passed"] else \
@@ -72,7 +72,7 @@ def _rollback_parser(sub) -> None:
 
 
 def _rollback(a: argparse.Namespace) -> int:
-    from cl_serve import versions
+    from cl_serve.workflow import versions
 
     v = versions.rollback(a.store, a.version, wait=a.wait)
     print(f"version {v} is live")

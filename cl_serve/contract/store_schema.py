@@ -1,6 +1,6 @@
 """The typed schema of a model store's files, free of torch and Ray: store.json (`StoreConfig`), policy.json
 (`ReleasePolicy`) and each version's manifest.json (`Manifest`). The store reads and writes them
-(`cl_serve.store`), the trainer's commands fill them, the server reads them; `describe_error` turns a validation
+(`cl_serve.store.model_store`), the trainer's commands fill them, the server reads them; `describe_error` turns a validation
 error into one line for a user.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ class GateRow(BaseModel):
 
 
 class GateDecision(BaseModel):
-    """The release gate's decision on a version (cl_serve.release_gate): live if it passed, else a candidate."""
+    """The release gate's decision on a version (cl_serve.workflow.release_gate): live if it passed, else a candidate."""
 
     model_config = ConfigDict(extra="forbid")
     passed: bool

@@ -84,7 +84,7 @@ def train_task_on_ray(factory: LearnerFactory, data: TaskData, prep: Preprocessi
         import os
 
         if not os.environ.get("RAY_ADDRESS"):
-            from cl_serve.loopback import use_loopback_ray
+            from cl_serve.base.loopback import use_loopback_ray
 
             use_loopback_ray()
             ray.init(num_cpus=workers + 1, include_dashboard=False, logging_level="WARNING", log_to_driver=False)

@@ -1,7 +1,7 @@
 """The model store on object storage (s3://bucket/prefix, gs://..., any fsspec URL), with the local store's
 guarantees.
 
-An `ObjectBackend` (the `cl_serve.store_backends.StoreBackend` of a bucket prefix) mirrors what the store reads
+An `ObjectBackend` (the `cl_serve.store.backends.StoreBackend` of a bucket prefix) mirrors what the store reads
 into a local cache directory ($CL_SERVE_CACHE, else ~/.cache/cl-serve/<hash of the URL>), where the one `Store`
 verifies, loads and stages writes; the backend moves objects between the cache and the bucket. How each guarantee
 holds:
@@ -33,8 +33,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from cl_serve.errors import StoreError
-from cl_serve.store_backends import VERSION_NAME, LocalBackend, fault_point, vname
+from cl_serve.base.errors import StoreError
+from cl_serve.store.backends import VERSION_NAME, LocalBackend, fault_point, vname
 
 
 def cache_root() -> Path:

@@ -1,11 +1,11 @@
-"""Which store a path or URL names: a local directory, or an object-store prefix (`cl_serve.object_store`), both
-behind the one `cl_serve.store.Store`. Kept outside both modules so that neither imports the other's user."""
+"""Which store a path or URL names: a local directory, or an object-store prefix (`cl_serve.store.object_backend`), both
+behind the one `cl_serve.store.model_store.Store`. Kept outside both modules so that neither imports the other's user."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from cl_serve.object_store import ObjectBackend
-from cl_serve.store import Store
+from cl_serve.store.object_backend import ObjectBackend
+from cl_serve.store.model_store import Store
 
 
 def open_store(root: str | Path | Store, cache_dir: str | Path | None = None) -> Store:

@@ -15,8 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from cl_serve.errors import UserError
-from cl_serve.object_store import cache_root, object_identity, open_filesystem
+from cl_serve.base.errors import UserError
+from cl_serve.store.object_backend import cache_root, object_identity, open_filesystem
 
 
 def is_url(path: str | Path) -> bool:

@@ -96,7 +96,7 @@ DEMO_TRAIN = {"epochs": 16, "lr": 2e-2, "batch_size": 32}
 def learn_tasks(store: Path, method: dict, head: str, ckpt: Path, tasks: list[tuple[Path, Path]],
                 gate: Path | None, max_drop: float, seed: int = 0) -> list[list[float]]:
     """A fresh store learning every task in turn; returns the R matrix (accuracy per task after each task)."""
-    from cl_serve import pipeline
+    from cl_serve.workflow import pipeline
     from cl_serve.trainer.train import TrainConfig
 
     shutil.rmtree(store, ignore_errors=True)
@@ -159,7 +159,7 @@ def run_demo(workdir: str, method: str = "inflora", head: str = "analytic", pret
               + f"{r['final_mean']:<9.3f}{r['max_drop']:.2f}")
     result = {"runs": results, "store": results[0]["store"], "head": head}
     if serve:
-        from cl_serve.demo_serving import serve_and_classify
+        from cl_serve.workflow.demo_serving import serve_and_classify
 
         result["serving"] = serve_and_classify(Path(results[0]["store"]), [d for _, d in tasks],
                                                Path(screenshot) if screenshot else None)

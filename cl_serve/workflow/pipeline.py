@@ -16,13 +16,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 
-from cl_serve import release_gate
-from cl_serve.errors import StoreError, UserError
-from cl_serve.remote_inputs import local_copy
+from cl_serve.workflow import release_gate
+from cl_serve.base.errors import StoreError, UserError
+from cl_serve.store.remote_inputs import local_copy
 from cl_serve.contract.store_schema import GateDecision, Metrics, OnnxInfo, TaskRecord, describe_error
-from cl_serve.store import (LOCK_HINTS, Manifest, Store, StoreConfig, VerifiedVersion, atomic_write_text,
+from cl_serve.store.model_store import (LOCK_HINTS, Manifest, Store, StoreConfig, VerifiedVersion, atomic_write_text,
                             sha256_file)
-from cl_serve.open_store import open_store
+from cl_serve.store.open_store import open_store
 from cl_serve.contract.preprocessing import Preprocessing
 from cl_serve.trainer import backbone as bb
 from cl_serve.trainer.data import TaskData, check_known_classes, check_new_classes, load_task_data, scan_image_folder
@@ -35,7 +35,7 @@ from cl_serve.trainer.methods import method_config_from_dict
 from cl_serve.contract.head_settings import HeadConfig
 from cl_serve.contract.method_settings import AutoConfig, MethodConfig, NoneConfig
 from cl_serve.trainer.train import TrainConfig, predict, resolve_device, train_task
-from cl_serve.versions import promote, rollback, set_policy, status  # noqa: F401  (the pipeline's other commands)
+from cl_serve.workflow.versions import promote, rollback, set_policy, status  # noqa: F401  (the pipeline's other commands)
 
 
 def parse_method(method: dict[str, Any] | MethodConfig):

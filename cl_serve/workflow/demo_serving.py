@@ -7,8 +7,8 @@ from pathlib import Path
 
 
 def serve_and_classify(store: Path, test_dirs: list[Path], screenshot: Path | None = None) -> dict:
-    from cl_serve import serve_cli
-    from cl_serve.client import classify_files
+    from cl_serve.serving import launch as serve_cli
+    from cl_serve.serving.client import classify_files
 
     port = serve_cli.free_port()
     url = f"http://127.0.0.1:{port}"
@@ -35,7 +35,7 @@ def headless_chromium(window: str = "1280,720"):
     """A selenium driver for Debian's headless chromium; UserError saying what to install when it cannot start."""
     import shutil
 
-    from cl_serve.errors import UserError
+    from cl_serve.base.errors import UserError
 
     driver_path, browser = shutil.which("chromedriver"), shutil.which("chromium") or shutil.which("chromium-browser")
     try:

@@ -1,7 +1,7 @@
 """`cl-serve serve`: start a local Ray instance and the Serve application, block until Ctrl-C, stop cleanly.
 
 The local Ray instance is private to this machine: no dashboard (no job-submission API), and every Ray port
-(GCS, raylet, workers, Serve controller, replicas, agents) on 127.0.0.1 (see cl_serve.loopback); only the HTTP
+(GCS, raylet, workers, Serve controller, replicas, agents) on 127.0.0.1 (see cl_serve.base.loopback); only the HTTP
 proxy listens on `--host`.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import sys
 import time
 import urllib.request
 
-from cl_serve import server_settings
-from cl_serve.errors import UserError
-from cl_serve.loopback import use_loopback_ray
-from cl_serve.open_store import open_store
+from cl_serve.serving import settings as server_settings
+from cl_serve.base.errors import UserError
+from cl_serve.base.loopback import use_loopback_ray
+from cl_serve.store.open_store import open_store
 
 
 _OWN_RAY = False  # whether `start` started the Ray instance (then `stop` ends all of it)
@@ -33,7 +33,7 @@ def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
     import ray
     from ray import serve
 
-    from cl_serve.server import build_app
+    from cl_serve.serving.app import build_app
 
     open_store(store).config()  # a missing or broken store is a clear error before Ray starts
     if quiet:

@@ -7,7 +7,7 @@
     POST /classify?version=N   the same with version N (bounded per-replica cache; 404 unknown, 409 refused)
     GET  /v1/model   version, labels, tasks, method, metrics, ONNX file and providers of the served model
     GET  /v1/versions   every version: parent, task, classes, per-task accuracy, release gate, state
-    GET  /           a page to try the model (cl_serve/static/index.html)
+    GET  /           a page to try the model (cl_serve/serving/static/index.html)
     GET  /openapi.json          the typed API (request bodies, responses, errors)
 
 Every error, of any route or status (404, 405 and 422 included), is `{"error": ..., "status": ...}`. Bodies are
@@ -15,7 +15,7 @@ read as a stream and refused past `max_request_bytes`; images are decoded under 
 and a per-request pixel budget, so no input costs more than a bounded amount of time and memory. With a bearer
 token (`--auth-token` or $CL_SERVE_AUTH_TOKEN) every route but /healthz and the page needs `Authorization: Bearer
 <token>`. Overload protection: `max_queued_requests` per replica and `request_timeout_s` (503 + Retry-After);
-metrics through `cl_serve.serve_metrics`.
+metrics through `cl_serve.serving.metrics`.
 
 Every replica runs a `ModelWatcher` on the store (poll interval from the Serve `user_config`; `reconfigure` can
 also pin a version). A batch takes the model reference once, so each response is computed by exactly one
@@ -41,14 +41,15 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cl_serve.api_models import (ClassifyJSON, ClassifyMultipart, ClassifyResponse, error_responses,
+from cl_serve.serving.api_models import (ClassifyJSON, ClassifyMultipart, ClassifyResponse, error_responses,
                                  openapi_body)
-from cl_serve.loopback import patch_replica_grpc
-from cl_serve.request_parsing import BodyBudget, parse_classify_json, parse_top_k, parse_version, read_body, replay
-from cl_serve.runtime import BadInput, LoadedModel, ModelWatcher, prepare_batch, top_k_predictions
-from cl_serve.serve_metrics import ServerMetrics
-from cl_serve import server_settings
-from cl_serve.memory_return import MemoryReturn
+from cl_serve.base.loopback import patch_replica_grpc
+from cl_serve.serving.request_parsing import BodyBudget, parse_classify_json, parse_top_k, parse_version, read_body, replay
+from cl_serve.serving.model import BadInput, LoadedModel, prepare_batch, top_k_predictions
+from cl_serve.serving.watcher import ModelWatcher
+from cl_serve.serving.metrics import ServerMetrics
+from cl_serve.serving import settings as server_settings
+from cl_serve.serving.memory_return import MemoryReturn
 from cl_serve.contract.image_decode import ImageLimits
 
 log = logging.getLogger("cl_serve")
@@ -57,7 +58,7 @@ log = logging.getLogger("cl_serve")
 app = FastAPI(title="cl-serve", description="Continual image classification with zero-downtime model swaps",
               docs_url=None, redoc_url=None, redirect_slashes=False)
 
-DEFAULTS = server_settings.defaults()  # every user_config key: cl_serve/server_settings.py
+DEFAULTS = server_settings.defaults()  # every user_config key: cl_serve/serving/settings.py
 
 
 class ReplicaAuth:
@@ -127,7 +128,7 @@ class Classifier:
 
     # -- Serve hooks ----------------------------------------------------------------------------------------------
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """user_config: the keys of `cl_serve.server_settings.ServerSettings` (validated; a bad value keeps the
+        """user_config: the keys of `cl_serve.serving.settings.ServerSettings` (validated; a bad value keeps the
         replica's current settings and fails the update), and `version` (pin that version; null follows CURRENT)."""
         settings = server_settings.validated({**self.settings, **config})
         self.limits = ImageLimits(max_pixels=settings["max_pixels"], max_side=settings["max_side"],
@@ -201,7 +202,7 @@ class Classifier:
         and `request_timeout_s` each; beyond either, 503 with Retry-After."""
         try:
             return await self._handle(request)
-        finally:  # the last request out gives back what the others grew (cl_serve.memory_return)
+        finally:  # the last request out gives back what the others grew (cl_serve.serving.memory_return)
             if self._inflight == 0 and self._bodies.used == 0 and self._memory.grown():
                 await asyncio.to_thread(self._memory.give_back)
 
@@ -339,7 +340,7 @@ def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_
 
 
 def app_builder(args: dict[str, Any]):
-    """Entry point for `serve run cl_serve.server:app_builder store=/path` and KubeRay's serveConfigV2. Without a
+    """Entry point for `serve run cl_serve.serving.app:app_builder store=/path` and KubeRay's serveConfigV2. Without a
     `store` argument the store is $CL_SERVE_STORE (the deploy manifests set it from a ConfigMap)."""
     store = args.get("store") or os.environ.get("CL_SERVE_STORE")
     if not store:

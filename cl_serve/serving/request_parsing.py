@@ -10,9 +10,9 @@ from typing import Any, Optional
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from cl_serve.api_models import MAX_TOP_K, ClassifyJSON
+from cl_serve.serving.api_models import MAX_TOP_K, ClassifyJSON
 from cl_serve.contract.store_schema import describe_error
-from cl_serve.runtime import BadInput
+from cl_serve.serving.model import BadInput
 
 
 class BodyBudget:

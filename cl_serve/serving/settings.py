@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cl_serve.api_models import MAX_TOP_K
+from cl_serve.serving.api_models import MAX_TOP_K
 from cl_serve.contract.image_decode import ALLOWED_FORMATS, DEFAULT_FORMATS
 from cl_serve.contract.store_schema import describe_error
 

@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cl_serve.errors import UserError
+from cl_serve.base.errors import UserError
 
 
 def classify_files(paths: list[str], url: str, top_k: int = 3, timeout: float = 60.0) -> dict:

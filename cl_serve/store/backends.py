@@ -2,9 +2,9 @@
 
 A backend knows how to list, fetch, put and delete a store's objects, how to make a staged version visible in one
 step, how to write CURRENT, and how to keep out a second writer. Everything else (verification, the manifest
-rules, the order of a publish, crash clean-up) is `cl_serve.store.Store`, once, for every backend. Reads always
+rules, the order of a publish, crash clean-up) is `cl_serve.store.model_store.Store`, once, for every backend. Reads always
 go through a local directory (`root`): the store itself here, a verified cache for object storage
-(`cl_serve.object_store.ObjectBackend`).
+(`cl_serve.store.object_backend.ObjectBackend`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 from cl_serve.contract.store_schema import utc_now
-from cl_serve.errors import StoreError
+from cl_serve.base.errors import StoreError
 
 VERSION_NAME = re.compile(r"[0-9]{1,9}")
 

@@ -10,7 +10,7 @@ backend (a rename here, manifest-last on object storage); CURRENT moves last, so
 previous version live and the store readable (stale staging is removed by the next writer). One writer at a time
 (the backend's lock). Every manifest lists the sha256 of its files; `verified(v)` checks them once per Store
 object and returns a `VerifiedVersion` that later steps take instead of checking again. Where the objects live is
-the backend's business (`cl_serve.store_backends`); this class is the same for all of them. Stdlib + pydantic.
+the backend's business (`cl_serve.store.backends`); this class is the same for all of them. Stdlib + pydantic.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from pydantic import ValidationError
 
 from cl_serve.contract.store_schema import (FORMAT_VERSION, Manifest, OnnxInfo, ReleasePolicy, StoreConfig,
                                             describe_error)
-from cl_serve.errors import StoreError
-from cl_serve.store_backends import (LocalBackend, StoreBackend, atomic_write_text, fault_point, fsync_dir,
+from cl_serve.base.errors import StoreError
+from cl_serve.store.backends import (LocalBackend, StoreBackend, atomic_write_text, fault_point, fsync_dir,
                                      sha256_file, vname)
 
 __all__ = ["LOCK_HINTS", "Manifest", "Store", "StoreConfig", "VerifiedVersion", "VersionWriter", "atomic_write_text",

@@ -9,9 +9,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from cl_serve.contract.store_schema import ReleasePolicy, describe_error, version_state
-from cl_serve.errors import StoreError, UserError
-from cl_serve.open_store import open_store
-from cl_serve.remote_inputs import is_url, local_copy
+from cl_serve.base.errors import StoreError, UserError
+from cl_serve.store.open_store import open_store
+from cl_serve.store.remote_inputs import is_url, local_copy
 
 
 def set_policy(root: str | Path, *, gate_data: str | Path | None = None, max_drop: float | None = None,
