@@ -57,15 +57,15 @@ def load_split(dirs: list[Path], prep, classes_per_task: int | None, images: int
 
 def union(datasets):
     """One TaskData holding every class of `datasets` (joint training)."""
-    from cl_serve.trainer.data import TaskData
+    from cl_serve.trainer.data import DecodedImages, TaskData
 
     names, offset, labels = [], 0, []
     for d in datasets:
         names += d.class_names
         labels.append(d.labels + offset)
         offset += len(d.class_names)
-    return TaskData(class_names=names, train_u8=torch.cat([d.train_u8 for d in datasets]),
-                    eval_u8=torch.cat([d.eval_u8 for d in datasets]), labels=torch.cat(labels))
+    return TaskData(class_names=names, train_u8=DecodedImages.concat([d.train_u8 for d in datasets]),
+                    eval_u8=DecodedImages.concat([d.eval_u8 for d in datasets]), labels=torch.cat(labels))
 
 
 @torch.no_grad()
@@ -84,7 +84,7 @@ class TestTokens:
 
     @torch.no_grad()
     def features(self, body, j: int, u8: torch.Tensor, batch: int = 256) -> torch.Tensor:
-        from cl_serve.trainer.backbone import prefix_tokens, suffix_features
+        from cl_serve.trainer.token_path import prefix_tokens, suffix_features
         from cl_serve.trainer.train import eval_batches
 
         if not self.split:

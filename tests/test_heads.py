@@ -68,8 +68,8 @@ def test_analytic_head_after_three_tasks_equals_ridge_on_all_tasks_at_once(backb
     _, _, prep = backbone
     learner = learner_for(backbone, "none", {"name": "analytic", "projection": projection})
     seen_by_search = []
-    original = learner.head.choose_ridge
-    learner.head.choose_ridge = lambda h, y: seen_by_search.append(h.clone()) or original(h, y)
+    original = learner.head._sums
+    learner.head._sums = lambda f, y, rows, n: seen_by_search.append(f.clone()) or original(f, y, rows, n)
     learn(learner, datasets, prep, 3)
     head = learner.head
     feats = [learner.feature_pass(eval_batches(d.eval_u8, prep, 64, "cpu"))[0].double() for d in datasets[:3]]
@@ -80,10 +80,53 @@ def test_analytic_head_after_three_tasks_equals_ridge_on_all_tasks_at_once(backb
     y[torch.arange(h.shape[0]), rows] = 1
     joint = torch.linalg.solve(h.T @ h + head.ridge * torch.eye(h.shape[1], dtype=torch.float64), h.T @ y).T
     assert (joint.float() - head.weight).abs().max().item() <= 1e-4
-    # lambda was chosen on each task's own training features, nothing else (never test data)
-    assert len(seen_by_search) == 3
-    for got, f in zip(seen_by_search, feats):
-        assert got.shape == head.expand(f).shape and torch.allclose(got, head.expand(f), atol=1e-6)
+    # lambda was chosen on each task's own training features (its fit and held-out parts), nothing else (never
+    # test data)
+    assert len(seen_by_search) == 6
+    for got, f in zip(seen_by_search, [f for f in feats for _ in range(2)]):
+        assert got.shape == f.shape and torch.allclose(got.double(), f, atol=1e-6)
+
+
+@pytest.mark.parametrize("projection", [0, 48])
+def test_analytic_lambda_from_sums_equals_lambda_from_rows(projection):
+    """The streaming search (the split's sums only, used from M fit images up) scores every lambda as the search on
+    the expanded rows does, and picks the same one."""
+    from cl_serve.contract.head_settings import AnalyticConfig
+    from cl_serve.trainer.heads.analytic import AnalyticHead
+
+    gen = torch.Generator().manual_seed(3)
+    head = AnalyticHead(AnalyticConfig(projection=projection), 24)
+    f = torch.randn(400, 24, generator=gen)
+    y = torch.randint(0, 6, (400,), generator=gen)
+    f = f + 2 * torch.nn.functional.one_hot(y, 24).float()  # classes a ridge can separate
+    fit, held = head._split(400, 1)
+    small = head._losses_small(f, y, fit, held, 6)
+    sums = head._losses_from_sums(*head._sums(f, y, fit, 6), *head._sums(f, y, held, 6), len(held), head._lambdas())
+    assert [lam for lam, _ in small] == [lam for lam, _ in sums]
+    for (lam, a), (_, b) in zip(small, sums):
+        assert abs(a - b) <= 1e-6 + 1e-3 * abs(a), (lam, a, b)
+    assert min(small, key=lambda r: r[1])[0] == min(sums, key=lambda r: r[1])[0]
+
+
+def test_analytic_head_fits_thousands_of_classes_without_a_dense_target_matrix(monkeypatch):
+    """3,000 classes of 2 images: the fit never builds an images x classes matrix (one_hot is not called on the
+    streaming path) and the head classifies its own training features."""
+    import torch.nn.functional as F
+
+    from cl_serve.contract.head_settings import AnalyticConfig
+    from cl_serve.trainer.heads import analytic
+
+    classes, dim = 3000, 64
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(classes, dim, generator=gen)
+    y = torch.arange(classes).repeat_interleave(2)
+    f = centres[y] + 0.05 * torch.randn(len(y), dim, generator=gen)
+    monkeypatch.setattr(analytic.F, "one_hot", lambda *a, **k: (_ for _ in ()).throw(AssertionError("dense one-hot")))
+    head = analytic.AnalyticHead(AnalyticConfig(projection=32), dim)
+    head.end_task(f, y, torch.nn.Linear(dim, classes))
+    assert head.weight.shape == (classes, 32)
+    monkeypatch.setattr(analytic.F, "one_hot", F.one_hot)
+    assert float((head(f).argmax(1) == y).float().mean()) > 0.5
 
 
 @pytest.mark.parametrize("method", ["none", "inflora"])

@@ -169,17 +169,27 @@ def test_method_configs_are_validated():
         method_config_from_dict({"name": "magic"})
 
 
-@pytest.mark.parametrize("name", ["inflora", "sdlora"])
-def test_last_blocks_with_cached_prefix_train_and_merge_exactly(backbone, datasets, name):
+@pytest.mark.parametrize("name,budget", [("inflora", None), ("sdlora", None), ("inflora", "eval only"),
+                                         ("sdlora", "nothing")])
+def test_last_blocks_with_cached_prefix_train_and_merge_exactly(backbone, datasets, name, budget):
     """`blocks`: branches on the last block only; training runs the frozen first block once per view (token cache),
-    the head's features equal a full forward, and the merged model still equals the learner."""
+    the head's features equal a full forward, and the merged model still equals the learner. The cache stays within
+    `cache_max_gib`, the evaluation view included: with room for the evaluation view only, no training view is kept;
+    with room for nothing, every pass recomputes from pixels, with the same results."""
     from cl_serve.trainer.train import train_adapter
 
     spec, weights, prep = backbone
     learner = new_learner(backbone, name, blocks=1)
     assert learner.split == 1 and all(s.key.startswith("blocks.1.") for s in learner.sites)
-    summary, feats = train_adapter(learner, datasets[0], prep, fast_train(views=2), progress=False)
-    assert summary["cache"] == {"frozen_blocks": 1, "views": 2, "seconds": summary["cache"]["seconds"]}
+    n = len(datasets[0])
+    per_image = 4 * learner.prefix(torch.zeros(1, 3, 32, 32))[0].numel()  # fp32 tokens of one image
+    gib = {None: None, "eval only": (n * per_image * 1.5) / 2**30, "nothing": (n * per_image * 0.5) / 2**30}[budget]
+    cfg = fast_train(views=2, **({} if gib is None else {"cache_max_gib": gib}))
+    summary, feats = train_adapter(learner, datasets[0], prep, cfg, progress=False)
+    views, eval_cached = {None: (2, True), "eval only": (0, True), "nothing": (0, False)}[budget]
+    assert summary["cache"] == {"frozen_blocks": 1, "views": views, "seconds": summary["cache"]["seconds"],
+                                "eval_view_cached": eval_cached, "bytes": (eval_cached + views) * n * per_image}
+    assert summary["cache"]["bytes"] <= cfg.cache_max_gib * 2**30
     x = torch.cat(list(eval_batches(datasets[0].eval_u8, prep, 256, "cpu")))
     with torch.no_grad():
         assert (feats - learner.features(x)).abs().max().item() <= 1e-5

@@ -143,6 +143,28 @@ def _reduce_to_rgb(im: Image.Image, factor: int) -> Image.Image:
     return small if small.mode == "RGB" else small.convert("RGB")
 
 
+# EXIF orientation (tag 0x0112) -> the transpose that shows the picture upright, as cameras and phones mean it
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation an opened image declares (1, upright, when it has none or it cannot be read)."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+        return int(value) if int(value) in _ORIENTATION else 1
+    except Exception:  # a malformed EXIF block is ignored, as viewers do
+        return 1
+
+
+def upright(rgb: Image.Image, orientation: int) -> Image.Image:
+    """The decoded image turned as its EXIF orientation says (applied after decoding and reduction: a transpose of
+    the small image). Training, evaluation and serving all decode through open_bounded, so they agree."""
+    op = _ORIENTATION.get(orientation)
+    return rgb if op is None else rgb.transpose(op)
+
+
 def _decode_opened(im: Image.Image, limits: ImageLimits, min_side: int, pixel_budget: int | None) -> Image.Image:
     if im.format not in ALLOWED_FORMATS:
         raise ImageRejected(415, f"unsupported image type {im.format}")
@@ -162,6 +184,7 @@ def _decode_opened(im: Image.Image, limits: ImageLimits, min_side: int, pixel_bu
         kind = "WebP" if im.format == "WEBP" else "progressive or CMYK JPEG"
         raise ImageRejected(413, f"{kind} image of {w}x{h} = {w * h} pixels: such files are decoded whole; the limit "
                                  f"for them is {limits.max_costly_pixels} pixels")
+    orientation = exif_orientation(im)
     if im.format in ("JPEG", "MPO") and min_side > 0:
         im.draft("RGB", (min_side, min_side))  # decode at 1/2, 1/4 or 1/8 size when that still covers min_side
     dw, dh = im.size
@@ -174,9 +197,8 @@ def _decode_opened(im: Image.Image, limits: ImageLimits, min_side: int, pixel_bu
         # min_side, as Pillow's own reducing_gap does) before any mode conversion: the conversion then copies a
         # small image instead of a second full-size one (an RGBA PNG or WebP of 40 Mpx: 160 MB instead of 280 MB).
         factor = min(im.size) // (2 * min_side) if min_side > 0 else 1
-        if factor >= 2 and im.mode in _REDUCIBLE:
-            return _reduce_to_rgb(im, factor)
-        return im.convert("RGB")
+        rgb = _reduce_to_rgb(im, factor) if factor >= 2 and im.mode in _REDUCIBLE else im.convert("RGB")
+        return upright(rgb, orientation)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise ImageRejected(400, f"truncated or corrupt image: {e}") from None
     except MemoryError:

@@ -45,20 +45,42 @@ class Preprocessing(BaseModel):
                    std=tuple(std), interpolation=interpolation if interpolation in _RESAMPLE else "bicubic")
 
 
-def resize_and_crop(img: Image.Image, size: int, crop: int, interpolation: str) -> Image.Image:
-    """RGB image, shorter side resized to `size`, then the centre `crop` x `crop` square."""
+def resize_shorter(img: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """RGB image with its shorter side resized to `size` (aspect kept)."""
     if img.mode != "RGB":  # convert() always copies: a second full-size buffer for an RGB image
         img = img.convert("RGB")
     w, h = img.size
-    if min(w, h) != size:
-        if w <= h:
-            nw, nh = size, max(size, round(h * size / w))
-        else:
-            nw, nh = max(size, round(w * size / h)), size
-        img = img.resize((nw, nh), _RESAMPLE[interpolation])
+    if min(w, h) == size:
+        return img
+    if w <= h:
+        nw, nh = size, max(size, round(h * size / w))
+    else:
+        nw, nh = max(size, round(w * size / h)), size
+    return img.resize((nw, nh), _RESAMPLE[interpolation])
+
+
+def resize_and_crop(img: Image.Image, size: int, crop: int, interpolation: str) -> Image.Image:
+    """RGB image, shorter side resized to `size`, then the centre `crop` x `crop` square."""
+    img = resize_shorter(img, size, interpolation)
     w, h = img.size
     left, top = (w - crop) // 2, (h - crop) // 2
     return img.crop((left, top, left + crop, top + crop))
+
+
+def train_square(img: Image.Image, p: Preprocessing) -> Image.Image:
+    """The training view: the shorter side resized to `scale_size`, then a `scale_size` square placed so that its
+    centre `input_size` crop (at `eval_offset`) is exactly the evaluation view. The trainer keeps only this square
+    per image and cuts the evaluation view out of it."""
+    img = resize_shorter(img, p.scale_size, p.interpolation)
+    w, h = img.size
+    o = eval_offset(p)
+    left, top = (w - p.input_size) // 2 - o, (h - p.input_size) // 2 - o
+    return img.crop((left, top, left + p.scale_size, top + p.scale_size))
+
+
+def eval_offset(p: Preprocessing) -> int:
+    """Where the evaluation view starts inside the training square (`train_square`), on both axes."""
+    return (p.scale_size - p.input_size) // 2
 
 
 def to_uint8_chw(img: Image.Image) -> np.ndarray:

@@ -146,6 +146,9 @@ class TrainingRecord(TrainConfig):
     method_summary: dict[str, Any] = Field(default_factory=dict)  # per method family (cl_serve.trainer.methods)
     head_summary: dict[str, Any] = Field(default_factory=dict)  # per head strategy (cl_serve.trainer.heads)
     head_state_bytes: dict[str, Any] = Field(default_factory=dict)
+    decode_seconds: float | None = None
+    export_seconds: float | None = None
+    peak_rss_mib: float | None = None  # the add-task process's peak resident memory up to publishing
 
 
 class TaskRecord(BaseModel):

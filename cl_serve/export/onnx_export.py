@@ -22,6 +22,22 @@ OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
+@contextlib.contextmanager
+def exportable_attention(model: torch.nn.Module):
+    """Attention with a relative position bias (BEiT) computed through timm's unfused path while exporting: the
+    exporter cannot decompose fused attention with a bias at a symbolic batch size ("Cannot view a tensor with
+    shape ..."); the unfused path is the same arithmetic. Other families keep fused attention."""
+    changed = [m for m in model.modules()
+               if getattr(m, "fused_attn", False) and getattr(m, "relative_position_bias_table", None) is not None]
+    for m in changed:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.fused_attn = True
+
+
 def export_onnx(model: torch.nn.Module, path: str | Path, *, preprocessing: Preprocessing, labels: list[str],
                 metadata: dict[str, Any] | None = None, fp16: bool = False, opset: int = OPSET) -> dict[str, Any]:
     """Write `path`; returns the export info recorded in the manifest (opset, dtype, input/output names)."""
@@ -35,7 +51,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, preprocessing: Prep
     x = torch.randn(2, 3, preprocessing.input_size, preprocessing.input_size, dtype=dtype)
     batch = torch.export.Dim("batch", min=1, max=4096)
     sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), exportable_attention(model):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({0: batch},), opset_version=opset,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from cl_serve.base.errors import UserError
+from cl_serve.base.progress import progress as progress_reporter
 from cl_serve.store.object_backend import cache_root, object_identity, open_filesystem
 
 
@@ -64,8 +65,6 @@ def local_copy(path: str | Path, *, single_file: bool = False, progress: bool = 
     when `single_file`, else the folder)."""
     if not is_url(path):
         return Path(path)
-    from tqdm.auto import tqdm
-
     url = str(path).rstrip("/")
     fs, remote = open_filesystem(url, UserError)
     listing = _listing(fs, remote, url, single_file)
@@ -87,8 +86,8 @@ def local_copy(path: str | Path, *, single_file: bool = False, progress: bool = 
     partial = cache / f"partial-{os.getpid()}"
     partial.mkdir(exist_ok=True)
     try:
-        with tqdm(total=sum(int(listing[rel].get("size") or 0) for rel in stale), unit="B", unit_scale=True,
-                  desc=f"fetching {url}", disable=not progress or not stale, leave=False) as bar:
+        with progress_reporter(sum(int(listing[rel].get("size") or 0) for rel in stale), f"fetching {url}", "B",
+                               enabled=progress and bool(stale)) as bar:
             for n, rel in enumerate(stale):
                 target = tree / rel
                 if not target.resolve().is_relative_to(tree.resolve()):

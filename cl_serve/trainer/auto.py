@@ -37,7 +37,7 @@ def split_task(data: TaskData, holdout: float, seed: int) -> tuple[TaskData, Tas
 
     def take(parts: list[torch.Tensor]) -> TaskData:
         i = torch.cat(parts).sort().values
-        return TaskData(list(data.class_names), data.train_u8[i], data.eval_u8[i], data.labels[i])
+        return data.subset(i)  # views of the same decoded cache
 
     return take(fit_idx), take(held_idx)
 

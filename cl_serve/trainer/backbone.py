@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from cl_serve.contract.preprocessing import Preprocessing
 from cl_serve.contract.store_schema import BackboneSpec
 from cl_serve.trainer.errors import BackboneError
+from cl_serve.trainer.token_path import token_path
 
 def create_model(spec: BackboneSpec, num_classes: int = 0) -> torch.nn.Module:
     """A randomly initialised timm model of the spec's architecture (weights are loaded by the caller)."""
@@ -28,6 +29,7 @@ def create_model(spec: BackboneSpec, num_classes: int = 0) -> torch.nn.Module:
         raise BackboneError(f"cannot build timm model {spec.timm_model!r} with {spec.timm_kwargs}: {e}") from e
     if not hasattr(model, "blocks") or not hasattr(model, "num_features"):
         raise BackboneError(f"{spec.timm_model!r} is not a Vision Transformer with `blocks` (only ViTs are supported)")
+    token_path(model)  # a family we cannot split into embedding, blocks and head is refused here, with one line
     return model
 
 
@@ -108,21 +110,3 @@ def from_timm(name: str, pretrained: bool, kwargs: dict[str, Any] | None = None,
                                        cfg.get("interpolation", "bicubic"))
     card = {"timm_model": name, "timm_kwargs": kwargs, "source": spec.source, "seed": spec.seed}
     return spec, backbone_state(model), prep, card
-
-
-def prefix_tokens(model: torch.nn.Module, x: torch.Tensor, split: int) -> torch.Tensor:
-    """The token sequence after the first `split` transformer blocks of a timm ViT (embedding included).
-
-    The blocks before the first adapted one never change, so the trainer runs them once per image view and keeps
-    their output; `suffix_features(model, prefix_tokens(model, x, s), s)` equals the model's pre-logit features."""
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    for blk in model.blocks[:split]:
-        x = blk(x)
-    return x
-
-
-def suffix_features(model: torch.nn.Module, tokens: torch.Tensor, split: int) -> torch.Tensor:
-    """Pre-logit features from the tokens `prefix_tokens` returned: the remaining blocks, the norm and the pooling."""
-    for blk in model.blocks[split:]:
-        tokens = blk(tokens)
-    return model.forward_head(model.norm(tokens), pre_logits=True)

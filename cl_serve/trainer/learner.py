@@ -14,7 +14,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from cl_serve.trainer.backbone import BackboneSpec, load_backbone, prefix_tokens, suffix_features
+from cl_serve.trainer.backbone import BackboneSpec, load_backbone
+from cl_serve.trainer.token_path import prefix_tokens, suffix_features
 from cl_serve.trainer import learner_format
 from cl_serve.trainer.heads import build_head, head_config_from_dict
 from cl_serve.trainer.methods import build_method, method_config_from_dict

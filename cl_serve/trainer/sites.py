@@ -33,6 +33,28 @@ class Site:
         return next(e - s for t, s, e in self.rows if t == target)
 
 
+def _linear(block: nn.Module, path: str) -> nn.Linear:
+    lin = block.get_submodule(path)
+    return lin.base if isinstance(lin, AdaptedLinear) else lin
+
+
+def target_layers(block: nn.Module, target: str) -> list[tuple[str, int | None]]:
+    """The (linear layer path, row third or None) a target lives in within one transformer block: timm's fused
+    `attn.qkv` thirds, or EVA's separate `attn.q_proj` / `k_proj` / `v_proj`; SwiGLU's split first layer
+    (`mlp.fc1_g` and `mlp.fc1_x`) carries "fc1" twice."""
+    path, third = TARGETS[target]
+    names = {n for n, m in block.named_modules() if isinstance(m, (nn.Linear, AdaptedLinear))}
+    if path in names:
+        return [(path, third)]
+    if third is not None and f"attn.{target}_proj" in names:
+        return [(f"attn.{target}_proj", None)]
+    split = [(f"{path}_{part}", None) for part in ("g", "x") if f"{path}_{part}" in names]
+    if split:
+        return split
+    raise ValueError(f"adapter target {target!r}: this backbone's blocks have no {path} layer "
+                     f"(linear layers: {', '.join(sorted(names))})")
+
+
 def find_sites(model: nn.Module, targets: list[str], last_blocks: int | None = None) -> list[Site]:
     """The sites of every transformer block (or of the last `last_blocks` only) for the requested targets, in block
     order."""
@@ -49,15 +71,13 @@ def find_sites(model: nn.Module, targets: list[str], last_blocks: int | None = N
             continue
         by_layer: dict[str, list[tuple[str, int, int]]] = {}
         for t in targets:
-            path, third = TARGETS[t]
-            lin = block.get_submodule(path)
-            lin = lin.base if isinstance(lin, AdaptedLinear) else lin
-            n = lin.out_features
-            s, e = (0, n) if third is None else (third * n // 3, (third + 1) * n // 3)
-            by_layer.setdefault(path, []).append((t, s, e))
+            for path, third in target_layers(block, t):
+                lin = _linear(block, path)
+                n = lin.out_features
+                s, e = (0, n) if third is None else (third * n // 3, (third + 1) * n // 3)
+                by_layer.setdefault(path, []).append((t, s, e))
         for path, rows in by_layer.items():
-            lin = block.get_submodule(path)
-            lin = lin.base if isinstance(lin, AdaptedLinear) else lin
+            lin = _linear(block, path)
             sites.append(Site(key=f"blocks.{b}.{path}", block=b, d_in=lin.in_features, rows=tuple(sorted(rows, key=lambda r: r[1]))))
     return sites
 
@@ -175,5 +195,9 @@ def wrap_sites(model: nn.Module, sites: list[Site], make) -> dict[str, AdaptedLi
             lin = lin.base
         w = make(lin, site)
         setattr(parent, name, w)
+        if hasattr(parent, "qkv_bias_separate"):
+            # EVA and BEiT add their q/v biases with F.linear(x, qkv.weight, bias), which would bypass the adapted
+            # layer; their own switch computes the same sum as qkv(x) + bias, through the layer
+            parent.qkv_bias_separate = True
         wrappers[site.key] = w
     return wrappers

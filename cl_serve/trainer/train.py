@@ -10,8 +10,8 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from cl_serve.base.progress import progress as progress_reporter
 from cl_serve.contract.preprocessing import Preprocessing
 from cl_serve.contract.train_settings import TrainConfig
 from cl_serve.trainer.collective import Local
@@ -34,8 +34,9 @@ def normalize(x01: torch.Tensor, p: Preprocessing) -> torch.Tensor:
     return (x01 - mean) / std
 
 
-def eval_batches(images_u8: torch.Tensor, p: Preprocessing, batch_size: int, device) -> Iterator[torch.Tensor]:
-    """Normalised evaluation views, batch by batch, on `device` (same arithmetic as cl_serve.contract.preprocessing)."""
+def eval_batches(images_u8, p: Preprocessing, batch_size: int, device) -> Iterator[torch.Tensor]:
+    """Normalised evaluation views (a uint8 tensor or DecodedImages, read a batch at a time), batch by batch, on
+    `device` (same arithmetic as cl_serve.contract.preprocessing)."""
     for i in range(0, len(images_u8), batch_size):
         yield normalize(images_u8[i:i + batch_size].to(device).float() / 255.0, p)
 
@@ -58,7 +59,7 @@ def augment(images_u8: torch.Tensor, size: int, min_scale: float, gen: torch.Gen
 
 
 @torch.no_grad()
-def predict(model, images_u8: torch.Tensor, p: Preprocessing, batch_size: int, device) -> torch.Tensor:
+def predict(model, images_u8, p: Preprocessing, batch_size: int, device) -> torch.Tensor:
     """Arg-max class index of every image (model: learner or plain merged model)."""
     return torch.cat([model(x).argmax(1).cpu() for x in eval_batches(images_u8, p, batch_size, device)])
 
@@ -76,43 +77,53 @@ def make_optimizer(params, cfg: TrainConfig, total_steps: int):
 
 
 class TokenCache:
-    """Outputs of the frozen leading blocks (`Learner.split`) for the task's images, computed once per view.
+    """Outputs of the frozen leading blocks (`Learner.split`) for the task's images, computed once per view, within
+    `cfg.cache_max_gib` all told.
 
-    `eval` holds the evaluation view in fp32 (moments and head features from it equal a full forward's);
-    `train` holds `views` augmented views per image (random resized crop + flip, drawn once) in the training
-    precision: each step draws one of them per image, so augmentation survives the cache."""
+    `eval` holds the evaluation view in fp32 (moments and head features from it equal a full forward's) when it
+    fits the budget, else None (those passes then run from pixels); `train` holds as many augmented views per
+    image (random resized crop + flip, drawn once; up to `cfg.views`) as fit in what is left, in the training
+    precision: each step draws one of them per image, so augmentation survives the cache. With no view cached,
+    training runs the whole backbone from the decoded pixels."""
 
-    def __init__(self, learner: Learner, data: TaskData, eval_u8: torch.Tensor, p: Preprocessing, cfg: TrainConfig,
+    def __init__(self, learner: Learner, data: TaskData, eval_u8, p: Preprocessing, cfg: TrainConfig,
                  gen: torch.Generator, progress: bool, desc: str):
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        n, bs, t0 = len(data), cfg.eval_batch_size, time.time()
+        n, n_eval, bs, t0 = len(data), len(eval_u8), cfg.eval_batch_size, time.time()  # eval: this worker's share
         with torch.no_grad():
             probe = learner.prefix(next(eval_batches(eval_u8[:1], p, 1, learner.device)))
-        per_view = n * probe[0].numel() * (2 if dtype == torch.bfloat16 else 4)
-        self.views = max(0, min(cfg.views, int(cfg.cache_max_gib * 2**30 // max(per_view, 1))))
-        bar = tqdm(total=len(eval_u8) + self.views * n, desc=f"{desc} caching frozen blocks", disable=not progress,
-                   unit="img", leave=False, mininterval=1.0)
-        try:
-            self.eval = self._tokens(learner, eval_batches(eval_u8, p, bs, learner.device), torch.float32, False, bar)
-            train_u8 = data.train_u8.to(learner.device)
-            self.train = torch.stack([self._tokens(
-                learner, (normalize(augment(train_u8[i:i + bs], p.input_size, cfg.min_crop_scale, gen), p)
-                          for i in range(0, n, bs)), dtype, cfg.precision == "bf16", bar)
-                for _ in range(self.views)]) if self.views else None
-        finally:
-            bar.close()
+        per_image = probe[0].numel()
+        view_bytes = n * per_image * (2 if dtype == torch.bfloat16 else 4)
+        budget = cfg.cache_max_gib * 2**30
+        eval_bytes = n_eval * per_image * 4
+        keep_eval = eval_bytes <= budget
+        left = budget - (eval_bytes if keep_eval else 0)
+        self.views = max(0, min(cfg.views, int(left // max(view_bytes, 1))))
+        self.bytes = (eval_bytes if keep_eval else 0) + self.views * view_bytes
+        train_u8 = data.train_u8
+        with progress_reporter(n_eval * int(keep_eval) + n * self.views, f"{desc} caching frozen blocks", "img",
+                               enabled=progress and (keep_eval or self.views > 0)) as bar:
+            shape = tuple(probe.shape[1:])
+            self.eval = self._fill(torch.empty((n_eval, *shape), dtype=torch.float32, device=learner.device), learner,
+                                   eval_batches(eval_u8, p, bs, learner.device), False, bar) if keep_eval else None
+            self.train = torch.empty((self.views, n, *shape), dtype=dtype, device=learner.device) if self.views else None
+            for v in range(self.views):
+                self._fill(self.train[v], learner, (normalize(augment(train_u8[i:i + bs].to(learner.device),
+                                                                      p.input_size, cfg.min_crop_scale, gen), p)
+                                                    for i in range(0, n, bs)), cfg.precision == "bf16", bar)
         self.seconds = time.time() - t0
 
     @staticmethod
     @torch.no_grad()
-    def _tokens(learner: Learner, batches, dtype, bf16: bool, bar) -> torch.Tensor:
-        """Prefix tokens of normalised input batches, stored as `dtype`."""
-        out = []
+    def _fill(out: torch.Tensor, learner: Learner, batches, bf16: bool, bar) -> torch.Tensor:
+        """Prefix tokens of normalised input batches, written in order into the preallocated `out`."""
+        i = 0
         for x in batches:
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                out.append(learner.prefix(x).to(dtype))
+                out[i:i + len(x)] = learner.prefix(x).to(out.dtype)
+            i += len(x)
             bar.update(len(x))
-        return torch.cat(out)
+        return out
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Tokens of images `idx`, each from one of its cached views drawn at random."""
@@ -127,7 +138,7 @@ def _optimise(logits_of, trainable: list[torch.Tensor], labels: torch.Tensor, cf
     n, device = len(labels), labels.device
     total = cfg.epochs * math.ceil(n / cfg.batch_size)
     opt, sched = make_optimizer(trainable, cfg, total)
-    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", leave=False, mininterval=1.0)
+    bar = progress_reporter(total, desc, "step", enabled=progress)
     loss_sum, correct, seen = 0.0, 0, 0
     t0 = time.time()
     try:
@@ -167,22 +178,26 @@ class _TaskPasses:
                  cache_gen: torch.Generator | None, progress: bool, desc: str):
         self.learner, self.p, self.cfg, self.coll, self.n = learner, p, cfg, coll, len(data)
         self.mine = coll.shard(len(data))
-        self.eval_u8 = data.eval_u8[self.mine].to(learner.device)
+        self.eval_u8 = data.eval_u8.subset(self.mine) if coll.world > 1 else data.eval_u8
         self.cache = TokenCache(learner, data, self.eval_u8, p, cfg, cache_gen, progress, desc) \
             if cache_gen is not None else None
         self.last: torch.Tensor | None = None
 
+    @property
+    def _cached(self) -> bool:
+        return self.cache is not None and self.cache.eval is not None
+
     def _views(self):
-        if self.cache is not None:
+        if self._cached:
             return iter(self.cache.eval.split(self.cfg.eval_batch_size))
         return eval_batches(self.eval_u8, self.p, self.cfg.eval_batch_size, self.learner.device)
 
     def features(self) -> torch.Tensor:
-        feats = self.learner.feature_pass(self._views(), tokens=self.cache is not None)[0]
+        feats = self.learner.feature_pass(self._views(), tokens=self._cached)[0]
         return self.coll.gather_rows(feats, self.n)
 
     def moments(self) -> dict[str, torch.Tensor]:
-        feats, cs = self.learner.feature_pass(self._views(), moments=True, tokens=self.cache is not None)
+        feats, cs = self.learner.feature_pass(self._views(), moments=True, tokens=self._cached)
         self.last = self.coll.gather_rows(feats, self.n)
         return self.coll.mean_moments(cs, len(self.mine))
 
@@ -218,7 +233,7 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
     if frozen:
         passes.last = passes.features()
         cached = passes.last.to(learner.device)
-    train_u8 = data.train_u8.to(learner.device)
+    train_u8 = data.train_u8  # read a batch at a time from the decoded cache
     learner.eval()  # frozen backbone: no dropout / drop-path while adapting
 
     def logits_of(idx: torch.Tensor) -> torch.Tensor:  # a task trains only its own logits
@@ -226,8 +241,8 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
             return block(cached[idx]).float()
         if cache is not None and cache.views > 0:
             return block(learner.suffix(cache.batch(idx, aug_gen))).float()
-        return learner.block_logits(normalize(augment(train_u8[idx], p.input_size, cfg.min_crop_scale, aug_gen),
-                                              p)).float()
+        return learner.block_logits(normalize(augment(train_u8[idx].to(learner.device), p.input_size,
+                                                      cfg.min_crop_scale, aug_gen), p)).float()
 
     final_loss, train_accuracy, t_train = _optimise(logits_of, method_params + list(block.parameters()),
                                                     data.labels.to(learner.device), cfg, coll, gen, progress,
@@ -241,7 +256,8 @@ def train_adapter(learner: Learner, data: TaskData, p: Preprocessing, cfg: Train
            "method": summary, "adapted": adapting, "train_steps_seconds": t_train, "drift": drift,
            "train_images_per_second": cfg.epochs * len(data) / max(time.time() - t0, 1e-9)}
     if cache is not None:
-        out["cache"] = {"frozen_blocks": learner.split, "views": cache.views, "seconds": cache.seconds}
+        out["cache"] = {"frozen_blocks": learner.split, "views": cache.views, "seconds": cache.seconds,
+                        "eval_view_cached": cache.eval is not None, "bytes": cache.bytes}
     return out, features
 
 

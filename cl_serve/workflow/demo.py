@@ -33,8 +33,7 @@ def pretrain_backbone(out_dir: Path, steps: int, seed: int = 0) -> Path:
     import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
+    from cl_serve.base.progress import progress
     from cl_serve.trainer.backbone import BackboneSpec, create_model
     from cl_serve.trainer.synthetic import class_names, render
     from cl_serve.trainer.train import augment
@@ -55,7 +54,9 @@ def pretrain_backbone(out_dir: Path, steps: int, seed: int = 0) -> Path:
     gen = torch.Generator().manual_seed(seed)
     t0, bs = time.time(), 128
     model.train()
-    for step in tqdm(range(steps), desc="[demo] pretraining backbone", unit="step", mininterval=2.0):
+    bar = progress(steps, "[demo] pretraining backbone", "step")
+    for step in range(steps):
+        bar.update(1)
         lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -65,6 +66,7 @@ def pretrain_backbone(out_dir: Path, steps: int, seed: int = 0) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    bar.close()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(ckpt), metadata={"timm_model": DEMO_VIT["timm_model"],
                                           "timm_kwargs": json.dumps(DEMO_VIT["timm_kwargs"])})

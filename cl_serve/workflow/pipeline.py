@@ -27,6 +27,7 @@ from cl_serve.contract.preprocessing import Preprocessing
 from cl_serve.trainer import backbone as bb
 from cl_serve.trainer.data import TaskData, check_known_classes, check_new_classes, load_task_data, scan_image_folder
 from cl_serve.trainer.learner import Learner
+from cl_serve.trainer.token_path import check_token_path
 from cl_serve.trainer.merge import build_plain_model, merged_state_dict
 from cl_serve.trainer.ray_train import LearnerFactory, train_task_on_ray
 from cl_serve.trainer.heads import head_config_from_dict
@@ -36,6 +37,13 @@ from cl_serve.contract.head_settings import HeadConfig
 from cl_serve.contract.method_settings import AutoConfig, MethodConfig, NoneConfig
 from cl_serve.trainer.train import TrainConfig, predict, resolve_device, train_task
 from cl_serve.workflow.versions import promote, rollback, set_policy, status  # noqa: F401  (the pipeline's other commands)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def parse_method(method: dict[str, Any] | MethodConfig):
@@ -68,7 +76,8 @@ def init_store(root: str | Path, *, method: dict[str, Any], head: dict[str, Any]
     else:
         spec, weights, prep, card = bb.from_timm(backbone, pretrained, timm_kwargs, seed)
     probe = Learner(spec, weights, mcfg.candidate if isinstance(mcfg, AutoConfig) else mcfg, hcfg)  # fails early
-    # if the targets do not fit this architecture
+    # if the targets do not fit this architecture, and if the frozen-prefix cache cannot resume this family's forward
+    check_token_path(probe.backbone, prep.input_size)
     del probe
     with store.lock():
         store.backbone_dir.mkdir(parents=True, exist_ok=True)
@@ -154,8 +163,9 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         device = resolve_device(train.device)  # an unavailable device is an error before any decoding
         log(f"decoding {sum(len(v) for v in found.values())} images of {len(found)} new classes from {data_dir}")
         t_decode = time.time()
-        data = load_task_data(found, cfg.preprocessing, strict=strict)
+        data = load_task_data(found, cfg.preprocessing, strict=strict, progress=progress, desc="decoding task images")
         decode_seconds = time.time() - t_decode
+        summary_extra = {"decode_seconds": decode_seconds}
         for line in data.corrupt:
             log(f"skipped corrupt image {line}")
         factory, choice = _choose(store, cfg, parent, data, train, progress, log)
@@ -168,7 +178,8 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         metrics, gate = _evaluate_and_gate(store, cfg.preprocessing, model, learner, parent_manifest, tasks,
                                            test_found, summary, train, log)
         published, onnx_info = _publish(store, cfg, learner, merged, model, parent, task_index, tasks, metrics, gate,
-                                      choice, summary, train, device, len(data.corrupt), workers, export)
+                                        choice, {**summary, **summary_extra}, train, device, len(data.corrupt),
+                                        workers, export)
     return AddTaskResult(
         version=published.number, parent=parent, task=task_index, classes_added=data.class_names,
         total_classes=len(learner.labels), seconds=time.time() - t0, train_seconds=summary["seconds"],
@@ -281,10 +292,11 @@ def _publish(store: Store, cfg: StoreConfig, learner: Learner, merged: dict[str,
                             "timm_kwargs": json.dumps(cfg.backbone.timm_kwargs),
                             "labels": json.dumps(labels),
                             "head": "linear" if "head.weight" in merged else "random-projection"})
-        onnx_info = None
+        onnx_info, t_export = None, time.time()
         if export:
             onnx_info = OnnxInfo(**_export(model, writer.file("model.onnx"), cfg.preprocessing, labels,
                                            writer.version, learner.method_config.name), file="model.onnx")
+        export_seconds = time.time() - t_export if export else None
         manifest = Manifest(
             version=writer.version, parent=parent, task_index=task_index, labels=labels, tasks=tasks,
             preprocessing=cfg.preprocessing, backbone=cfg.backbone, metrics=metrics, onnx=onnx_info, gate=gate,
@@ -293,7 +305,9 @@ def _publish(store: Store, cfg: StoreConfig, learner: Learner, merged: dict[str,
             training={**train.model_dump(), "device": str(device),
                       "seconds": summary["seconds"], "workers": workers, "train_images": summary["train_images"],
                       "corrupt_skipped": corrupt, "method_summary": summary["method"],
-                      "head_summary": summary["head"], "head_state_bytes": learner.head.state_bytes()})
+                      "head_summary": summary["head"], "head_state_bytes": learner.head.state_bytes(),
+                      "decode_seconds": summary.get("decode_seconds"), "export_seconds": export_seconds,
+                      "peak_rss_mib": peak_rss_mib()})
         return store.publish(writer, manifest, make_current=gate is None or gate.passed), onnx_info
     except BaseException:
         writer.discard()
@@ -317,7 +331,7 @@ def run_gate(store: Store, policy, model, parent_manifest: Manifest | None, labe
         old = len(parent_manifest.labels)
         keep = data.labels < old
         if keep.any():
-            sub = TaskData(class_names=labels[:old], train_u8=data.train_u8, eval_u8=data.eval_u8[keep],
+            sub = TaskData(class_names=labels[:old], train_u8=data.train_u8, eval_u8=data.eval_u8.subset(keep),
                            labels=data.labels[keep])
             parent_model = load_merged_model(store, parent_manifest.version)
             report = accuracy_report(parent_model, sub, parent_manifest.labels, parent_manifest.tasks, prep, batch_size)

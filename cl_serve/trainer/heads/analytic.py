@@ -16,6 +16,11 @@ N(mu_c, S / N) per class pushed through the projection and weighted to n_c. The 
 With `drift = "ignore"` (the default: transport did not close the gap in our measurements, see docs/design.md) the
 old sums stay as they were computed (exact on a frozen backbone, stale otherwise).
 
+Fitting streams: G and Q are sums over STREAM_ROWS expanded rows at a time (Q by index_add, never a dense one-hot
+matrix), and lambda is chosen from the split's own sums (an eigendecomposition of the fit part's G), so a task's
+fit takes O(M^2 + M C) memory and O(N M^2 + M^3 + M^2 C) time, whatever its number of images N; below M fit
+images the expanded rows themselves are used (thin SVD, cheaper there). Both give the same lambda.
+
 State: W_rand (4 d M bytes) and G (8 M^2 bytes) are fixed-size; each class adds one column of Q (8 M bytes) and one
 row of W (4 M bytes); with transport, also S (8 d^2 bytes, fixed) and each class's mean and count (8 d + 8 bytes).
 """
@@ -29,6 +34,8 @@ from torch import nn
 
 from cl_serve.trainer.heads.base import Head, linear
 from cl_serve.trainer.heads.drift import DriftMap
+
+STREAM_ROWS = 4096  # expanded rows (h) made at a time: 8 * STREAM_ROWS * M bytes
 
 
 class AnalyticHead(Head):
@@ -56,40 +63,84 @@ class AnalyticHead(Head):
             return features
         return F.relu(features @ self.w_rand.to(features.dtype))
 
-    def choose_ridge(self, h: torch.Tensor, y: torch.Tensor) -> float:
-        """RanPAC's lambda search on the current task's data: fit on 80 %, lowest MSE on the held-out 20 %."""
+    def _split(self, n: int, task_number: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RanPAC's seeded split of the current (1-based `task_number`) task's images: (fit, held-out) indices."""
         cfg = self.config
-        gen = torch.Generator().manual_seed(cfg.seed * 104_729 + len(self.task_sizes))
-        order = torch.randperm(h.shape[0], generator=gen)
-        h, y = h[order], y[order]
-        n_fit = int(h.shape[0] * (1 - cfg.val_fraction))
-        if n_fit < 1 or n_fit >= h.shape[0]:
+        gen = torch.Generator().manual_seed(cfg.seed * 104_729 + task_number)
+        order = torch.randperm(n, generator=gen)
+        n_fit = int(n * (1 - cfg.val_fraction))
+        if n_fit < 1 or n_fit >= n:
             raise ValueError("the analytic head needs at least 2 training images to choose its ridge parameter")
-        # With h_fit = U S V^T (thin SVD): (h_fit^T h_fit + lam I)^-1 = V diag(1 / (s^2 + lam)) V^T + (I - V V^T) / lam,
-        # so every lam costs two small products instead of an M x M solve.
-        _, sv, vt = torch.linalg.svd(h[:n_fit], full_matrices=False)
-        q = h[:n_fit].T @ y[:n_fit]
-        hv = h[n_fit:]
+        return order[:n_fit], order[n_fit:]
+
+    def _sums(self, features: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, n_new: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sum h h^T and sum h y^T over `rows`, STREAM_ROWS expanded rows at a time (y one-hot: an index_add, never
+        a dense (images x classes) matrix)."""
+        G = torch.zeros(self.width, self.width, dtype=torch.float64)
+        Q = torch.zeros(self.width, n_new, dtype=torch.float64)
+        for i in range(0, len(rows), STREAM_ROWS):
+            r = rows[i:i + STREAM_ROWS]
+            h = self.expand(features[r].detach().cpu().double())
+            G.addmm_(h.T, h)
+            Q.index_add_(1, labels[r].cpu(), h.T)
+        return G, Q
+
+    def _losses_small(self, features, labels, fit, held, n_new) -> list[tuple[float, float]]:
+        """(lambda, held-out MSE) from the expanded rows themselves (thin SVD), when the task has fewer images than
+        the head's width: every lambda costs two small products instead of an M x M solve."""
+        h, y = self.expand(features.detach().cpu().double()), F.one_hot(labels.cpu(), n_new).double()
+        hf, yf, hv, yv = h[fit], y[fit], h[held], y[held]
+        # With h_fit = U S V^T: (h_fit^T h_fit + lam I)^-1 = V diag(1 / (s^2 + lam)) V^T + (I - V V^T) / lam
+        _, sv, vt = torch.linalg.svd(hf, full_matrices=False)
+        q = hf.T @ yf
         a, vq, hq = hv @ vt.T, vt @ q, hv @ q
-        best, best_loss = None, float("inf")
-        for e in range(cfg.ridge_min_exp, cfg.ridge_max_exp + 1):
-            lam = 10.0 ** e
+        out = []
+        for lam in self._lambdas():
             pred = a @ (vq / (sv ** 2 + lam).unsqueeze(1)) + (hq - a @ vq) / lam
-            loss = float(((pred - y[n_fit:]) ** 2).mean())
-            if loss < best_loss:
-                best, best_loss = lam, loss
-        return best
+            out.append((lam, float(((pred - yv) ** 2).mean())))
+        return out
+
+    @staticmethod
+    def _losses_from_sums(G_fit, Q_fit, G_val, Q_val, n_val: int, lambdas: list[float]) -> list[tuple[float, float]]:
+        """(lambda, held-out MSE) from the split's sums alone, O(M^2 C) whatever the number of images.
+
+        With G_fit = V diag(s) V^T, B = V^T Q_fit, E = V^T Q_val, K = V^T G_val V and d = 1 / (s + lambda), the
+        held-out predictions P = h_val V diag(d) B give ||P||^2 = d^T ((B B^T) * K) d and <P, Y> = sum d (B * E);
+        the MSE is (||P||^2 - 2 <P, Y> + n_val) / (n_val C) for one-hot Y."""
+        s, V = torch.linalg.eigh(G_fit)
+        s = s.clamp_min(0)
+        B, E = V.T @ Q_fit, V.T @ Q_val
+        W = (B @ B.T) * (V.T @ G_val @ V)
+        cross = (B * E).sum(1)
+        out = []
+        for lam in lambdas:
+            d = 1.0 / (s + lam)
+            sq = float(d @ W @ d)
+            out.append((lam, (sq - 2 * float(d @ cross) + n_val) / (n_val * Q_fit.shape[1])))
+        return out
+
+    def _lambdas(self) -> list[float]:
+        return [10.0 ** e for e in range(self.config.ridge_min_exp, self.config.ridge_max_exp + 1)]
 
     def end_task(self, features: torch.Tensor, labels: torch.Tensor, block: nn.Linear) -> dict[str, Any]:
+        """Add the task's sums to G and Q, choose lambda on the task's own held-out split, solve. Memory: the
+        features (4 N d bytes, the caller's) plus O(M^2 + M C) whatever N; the expanded rows are made
+        STREAM_ROWS at a time (below the head's width, the rows of the small task itself)."""
         n_new = self._check(features, labels, block)
-        h = self.expand(features.detach().double().cpu())
-        y = F.one_hot(labels.cpu(), n_new).double()
         if self.tracks_drift:
             self._keep_class_stats(features.detach().double().cpu(), labels.cpu(), n_new)
-        self.G = self.G + h.T @ h
-        self.Q = torch.cat([self.Q, h.T @ y], dim=1)
+        fit, held = self._split(len(labels), len(self.task_sizes) + 1)
+        G_fit, Q_fit = self._sums(features, labels, fit, n_new)
+        G_val, Q_val = self._sums(features, labels, held, n_new)
+        self.G = self.G + G_fit + G_val
+        self.Q = torch.cat([self.Q, Q_fit + Q_val], dim=1)
         self.task_sizes.append(n_new)
-        self.ridge = self.choose_ridge(h, y)
+        if len(fit) < self.width:
+            losses = self._losses_small(features, labels, fit, held, n_new)
+        else:
+            losses = self._losses_from_sums(G_fit, Q_fit, G_val, Q_val, len(held), self._lambdas())
+        self.ridge = min(losses, key=lambda r: r[1])[0]
         self.solve(self.ridge)
         return {"ridge": self.ridge}
 
