@@ -28,9 +28,8 @@ deploy-check: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cl-serve demo
 
-lock: $(STAMP)  # re-pin every dependency to what the venv resolved (after editing pyproject.toml)
-	{ sed -n '1,3p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' \
-	  | grep -iv '^cl-serve' | sort -f; } > requirements.lock.new && mv requirements.lock.new requirements.lock
+lock: $(STAMP)  # re-pin every dependency to what the venv resolved, keeping the serving image's pins (tools/lock.py)
+	$(BIN)/python tools/lock.py $(BIN)/python
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

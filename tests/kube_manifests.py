@@ -236,3 +236,46 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+# --- What the KubeRay operator does with GCS fault tolerance, written from its code --------------------------------
+# controllers/ray/utils/validation.go (ValidateRayClusterSpec) refuses these; common/pod.go (configureGCSFaultTolerance,
+# configureRedisFT) then sets them itself on the head pod from `gcsFaultToleranceOptions`.
+FT_ANNOTATION, FT_NAMESPACE_ANNOTATION = "ray.io/ft-enabled", "ray.io/external-storage-namespace"
+
+
+def kuberay_gcs_ft_errors(cluster: dict, annotations: dict) -> list[str]:
+    """The operator's refusals of a RayCluster spec (a RayService's rayClusterConfig) about GCS fault tolerance."""
+    errors = []
+    options = cluster.get("gcsFaultToleranceOptions")
+    head = cluster["headGroupSpec"]
+    env = {e["name"] for e in head["template"]["spec"]["containers"][0].get("env", [])}
+    params = head.get("rayStartParams", {})
+    if annotations.get(FT_ANNOTATION) and options is not None:
+        errors.append("ray.io/ft-enabled annotation and gcsFaultToleranceOptions are both set")
+    enabled = options is not None or annotations.get(FT_ANNOTATION, "").lower() == "true"
+    if not enabled and "RAY_REDIS_ADDRESS" in env:
+        errors.append("RAY_REDIS_ADDRESS implicitly enables GCS FT without gcsFaultToleranceOptions")
+    if options is not None:
+        if params.get("redis-password"):
+            errors.append("redis-password in rayStartParams with gcsFaultToleranceOptions")
+        if "REDIS_PASSWORD" in env:
+            errors.append("REDIS_PASSWORD env in the head with gcsFaultToleranceOptions")
+        if "RAY_REDIS_ADDRESS" in env:
+            errors.append("RAY_REDIS_ADDRESS env in the head with gcsFaultToleranceOptions")
+        if annotations.get(FT_NAMESPACE_ANNOTATION):
+            errors.append("ray.io/external-storage-namespace annotation with gcsFaultToleranceOptions")
+    if params.get("redis-username") or "REDIS_USERNAME" in env:
+        errors.append("redis username outside gcsFaultToleranceOptions")
+    return errors
+
+
+def kuberay_head_redis_settings(cluster: dict) -> dict:
+    """What configureRedisFT gives the head container: env name -> value or valueFrom, and the rayStartParams."""
+    options = cluster["gcsFaultToleranceOptions"]
+    env = {"RAY_REDIS_ADDRESS": options["redisAddress"]}
+    params = {}
+    if "redisPassword" in options:
+        params["redis-password"] = "$REDIS_PASSWORD"
+        env["REDIS_PASSWORD"] = options["redisPassword"].get("value") or options["redisPassword"]["valueFrom"]
+    return {"env": env, "rayStartParams": params}

@@ -27,10 +27,19 @@ def rendered() -> dict[str, list[dict]]:
     return {p.name: render(p) for p in OVERLAYS}
 
 
-def _one(objects: list[dict], kind: str) -> dict:
-    found = [o for o in objects if o["kind"] == kind]
-    assert len(found) == 1, (kind, [o["kind"] for o in objects])
+def _one(objects: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, (kind, name, [o["kind"] for o in objects])
     return found[0]
+
+
+def _pod_templates(obj: dict) -> list[tuple[str, dict]]:
+    """(where, pod template) of every workload object: a Job's or StatefulSet's template, each Ray group's."""
+    if obj["kind"] in ("Job", "StatefulSet"):
+        return [(obj["metadata"]["name"], obj["spec"]["template"])]
+    if obj["kind"] in ("RayService", "RayJob"):
+        return [(f"{obj['metadata']['name']}/{g.get('groupName', 'head')}", g["template"]) for g in _groups(obj)]
+    return []
 
 
 def _groups(obj: dict) -> list[dict]:
@@ -53,7 +62,9 @@ def test_the_four_overlays_exist():
 def test_every_rendered_object_validates_offline(rendered, overlay, version):
     kinds = sorted(o["kind"] for o in rendered[overlay])
     volume = ["PersistentVolumeClaim"] if overlay.endswith("volume") else []
-    assert kinds == sorted(["ConfigMap", "Job", "NetworkPolicy", "RayJob", "RayService", *volume])
+    assert kinds == sorted(["ConfigMap", "Job", "NetworkPolicy", "RayJob", "RayService", *volume,
+                            *["ServiceAccount"] * 5, "PodDisruptionBudget",  # one per workload, and Redis's
+                            "Service", "StatefulSet", "NetworkPolicy"])  # GCS fault tolerance: Redis
     for obj in rendered[overlay]:
         validate_object(obj, version)
 
@@ -175,7 +186,7 @@ def test_a_broken_serve_config_or_job_is_refused(rendered):
     validate_kuberay(job, KUBERAY_VERSIONS[0])  # the CRD has no enum for it: the API server admits the typo ...
     with pytest.raises(ValueError, match="submissionMode 'HttpMode'"):  # ... and the operator refuses it later
         validate_object(job, K8S_VERSIONS[0])
-    policy = copy.deepcopy(_one(rendered["cpu-volume"], "NetworkPolicy"))
+    policy = copy.deepcopy(_one(rendered["cpu-volume"], "NetworkPolicy", "cl-serve-ray-control-plane"))
     policy["spec"]["ingress"][0]["from"][0]["podSelectr"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         validate_object(policy, K8S_VERSIONS[0])
@@ -204,7 +215,7 @@ def test_every_cl_serve_command_line_parses(rendered, overlay):
 @pytest.mark.parametrize("overlay", NAMES)
 def test_every_ray_pod_is_selected_by_the_network_policy_and_only_serve_is_public(rendered, overlay):
     objects = rendered[overlay]
-    policy = _one(objects, "NetworkPolicy")
+    policy = _one(objects, "NetworkPolicy", "cl-serve-ray-control-plane")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     selector = policy["spec"]["podSelector"]["matchLabels"]
     for obj in (_one(objects, "RayService"), _one(objects, "RayJob")):
@@ -379,3 +390,93 @@ def test_the_rayjob_publishes_and_the_rayservice_config_serves_in_a_real_ray_clu
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("overlay", NAMES)
+def test_gcs_fault_tolerance_is_wired_as_the_operator_requires(rendered, overlay):
+    """The RayService's GCS writes to the Redis this overlay deploys: the operator accepts the spec (its
+    validation.go rules), the address it hands the head (RAY_REDIS_ADDRESS) names the rendered Service and port, the
+    password it hands it (REDIS_PASSWORD) is the Secret key Redis itself requires, and only the RayService's head
+    pods may reach Redis. The add-task RayJob's short-lived cluster runs without it (nothing to keep)."""
+    from tests.kube_manifests import kuberay_gcs_ft_errors, kuberay_head_redis_settings
+
+    objects = rendered[overlay]
+    svc, job = _one(objects, "RayService"), _one(objects, "RayJob")
+    cluster = svc["spec"]["rayClusterConfig"]
+    assert kuberay_gcs_ft_errors(cluster, svc["metadata"].get("annotations", {})) == []
+    assert "gcsFaultToleranceOptions" not in job["spec"]["rayClusterSpec"]
+    given = kuberay_head_redis_settings(cluster)
+    address = given["env"]["RAY_REDIS_ADDRESS"]
+    assert address.startswith("redis://")
+    host, port = address.removeprefix("redis://").split(":")
+    service = _one(objects, "Service", host)
+    assert int(port) == service["spec"]["ports"][0]["port"]
+    redis = _one(objects, "StatefulSet", "cl-serve-redis")
+    pod = redis["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    container = pod["spec"]["containers"][0]
+    assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
+    required = next(e for e in container["env"] if e["name"] == "REDIS_PASSWORD")["valueFrom"]
+    assert given["env"]["REDIS_PASSWORD"] == required  # the same Secret and key on both sides
+    assert "--requirepass" in container["args"] and "--appendonly" in container["args"]
+    assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    policy = _one(objects, "NetworkPolicy", "cl-serve-redis")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert [r["ports"] for r in policy["spec"]["ingress"]] == [[{"protocol": "TCP", "port": 6379}]]
+    for where, template in [*_pod_templates(svc), *_pod_templates(job)]:
+        labels = template["metadata"]["labels"]
+        assert (allowed.items() <= labels.items()) == (where == "cl-serve/head"), where
+
+
+def test_the_operator_model_refuses_what_kuberay_refuses(rendered):
+    """The checks above are not vacuous: each GCS FT mistake KubeRay's validation refuses is refused here too."""
+    from tests.kube_manifests import kuberay_gcs_ft_errors
+
+    good = _one(rendered["cpu-volume"], "RayService")["spec"]["rayClusterConfig"]
+    mistakes = {
+        "REDIS_PASSWORD env": lambda c: c["headGroupSpec"]["template"]["spec"]["containers"][0].setdefault(
+            "env", []).append({"name": "REDIS_PASSWORD", "value": "x"}),
+        "redis-password": lambda c: c["headGroupSpec"]["rayStartParams"].update({"redis-password": "x"}),
+        "RAY_REDIS_ADDRESS env": lambda c: c["headGroupSpec"]["template"]["spec"]["containers"][0].setdefault(
+            "env", []).append({"name": "RAY_REDIS_ADDRESS", "value": "redis://x:6379"}),
+    }
+    for name, mutate in mistakes.items():
+        cluster = copy.deepcopy(good)
+        mutate(cluster)
+        assert kuberay_gcs_ft_errors(cluster, {}), name
+    assert kuberay_gcs_ft_errors(good, {"ray.io/ft-enabled": "true"})
+    assert kuberay_gcs_ft_errors(good, {"ray.io/external-storage-namespace": "x"})
+
+
+@pytest.mark.parametrize("overlay", NAMES)
+def test_every_pod_runs_as_its_own_service_account_and_only_the_autoscaler_mounts_a_token(rendered, overlay):
+    """No pod runs as `default`; each names a ServiceAccount the overlay creates (KubeRay does not create a head
+    account the template names: common/rbac.go builds one only for the cluster's own name). Only the RayService head
+    mounts a token: KubeRay's autoscaler sidecar scales the workers through the API, with the Role the operator binds
+    to that account. Every container has requests and limits."""
+    objects = rendered[overlay]
+    accounts = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceAccount"}
+    templates = [(w, t) for o in objects for w, t in _pod_templates(o)]
+    assert len(templates) == 6  # RayService head + workers, RayJob head + workers, bootstrap Job, Redis
+    for where, template in templates:
+        spec = template["spec"]
+        name = spec.get("serviceAccountName")
+        assert name in accounts and name != "default", where
+        mounts = spec.get("automountServiceAccountToken", accounts[name].get("automountServiceAccountToken", True))
+        assert mounts == (where == "cl-serve/head"), where
+        for c in spec["containers"]:
+            assert c["resources"]["requests"] and c["resources"]["limits"], (where, c["name"])
+    assert _one(objects, "RayService")["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+
+
+@pytest.mark.parametrize("overlay", NAMES)
+def test_the_disruption_budget_covers_the_serving_workers_only(rendered, overlay):
+    objects = rendered[overlay]
+    pdb = _one(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    covered = [w for o in objects for w, t in _pod_templates(o) if selector.items() <= t["metadata"]["labels"].items()]
+    assert covered == ["cl-serve/cpu-workers"]
+    workers = _one(objects, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert workers["minReplicas"] >= 2  # with one worker, the budget could not keep a replica up through a drain

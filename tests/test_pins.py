@@ -83,3 +83,36 @@ def test_every_image_package_is_pinned_and_every_image_runs_the_tests_python():
     train = (ROOT / "deploy" / "Dockerfile.train").read_text()
     assert re.search(rf"^FROM python:{re.escape(here)}-slim\S* AS python", train, re.M)
     assert f"python{here} -m venv" in train
+
+
+def test_the_lock_pins_every_package_the_serving_image_installs():
+    """deploy/requirements-serve.txt is installed with `-c requirements.lock`: each package it names has a pin, and
+    a version it states is the locked one."""
+    from tools.lock import canonical, pins, serve_names
+
+    lock = pins((ROOT / "requirements.lock").read_text().splitlines())
+    serve = (ROOT / "deploy" / "requirements-serve.txt").read_text()
+    for name in serve_names(serve):
+        assert name in lock, f"{name}: the serving image installs it, requirements.lock does not pin it"
+    for line in serve.splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            assert lock[canonical(name.split("[")[0])].split("==")[1] == version, line
+
+
+def test_make_lock_keeps_the_serving_pins_the_venv_does_not_install():
+    """A freeze of a Linux venv has onnxruntime-gpu, not the CPU onnxruntime the serving image installs: the new
+    lock keeps the old pin of the latter, takes the freeze for the rest, and refuses a serving package nobody pins."""
+    import pytest
+
+    from tools.lock import merged_lock, pins
+
+    old = "# h1\n# h2\n# h3\nonnxruntime==1.2.3\nray==2.0\nnumpy==1.0\n"
+    frozen = ["ray==2.1", "numpy==1.1", "onnxruntime-gpu==1.2.3", "cl-serve==0.1.0", "-e git+x#egg=cl-serve"]
+    new = merged_lock(old, frozen, "ray[serve]==2.1\nonnxruntime\nnumpy\n")
+    assert new.splitlines()[:3] == ["# h1", "# h2", "# h3"]
+    assert pins(new.splitlines()) == {"onnxruntime": "onnxruntime==1.2.3", "ray": "ray==2.1", "numpy": "numpy==1.1",
+                                      "onnxruntime-gpu": "onnxruntime-gpu==1.2.3"}
+    with pytest.raises(SystemExit, match="pillow"):
+        merged_lock(old, frozen, "pillow\n")

@@ -31,6 +31,8 @@ def _add_task_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--views", type=int, default=4, help="with --blocks: augmented views per image cached for "
                    "training (each step draws one per image)")
+    p.add_argument("--cache-max-gib", type=float, default=2.0, help="with --blocks: memory for the frozen blocks' "
+                   "cached outputs, evaluation view included; what does not fit is recomputed (default 2)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--workers", type=int, default=1, help="train on N Ray Train workers (DDP-style; inside a Ray "
                    "cluster, e.g. a RayJob, its nodes; else a local Ray)")
@@ -50,7 +52,7 @@ def _train_config(a: argparse.Namespace):
     try:
         return TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, weight_decay=a.weight_decay,
                            optimizer=a.optimizer, schedule=a.schedule, precision=a.precision,
-                           seed=a.seed, device=a.device, views=a.views)
+                           seed=a.seed, device=a.device, views=a.views, cache_max_gib=a.cache_max_gib)
     except ValidationError as e:
         raise UserError(f"invalid training settings: {describe_error(e, limit=None)}") from None
 

@@ -149,6 +149,7 @@ class TrainingRecord(TrainConfig):
     decode_seconds: float | None = None
     export_seconds: float | None = None
     peak_rss_mib: float | None = None  # the add-task process's peak resident memory up to publishing
+    cache: dict[str, Any] | None = None  # the frozen-prefix cache (method `blocks`): views, bytes, seconds
 
 
 class TaskRecord(BaseModel):
