@@ -72,7 +72,7 @@ def union(datasets):
 def body_features(body, u8, prep, device, batch: int = 256) -> torch.Tensor:
     from cl_serve.trainer.train import eval_batches
 
-    return torch.cat([body(x).float().cpu() for x in eval_batches(u8, prep, batch, device)])
+    return torch.cat([body(x).float().cpu().clone() for x in eval_batches(u8, prep, batch, device)])
 
 
 class TestTokens:
@@ -92,7 +92,7 @@ class TestTokens:
         if j not in self.tokens:
             self.tokens[j] = torch.cat([prefix_tokens(body, x, self.split)
                                         for x in eval_batches(u8, self.prep, batch, self.device)])
-        return torch.cat([suffix_features(body, t, self.split).float().cpu() for t in self.tokens[j].split(batch)])
+        return torch.cat([suffix_features(body, t, self.split).float().cpu().clone() for t in self.tokens[j].split(batch)])
 
 
 def accuracies(logits_fn, feats: list[torch.Tensor], tests, offsets: list[int]) -> list[float]:
