@@ -110,6 +110,7 @@ def one_row(work: Path, jpegs: Path, model: str, method: str, images: int, class
     row.update({"decode_seconds": round(decode, 1), "decode_images_per_s": round(images / decode, 1),
                 "train_seconds": round(train, 1), "train_images_per_s": round(images * max(epochs, 1) / train, 1),
                 "export_seconds": round(export, 1) if export else None,
+                "head_seconds": tr.get("head_seconds"), "train_steps_seconds": tr.get("train_steps_seconds"),
                 "peak_rss_in_manifest_mib": tr.get("peak_rss_mib"),
                 "cache": tr.get("cache"),
                 "onnx_mib": round((store / "versions" / f"{manifest['version']:04d}" / "model.onnx").stat().st_size

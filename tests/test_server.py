@@ -385,6 +385,19 @@ def test_versions_over_http_and_classify_with_an_explicit_version(server, tasks)
     assert set(states.values()) <= set(VERSION_STATES)  # the vocabulary `cl-serve status` uses too
     row = next(v for v in body["versions"] if v["version"] == live)
     assert row["classes"] == len(s.manifest(live).labels) and row["parent"] == s.manifest(live).parent
+    numbers = [v["version"] for v in body["versions"]]
+    assert numbers == sorted(numbers, reverse=True) and body["total"] == len(numbers)  # newest first
+    first_page = c.get("/v1/versions?limit=1").json()  # one page at a time, continued by next_before
+    assert [v["version"] for v in first_page["versions"]] == numbers[:1] and first_page["next_before"] == numbers[0]
+    rest = c.get(f"/v1/versions?limit=200&before={first_page['next_before']}").json()
+    assert [v["version"] for v in rest["versions"]] == numbers[1:] and rest["next_before"] is None
+    for bad in ("limit=0", "limit=201", "limit=1e3", "before=-1"):
+        assert c.get(f"/v1/versions?{bad}").status_code == 422, bad
+    info = c.get("/v1/model?labels_limit=2&labels_offset=1").json()
+    labels = s.manifest(live).labels
+    assert info["labels"] == labels[1:3] and info["num_classes"] == len(labels) and info["labels_next_offset"] == 3
+    assert sum(t["classes"] for t in info["tasks"]) == len(labels)
+    assert c.get("/v1/model?labels_limit=0").status_code == 422
     image = base64.b64encode(_png(next(tasks[0]["test"].rglob("*.png")))).decode()
     first = min(v for v, st in states.items() if st != "broken")
     r = c.post(f"/classify?version={first}", json={"images": [image]})

@@ -147,6 +147,8 @@ class TrainingRecord(TrainConfig):
     head_summary: dict[str, Any] = Field(default_factory=dict)  # per head strategy (cl_serve.trainer.heads)
     head_state_bytes: dict[str, Any] = Field(default_factory=dict)
     decode_seconds: float | None = None
+    head_seconds: float | None = None  # the head's fit (inside `seconds`)
+    train_steps_seconds: float | None = None  # the optimiser's steps (inside `seconds`); the rest is feature passes
     export_seconds: float | None = None
     peak_rss_mib: float | None = None  # the add-task process's peak resident memory up to publishing
     cache: dict[str, Any] | None = None  # the frozen-prefix cache (method `blocks`): views, bytes, seconds

@@ -44,9 +44,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cl_serve.serving.api_models import (ClassifyJSON, ClassifyMultipart, ClassifyResponse, error_responses,
                                  openapi_body)
 from cl_serve.base.loopback import patch_replica_grpc
-from cl_serve.serving.request_parsing import BodyBudget, parse_classify_json, parse_top_k, parse_version, read_body, replay
+from cl_serve.serving.request_parsing import (BodyBudget, parse_classify_json, parse_count, parse_top_k,
+                                              parse_version, read_body, replay)
 from cl_serve.serving.model import BadInput, LoadedModel, prepare_batch, top_k_predictions
 from cl_serve.serving.watcher import ModelWatcher
+from cl_serve.serving.history import PAGE_DEFAULT, PAGE_MAX
+from cl_serve.serving.model import LABELS_DEFAULT, LABELS_MAX
 from cl_serve.serving.metrics import ServerMetrics
 from cl_serve.serving import settings as server_settings
 from cl_serve.serving.memory_return import MemoryReturn
@@ -296,12 +299,18 @@ class Classifier:
         st = self.watcher.status()
         return JSONResponse(status_code=200 if st["ready"] else 503, content=st)
 
-    @app.get("/v1/versions", responses=error_responses(401))
-    async def versions(self):
-        """Every version of the store: parent, task, classes, per-task accuracy, release-gate decision, state."""
-        rows = await asyncio.to_thread(self.watcher.list_versions)
-        live = next((r["version"] for r in rows if r["live"]), None)
-        return {"versions": rows, "live": live, "serving": self.watcher.model.version if self.watcher.model else None}
+    @app.get("/v1/versions", responses=error_responses(401, 422))
+    async def versions(self, request: Request):
+        """The store's versions, newest first, `limit` (1-200, default 50) at a time below `before`: parent, task,
+        classes, per-task accuracy, release-gate decision, state; `next_before` continues."""
+        try:
+            limit = parse_count(request.query_params.get("limit"), "limit", PAGE_DEFAULT, 1, PAGE_MAX)
+            before = request.query_params.get("before")
+            before = None if before is None else parse_count(before, "before", 0, 1, 10**9)
+        except BadInput as e:
+            return _error(e.status, e.message)
+        page = await asyncio.to_thread(self.watcher.list_versions, limit, before)
+        return {**page, "serving": self.watcher.model.version if self.watcher.model else None}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self):
@@ -311,13 +320,20 @@ class Classifier:
                                                        "style-src 'self' 'unsafe-inline'; script-src 'self' "
                                                        "'unsafe-inline'; img-src 'self' data: blob:"})
 
-    @app.get("/v1/model", responses=error_responses(401, 503))
-    async def model_info(self):
-        """Version, labels, tasks, method, metrics and ONNX providers of the served model."""
+    @app.get("/v1/model", responses=error_responses(401, 422, 503))
+    async def model_info(self, request: Request):
+        """Version, labels (`labels_limit`, default 1000, from `labels_offset`), tasks (each with its class count
+        and first labels), method, metrics and ONNX providers of the served model."""
         model = self.watcher.model
         if model is None:
             return _error(503, self.watcher.unavailable_reason() or "no model", **self.watcher.status())
-        return model.info()
+        try:
+            offset = parse_count(request.query_params.get("labels_offset"), "labels_offset", 0, 0, 10**9)
+            limit = parse_count(request.query_params.get("labels_limit"), "labels_limit", LABELS_DEFAULT, 1,
+                                LABELS_MAX)
+        except BadInput as e:
+            return _error(e.status, e.message)
+        return model.info(offset, limit)
 
 
 def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_wait_ms: float = 5.0,

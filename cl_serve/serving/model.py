@@ -19,6 +19,10 @@ from cl_serve.contract.preprocessing import Preprocessing, preprocess_image
 log = logging.getLogger("cl_serve")
 
 
+LABELS_DEFAULT, LABELS_MAX = 1000, 10_000  # labels one GET /v1/model returns by default, at most
+TASK_LABELS_SHOWN = 20
+
+
 class BadInput(Exception):
     """A request the server refuses with a 4xx status and a JSON error."""
 
@@ -67,10 +71,15 @@ class LoadedModel:
         out = self.session.run(None, {self.input_name: x.astype(self.input_dtype, copy=False)})[0]
         return out.astype(np.float32, copy=False)
 
-    def info(self) -> dict[str, Any]:
+    def info(self, labels_offset: int = 0, labels_limit: int = LABELS_DEFAULT) -> dict[str, Any]:
+        """What GET /v1/model shows: a window of the labels and, per task, its class count and first labels, so
+        the answer stays small at thousands of classes."""
         m = self.manifest
-        return {"version": self.version, "labels": self.labels, "num_classes": len(self.labels),
-                "tasks": [{"index": t["index"], "labels": t["labels"], "version": t["version"]} for t in m["tasks"]],
+        end = min(len(self.labels), labels_offset + labels_limit)
+        return {"version": self.version, "labels": self.labels[labels_offset:end], "labels_offset": labels_offset,
+                "labels_next_offset": end if end < len(self.labels) else None, "num_classes": len(self.labels),
+                "tasks": [{"index": t["index"], "version": t["version"], "classes": len(t["labels"]),
+                           "labels": t["labels"][:TASK_LABELS_SHOWN]} for t in m["tasks"]],
                 "method": m["method"], "backbone": m["backbone"], "preprocessing": self.preprocessing.model_dump(),
                 "metrics": m["metrics"], "created_at": m["created_at"], "onnx": m["onnx"],
                 "onnx_file": self.onnx_file, "providers": self.session.get_providers()}

@@ -42,6 +42,15 @@ def parse_version(value: Any) -> Optional[int]:
     return int(value)
 
 
+def parse_count(value: Any, name: str, default: int, low: int, high: int) -> int:
+    """A paging parameter (?limit=, ?offset=, ?before=): decimal digits in low..high (absent: `default`)."""
+    if value is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,9}", str(value)) or not low <= int(value) <= high:
+        raise BadInput(422, f"{name} must be an integer from {low} to {high}, got {str(value)[:20]!r}")
+    return int(value)
+
+
 def parse_top_k(value: Any) -> Optional[int]:
     """top_k from a query or form field: decimal digits in 1..MAX_TOP_K, nothing else."""
     if value is None:

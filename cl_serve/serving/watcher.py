@@ -127,8 +127,9 @@ class ModelWatcher:
     def newest_candidate(self) -> int | None:
         return self.history.newest_candidate(self.model.version if self.model is not None else None)
 
-    def list_versions(self) -> list[dict[str, Any]]:
-        return self.history.rows(self.model.version if self.model is not None else None)
+    def list_versions(self, limit: int = 50, before: int | None = None) -> dict[str, Any]:
+        """A page of the store's versions, newest first (VersionHistory.page)."""
+        return self.history.page(self.model.version if self.model is not None else None, limit, before)
 
     def unavailable_reason(self) -> str | None:
         """Why nothing is served (None when a model is): what a request or /healthz tells the operator."""

@@ -307,6 +307,8 @@ def _publish(store: Store, cfg: StoreConfig, learner: Learner, merged: dict[str,
                       "corrupt_skipped": corrupt, "method_summary": summary["method"],
                       "head_summary": summary["head"], "head_state_bytes": learner.head.state_bytes(),
                       "decode_seconds": summary.get("decode_seconds"), "export_seconds": export_seconds,
+                      "head_seconds": summary.get("head_seconds"),
+                      "train_steps_seconds": summary.get("train_steps_seconds"),
                       "peak_rss_mib": peak_rss_mib(), "cache": summary.get("cache")})
         return store.publish(writer, manifest, make_current=gate is None or gate.passed), onnx_info
     except BaseException:
