@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.scale import run_measured
+
 HERE = Path(__file__).parent
 
 
@@ -46,14 +48,6 @@ def write_thumbnails(root: Path, classes: int, per_class: int, seed: int = 0) ->
             img.save(folder / f"{i}.png")
     marker.touch()
     return root
-
-
-def run_measured(cmd: list[str], log: Path) -> tuple[int, float, float]:
-    t0 = time.time()
-    with open(log, "a") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "CL_SERVE_PROGRESS": "lines"})
-        _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.time() - t0, usage.ru_maxrss / 1024
 
 
 def serve_and_probe(store: Path, image: bytes, requests: int) -> dict:
