@@ -81,11 +81,47 @@ def serve_and_probe(store: Path, image: bytes, requests: int) -> dict:
         launch.stop()
 
 
+def task_folders(data: Path, work: Path, tasks: int) -> list[Path]:
+    """The classes split into `tasks` folders of links (one folder, the data itself, for one task)."""
+    if tasks == 1:
+        return [data]
+    classes = sorted(p.name for p in data.iterdir() if p.is_dir())
+    out = []
+    for t in range(tasks):
+        folder = work / f"tasks-{tasks}" / f"task{t:02d}"
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            for c in classes[t * len(classes) // tasks:(t + 1) * len(classes) // tasks]:
+                (folder / c).symlink_to(data / c)
+        out.append(folder)
+    return out
+
+
+def one_add_task(cli: list[str], store: Path, folder: Path, log: Path) -> dict:
+    """One measured `cl-serve add-task`: its seconds, peak RSS and the stages its manifest records."""
+    rc, seconds, peak = run_measured(cli + ["add-task", "--store", str(store), "--data", str(folder), "--epochs", "1",
+                                            "--device", "cpu"], log)
+    assert rc == 0, log.read_text()[-3000:]
+    version = max(int(p.name) for p in (store / "versions").iterdir() if p.name.isdigit())
+    vdir = store / "versions" / f"{version:04d}"
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    tr = manifest["training"]
+    return {"version": version, "classes": len(manifest["labels"]), "images": tr["train_images"],
+            "add_task_seconds": round(seconds, 1), "peak_rss_mib": round(peak, 1),
+            "decode_seconds": tr.get("decode_seconds"), "train_seconds": tr.get("seconds"),
+            "head_seconds": tr.get("head_seconds"), "head_summary": tr.get("head_summary"),
+            "train_steps_seconds": tr.get("train_steps_seconds"),
+            "feature_pass_seconds": round(tr["seconds"] - tr["head_seconds"] - tr["train_steps_seconds"], 1),
+            "export_seconds": tr.get("export_seconds"),
+            "files_mib": {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(vdir.iterdir()) if p.is_file()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--classes", type=int, default=10_000)
     ap.add_argument("--per-class", type=int, default=3)
+    ap.add_argument("--tasks", type=int, default=1, help="split the classes over this many add-tasks")
     ap.add_argument("--projection", type=int, default=2048)
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--work", type=Path, default=Path("/tmp/cl-serve-classes"))
@@ -93,32 +129,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     data = write_thumbnails(a.work / f"data-{a.classes}-{a.per_class}", a.classes, a.per_class)
-    store = a.work / f"store-{a.classes}"
+    store = a.work / f"store-{a.classes}-{a.tasks}"
     log = a.work / f"{a.name}.log"
     cli = [sys.executable, "-m", "cl_serve.cli"]
     if not (store / "store.json").exists():
         rc, _, _ = run_measured(cli + ["init", "--store", str(store), "--checkpoint", str(a.checkpoint), "--method",
                                        "none", "--head", "analytic", "--projection", str(a.projection)], log)
         assert rc == 0, log.read_text()[-2000:]
-    rc, seconds, peak = run_measured(cli + ["add-task", "--store", str(store), "--data", str(data), "--epochs", "1",
-                                            "--device", "cpu"], log)
-    assert rc == 0, log.read_text()[-3000:]
-    version = max(int(p.name) for p in (store / "versions").iterdir() if p.name.isdigit())
-    vdir = store / "versions" / f"{version:04d}"
-    manifest = json.loads((vdir / "manifest.json").read_text())
-    tr = manifest["training"]
     result = {"name": a.name, "command": "python -m benchmarks.classes " + " ".join(argv or sys.argv[1:]),
-              "classes": a.classes, "images": a.classes * a.per_class, "projection": a.projection,
-              "add_task_seconds": round(seconds, 1), "peak_rss_mib": round(peak, 1),
-              "decode_seconds": tr.get("decode_seconds"), "train_seconds": tr.get("seconds"),
-              "head_summary": tr.get("head_summary"), "head_seconds": tr.get("head_seconds"),
-              "train_steps_seconds": tr.get("train_steps_seconds"),
-              "feature_pass_seconds": round(tr["seconds"] - tr["head_seconds"] - tr["train_steps_seconds"], 1),
-              "export_seconds": tr.get("export_seconds"),
-              "files_mib": {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(vdir.iterdir()) if p.is_file()}}
+              "classes": a.classes, "images": a.classes * a.per_class, "tasks": a.tasks, "projection": a.projection,
+              "add_tasks": []}
+    a.out.mkdir(parents=True, exist_ok=True)
+    for folder in task_folders(data, a.work, a.tasks):
+        result["add_tasks"].append(one_add_task(cli, store, folder, log))
+        print(json.dumps(result["add_tasks"][-1]), flush=True)
+        (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=1))
     image = next((data / "class00000").iterdir()).read_bytes()
     result["serving"] = serve_and_probe(store, image, a.requests)
-    a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
