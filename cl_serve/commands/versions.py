@@ -79,5 +79,40 @@ def _rollback(a: argparse.Namespace) -> int:
     return 0
 
 
+def _prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="remove old versions (a dry run unless --yes): never the live or the newest one")
+    store_arg(p)
+    p.add_argument("--keep", type=int, metavar="N", help="keep the N newest versions")
+    p.add_argument("--older-than", metavar="DURATION", help="remove only versions created more than this long ago "
+                   "(e.g. 90d, 12w, 36h)")
+    p.add_argument("--yes", action="store_true", help="remove them (without it: print the plan, change nothing)")
+    p.add_argument("--allow-candidate", action="store_true", help="the canary's candidate may go too")
+    p.add_argument("--allow-rollback-target", action="store_true", help="the newest rollback target may go too")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+
+def _prune(a: argparse.Namespace) -> int:
+    from cl_serve.workflow import retention
+
+    allow = tuple(n for n, on in (("canary candidate", a.allow_candidate),
+                                   ("newest rollback target", a.allow_rollback_target)) if on)
+    r = retention.prune(a.store, keep=a.keep, older_than=a.older_than, apply=a.yes, allow=allow, wait=a.wait)
+    if a.json:
+        print_json(r)
+        return 0
+    for v, why in sorted(r["kept"].items()):
+        print(f"keep   version {v}: {why}")
+    verb = "removed" if a.yes else "would remove"
+    for v in r["remove"]:
+        print(f"{verb} version {v}")
+    if a.yes:
+        print(f"removed {len(r['removed'])} version(s), {r['bytes_freed'] / 2**20:.1f} MiB freed")
+    else:
+        print(f"dry run: nothing was removed; run again with --yes to remove {len(r['remove'])} version(s)")
+    return 0
+
+
 COMMANDS = [Command("export", _export_parser, _export), Command("policy", _policy_parser, _policy),
-            Command("promote", _promote_parser, _promote), Command("rollback", _rollback_parser, _rollback)]
+            Command("promote", _promote_parser, _promote), Command("rollback", _rollback_parser, _rollback),
+            Command("prune", _prune_parser, _prune)]

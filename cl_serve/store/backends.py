@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ from cl_serve.contract.store_schema import utc_now
 from cl_serve.base.errors import StoreError
 
 VERSION_NAME = re.compile(r"[0-9]{1,9}")
+PRUNED_PREFIX = ".pruned-"  # a version being removed: versions/.pruned-NNNN-xxxx, invisible, deleted next
 
 
 def sha256_file(path: str | Path) -> str:
@@ -104,6 +106,10 @@ class StoreBackend(Protocol):
     def clean(self, listed: dict[int, set[str]]) -> list[str]:
         """Remove what crashed writers left in the store beyond `root` (listed: each version's manifest files)."""
 
+    def remove_version(self, v: int) -> int:
+        """Make version `v` invisible to readers in one step, then delete its files; returns the bytes freed. A crash
+        between the two leaves files no reader lists, which the next writer's clean-up removes."""
+
 
 class LocalBackend:
     """The store is a local directory: writes are atomic renames, one writer holds an flock on `.lock`."""
@@ -181,3 +187,13 @@ class LocalBackend:
 
     def clean(self, listed: dict[int, set[str]]) -> list[str]:
         return []
+
+    def remove_version(self, v: int) -> int:
+        final = self.root / "versions" / vname(v)
+        size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file() and not p.is_symlink())
+        hidden = final.with_name(f"{PRUNED_PREFIX}{vname(v)}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, hidden)  # gone from versions() at once: only NNNN directories are versions
+        fsync_dir(hidden.parent)
+        fault_point("prune-after-hide")
+        shutil.rmtree(hidden)
+        return size

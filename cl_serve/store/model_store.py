@@ -28,8 +28,8 @@ from pydantic import ValidationError
 from cl_serve.contract.store_schema import (FORMAT_VERSION, Manifest, OnnxInfo, ReleasePolicy, StoreConfig,
                                             describe_error)
 from cl_serve.base.errors import StoreError
-from cl_serve.store.backends import (LocalBackend, StoreBackend, atomic_write_text, fault_point, fsync_dir,
-                                     sha256_file, vname)
+from cl_serve.store.backends import (PRUNED_PREFIX, LocalBackend, StoreBackend, atomic_write_text, fault_point,
+                                     fsync_dir, sha256_file, vname)
 
 __all__ = ["LOCK_HINTS", "Manifest", "Store", "StoreConfig", "VerifiedVersion", "VersionWriter", "atomic_write_text",
            "fault_point", "sha256_file", "vname"]
@@ -37,6 +37,7 @@ __all__ = ["LOCK_HINTS", "Manifest", "Store", "StoreConfig", "VerifiedVersion", 
 # What the user of each writing command can do when another writer holds the store's lock.
 LOCK_HINTS = {"add-task": "retry later or pass --wait", "rollback": "retry later or pass --wait",
               "promote": "retry later or pass --wait", "policy": "retry later",
+              "prune": "retry later or pass --wait",
               "export": "retry when it has finished (`cl-serve status` shows the store)"}
 CURRENT_FORMAT = re.compile(rb"[0-9]{1,9}\n?")  # CURRENT: ASCII digits, one optional newline
 
@@ -265,7 +266,7 @@ class Store:
         versions = self.versions()
         dirs = [self.root, self.backbone_dir]
         if self.versions_dir.is_dir():
-            for p in self.versions_dir.glob(".tmp-*"):
+            for p in [*self.versions_dir.glob(".tmp-*"), *self.versions_dir.glob(f"{PRUNED_PREFIX}*")]:
                 rm(p)
             dirs += [self.version_dir(v) for v in versions]
         for d in dirs:
@@ -282,6 +283,20 @@ class Store:
                 if p.name not in listed[v]:
                     rm(p)
         return removed + self.backend.clean(listed)
+
+    def remove_version(self, v: int) -> int:
+        """Delete version `v` (under the writer's lock; never the live one): invisible first, files after (see the
+        backend). Returns the bytes freed."""
+        if not self._locked:
+            raise StoreError("removing a version needs the store's writer lock")
+        if v == self.current():
+            raise StoreError(f"version {v} is live; make another version live before removing it")
+        if v not in self.versions():
+            raise StoreError(f"version {v} does not exist in {self.name}")
+        freed = self.backend.remove_version(v)
+        d = str(self.version_dir(v))
+        self._hashed = {k: h for k, h in self._hashed.items() if not str(k[0]).startswith(d)}
+        return freed
 
     def new_version(self) -> VersionWriter:
         return VersionWriter(self, max(self.backend.taken() + [0]) + 1)

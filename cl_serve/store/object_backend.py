@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -158,6 +159,19 @@ class ObjectBackend:
 
     def write_current(self, data: bytes) -> None:
         self.fs.pipe_file(self.path("CURRENT"), data)  # one PUT
+
+    def remove_version(self, v: int) -> int:
+        """manifest.json first (a version is listed by its manifest: invisible from that DELETE on), then the rest
+        of the prefix, then the local cached copy."""
+        prefix = self.path("versions", vname(v))
+        size = sum(int(o.get("size") or 0) for o in self.fs.ls(prefix, detail=True, refresh=True)
+                   if o.get("type") != "directory")
+        self.fs.rm_file(f"{prefix}/manifest.json")
+        fault_point("prune-after-hide")
+        self.fs.rm(prefix, recursive=True)
+        self.fs.invalidate_cache(prefix)
+        shutil.rmtree(self.root / "versions" / vname(v), ignore_errors=True)
+        return size
 
     @contextlib.contextmanager
     def lock(self, wait: bool = False, timeout: float | None = None,
