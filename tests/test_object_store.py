@@ -12,6 +12,7 @@ from cl_serve.workflow import pipeline
 from cl_serve.base.errors import StoreError
 from cl_serve.store.open_store import open_store
 from cl_serve.store.model_store import Store
+from cl_serve.store.object_backend import open_filesystem
 from cl_serve.serving.watcher import ModelWatcher
 from cl_serve.serving.launch import free_port
 from tests.conftest import TINY, TINY_MODEL, fast_train, run_cli
@@ -181,3 +182,23 @@ def test_init_and_add_task_read_the_backbone_and_the_task_from_the_bucket(s3, ta
     assert summary["version"] == 1 and sorted(summary["classes_added"]) == sorted(tasks[0]["classes"])
     assert summary["metrics"]["test"]["images"] == 6 * len(tasks[0]["classes"])
     assert _fresh(store, tmp_path).current() == 1 and open_store(store).config().backbone.timm_model == TINY_MODEL
+
+
+def test_prune_on_a_bucket_hides_first_and_survives_a_kill(s3_store, tasks, tmp_path):
+    """On object storage a version is listed by its manifest: prune deletes that first, the rest after. A SIGKILL in
+    between leaves a prefix no reader lists; the next prune removes it; a fresh reader sees a green store."""
+    for t in (1, 2):
+        pipeline.add_task(s3_store, tasks[t]["train"], fast_train(epochs=1), progress=False)
+    r = run_cli("prune", "--store", s3_store, "--keep", "1", "--yes", "--allow-rollback-target",
+                env={"CL_SERVE_FAULT": "prune-after-hide", "CL_SERVE_LEASE_S": "2"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    time.sleep(2.5)  # the dead writer's lease expires
+    reader = _fresh(s3_store, tmp_path)
+    assert reader.versions() == [2, 3] and reader.current() == 3  # version 1 is invisible at once
+    r = run_cli("prune", "--store", s3_store, "--keep", "1", "--yes", "--allow-rollback-target", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["removed"] == [2]
+    fs, path = open_filesystem(s3_store)
+    assert sorted(p.rstrip("/").split("/")[-1] for p in fs.ls(f"{path}/versions", refresh=True)) == ["0003"]
+    st = json.loads(run_cli("status", "--store", s3_store, "--json").stdout)
+    assert st["verified"] and [v["version"] for v in st["versions"]] == [3]
