@@ -202,3 +202,51 @@ def test_prune_on_a_bucket_hides_first_and_survives_a_kill(s3_store, tasks, tmp_
     assert sorted(p.rstrip("/").split("/")[-1] for p in fs.ls(f"{path}/versions", refresh=True)) == ["0003"]
     st = json.loads(run_cli("status", "--store", s3_store, "--json").stdout)
     assert st["verified"] and [v["version"] for v in st["versions"]] == [3]
+
+
+def _count_requests(store) -> list:
+    """Every S3 API call this reader's filesystem makes from now on (s3fs sends each through _call_s3)."""
+    calls = []
+    fs = store.backend.fs
+    original = fs._call_s3
+
+    async def counted(method, *args, **kwargs):
+        calls.append(getattr(method, "__name__", str(method)))
+        return await original(method, *args, **kwargs)
+
+    fs._call_s3 = counted
+    return calls
+
+
+def test_history_costs_the_same_requests_with_2_and_200_versions(s3_store, tmp_path):
+    """The first page of /v1/versions and `status --fast` read the versions listing, CURRENT and the history index
+    (history.json, rewritten by every writer), not a manifest per version: the same number of S3 requests for a
+    store of 2 versions and one of 200 (the others made by copying version 1's manifest, then indexed as a writer
+    does). Measured: 5 requests for the first page, 12 for `status --fast`, with 2 and with 200."""
+    from cl_serve.serving.history import VersionHistory
+    from cl_serve.store.history_index import HistoryIndex
+    from cl_serve.workflow import versions as version_commands
+
+    fs, path = open_filesystem(s3_store)
+    counts = {}
+    for total in (2, 200):
+        url = f"{s3_store}-{total}"
+        for obj in fs.find(path):
+            fs.copy(obj, obj.replace(path, f"{path}-{total}", 1))
+        for v in range(2, total + 1):  # a version is listed by its manifest; these pages read no other file
+            fs.copy(f"{path}/versions/0001/manifest.json", f"{path}-{total}/versions/{v:04d}/manifest.json")
+        writer = open_store(url, cache_dir=tmp_path / f"writer-{total}")
+        with writer.lock():
+            HistoryIndex(writer).write()
+        reader = _fresh(url, tmp_path)
+        assert reader.versions() == list(range(1, total + 1))
+        reader.backend.refresh("history.json")  # what a replica has after its first page: its cached index
+        calls = _count_requests(reader)
+        page = VersionHistory(reader, lambda v: None, 1.0).page(serving=None, limit=50)
+        first_page = len(calls)
+        st = version_commands.status(reader, fast=True)
+        counts[total] = (first_page, len(calls) - first_page)
+        assert [r["version"] for r in page["versions"]] == list(range(total, max(total - 50, 0), -1))
+        assert page["total"] == total and len(st["versions"]) == total and st["serving"] == {"version": 1}
+    assert counts[2] == counts[200], counts
+    assert counts[200][0] <= 5, counts  # CURRENT (HEAD, GET, the listing that checks it), the listing, the index

@@ -225,3 +225,33 @@ def version_state(*, live: bool, gate: GateDecision | None, error: str | None = 
     if live:
         return "live"
     return "candidate" if gate is not None and not gate.passed else "published"
+
+
+NEW_LABELS_SHOWN = 20  # a version's summary names at most this many of its task's new classes (and their count)
+
+
+def version_summary(m: Manifest) -> dict[str, Any]:
+    """One version as the history lists it (GET /v1/versions, `status --fast`, history.json): small and fixed in
+    size whatever the number of classes."""
+    test = m.metrics.test.per_task if m.metrics.test else []
+    gate = m.gate
+    return {"parent": m.parent, "task": m.task_index, "created_at": m.created_at, "classes": len(m.labels),
+            "new_classes": len(m.tasks[-1].labels) if m.tasks else 0,
+            "new_labels": m.tasks[-1].labels[:NEW_LABELS_SHOWN] if m.tasks else [],
+            "method": m.method.name, "head": m.head.name,
+            "per_task_accuracy": {str(t.task): t.accuracy for t in (gate.tasks if gate else []) if t.accuracy is not None}
+            or {str(t.task): t.accuracy for t in test},
+            "accuracy_source": "gate" if gate else ("test" if test else None),
+            "gate": None if not gate else {"passed": gate.passed, "reasons": gate.reasons},
+            "test_accuracy": m.metrics.test.accuracy if m.metrics.test else None,
+            "onnx": m.onnx_file() is not None}
+
+
+def summary_state(summary: dict[str, Any], *, live: bool, error: str | None = None) -> str:
+    """`version_state` of a version from its summary (the gate's decision as recorded there)."""
+    gate = summary.get("gate")
+    if error is not None or "error" in summary:
+        return "broken"
+    if live:
+        return "live"
+    return "candidate" if gate is not None and not gate["passed"] else "published"

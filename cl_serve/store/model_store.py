@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from cl_serve.contract.store_schema import (FORMAT_VERSION, Manifest, OnnxInfo, ReleasePolicy, StoreConfig,
                                             describe_error)
 from cl_serve.base.errors import StoreError
+from cl_serve.store.history_index import HistoryIndex
 from cl_serve.store.backends import (PRUNED_PREFIX, LocalBackend, StoreBackend, atomic_write_text, fault_point,
                                      fsync_dir, sha256_file, vname)
 
@@ -294,6 +295,7 @@ class Store:
         if v not in self.versions():
             raise StoreError(f"version {v} does not exist in {self.name}")
         freed = self.backend.remove_version(v)
+        HistoryIndex(self).write()
         d = str(self.version_dir(v))
         self._hashed = {k: h for k, h in self._hashed.items() if not str(k[0]).startswith(d)}
         return freed
@@ -322,6 +324,7 @@ class Store:
         handle = VerifiedVersion(writer.version, manifest, final)
         if make_current:
             self.set_current(handle)
+        HistoryIndex(self).write()  # after the version is visible: a crash before leaves it summarised from its manifest
         return handle
 
     def set_current(self, version: int | VerifiedVersion) -> None:

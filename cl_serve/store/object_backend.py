@@ -123,8 +123,16 @@ class ObjectBackend:
         self.fetch(rel)
 
     def versions(self) -> list[int]:
-        found = self._glob("versions", "*", "manifest.json")
-        return sorted(int(p.split("/")[-2]) for p in found if VERSION_NAME.fullmatch(p.split("/")[-2]))
+        """Versions with a manifest, from one flat listing of versions/ (a LIST request per 1,000 objects; a glob of
+        versions/*/manifest.json would list every version's prefix: a request per version)."""
+        self.fs.invalidate_cache()
+        base = self.path("versions") + "/"
+        found = []
+        for key in self.fs.find(base):
+            parts = key[len(base):].split("/") if key.startswith(base) else []
+            if len(parts) == 2 and parts[1] == "manifest.json" and VERSION_NAME.fullmatch(parts[0]):
+                found.append(int(parts[0]))
+        return sorted(found)
 
     def taken(self) -> list[int]:
         numbers = [int(p.rstrip("/").split("/")[-1]) for p in self._glob("versions", "*")

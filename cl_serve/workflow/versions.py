@@ -8,8 +8,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cl_serve.contract.store_schema import ReleasePolicy, describe_error, version_state
+from cl_serve.contract.store_schema import ReleasePolicy, describe_error, summary_state, version_summary
 from cl_serve.base.errors import StoreError, UserError
+from cl_serve.store.history_index import HistoryIndex
 from cl_serve.store.open_store import open_store
 from cl_serve.store.remote_inputs import is_url, local_copy
 
@@ -53,10 +54,20 @@ def rollback(root: str | Path, version: int, wait: bool = False) -> int:
     return version
 
 
+def _row(v: int, summary: dict[str, Any], current: int | None) -> dict[str, Any]:
+    """One version as `status` lists it, from its summary."""
+    if "error" in summary:
+        return {"version": v, "live": v == current, "state": "broken", "error": summary["error"]}
+    keep = ("parent", "task", "classes", "new_classes", "created_at", "test_accuracy", "onnx", "gate")
+    return {"version": v, "live": v == current, **{k: summary.get(k) for k in keep},
+            "state": summary_state(summary, live=v == current)}
+
+
 def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
     """What the store holds and what a server started on it would serve.
 
-    Every version is verified (sha256 of each listed file; `fast` reads the manifests only and says so). A
+    Every version is verified (sha256 of each listed file; `fast` reads the history index and the live manifest
+    only, and says so: the same few reads with 200 versions as with 2). A
     version is `ok`, or `broken` with the reason; `serving` is the version a server would load (the live one, if it
     verifies and has an ONNX file), or None with the reason and the fix; `healthy` is False when it is None while
     versions exist or when CURRENT itself is broken.
@@ -67,20 +78,24 @@ def status(root: str | Path, fast: bool = False) -> dict[str, Any]:
         current, current_error = store.current(), None
     except StoreError as e:
         current, current_error = None, str(e)
-    versions, by_version = [], {}
-    for v in store.versions():
-        row: dict[str, Any] = {"version": v, "live": v == current}
-        try:
-            m = store.manifest(v) if fast else store.verified(v).manifest
-            row.update({"parent": m.parent, "task": m.task_index, "classes": len(m.labels),
-                        "new_classes": len(m.tasks[-1].labels) if m.tasks else 0, "created_at": m.created_at,
-                        "test_accuracy": m.metrics.test.accuracy if m.metrics.test else None,
-                        "onnx": m.onnx_file() is not None, "state": version_state(live=v == current, gate=m.gate),
-                        "gate": None if m.gate is None else {"passed": m.gate.passed, "reasons": m.gate.reasons}})
-            by_version[v] = m
-        except StoreError as e:
-            row.update({"state": version_state(live=v == current, gate=None, error=str(e)), "error": str(e)})
-        versions.append(row)
+    listed = store.versions()
+    if fast:  # the history index: a few reads whatever the number of versions; only the live manifest is read
+        versions = [_row(v, s, current) for v, s in HistoryIndex(store).summaries(listed).items()]
+        by_version = {}
+        if current is not None:
+            try:
+                by_version[current] = store.manifest(current)
+            except StoreError:
+                pass
+    else:
+        versions, by_version = [], {}
+        for v in listed:
+            try:
+                m = store.verified(v).manifest
+                by_version[v] = m
+                versions.append(_row(v, version_summary(m), current))
+            except StoreError as e:
+                versions.append(_row(v, {"error": str(e)}, current))
     live = by_version.get(current)
     serving: dict[str, Any] = {"version": None}
     if current_error:
