@@ -182,22 +182,27 @@ class _TaskPasses:
         self.cache = TokenCache(learner, data, self.eval_u8, p, cfg, cache_gen, progress, desc) \
             if cache_gen is not None else None
         self.last: torch.Tensor | None = None
+        self.progress, self.desc = progress, desc
 
     @property
     def _cached(self) -> bool:
         return self.cache is not None and self.cache.eval is not None
 
-    def _views(self):
-        if self._cached:
-            return iter(self.cache.eval.split(self.cfg.eval_batch_size))
-        return eval_batches(self.eval_u8, self.p, self.cfg.eval_batch_size, self.learner.device)
+    def _views(self, what: str):
+        """The batches of one pass, reported as they go (a long pass is never silent)."""
+        batches = iter(self.cache.eval.split(self.cfg.eval_batch_size)) if self._cached else \
+            eval_batches(self.eval_u8, self.p, self.cfg.eval_batch_size, self.learner.device)
+        with progress_reporter(len(self.eval_u8), f"{self.desc} {what}", "img", enabled=self.progress) as bar:
+            for x in batches:
+                yield x
+                bar.update(len(x))
 
     def features(self) -> torch.Tensor:
-        feats = self.learner.feature_pass(self._views(), tokens=self._cached)[0]
+        feats = self.learner.feature_pass(self._views("features"), tokens=self._cached)[0]
         return self.coll.gather_rows(feats, self.n)
 
     def moments(self) -> dict[str, torch.Tensor]:
-        feats, cs = self.learner.feature_pass(self._views(), moments=True, tokens=self._cached)
+        feats, cs = self.learner.feature_pass(self._views("input moments"), moments=True, tokens=self._cached)
         self.last = self.coll.gather_rows(feats, self.n)
         return self.coll.mean_moments(cs, len(self.mine))
 
@@ -267,7 +272,9 @@ def train_task(learner: Learner, data: TaskData, p: Preprocessing, cfg: TrainCon
     With a `collective`, every worker ends with the same learner (the head sees the gathered features)."""
     out, features = train_adapter(learner, data, p, cfg, progress=progress, desc=desc, collective=collective)
     t0 = time.time()
-    out["head"] = learner.finish_head(features, data.labels)
+    with progress_reporter(len(data.labels), f"{desc or 'task'} fitting the head", "img", enabled=progress) as bar:
+        out["head"] = learner.finish_head(features, data.labels)
+        bar.update(len(data.labels))
     out["head_seconds"] = time.time() - t0
     out["seconds"] += out["head_seconds"]
     learner.task_summaries.append({k: v for k, v in out.items() if k != "classes"})
