@@ -25,9 +25,11 @@ def _serve_parser(sub) -> None:
     p.add_argument("--request-timeout", type=float, default=default("request_timeout_s"), help="seconds per request before a 503")
     p.add_argument("--canary", type=float, default=0.0, metavar="P", help="send P%% of requests (those without "
                    "?version) to the newest candidate the release gate refused; responses say canary: true")
+    p.add_argument("--model-name", default=default("model_name"), metavar="NAME",
+                   help="the model's name in the Open Inference Protocol routes (/v2/models/NAME/infer)")
     p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint on 127.0.0.1")
     p.add_argument("--auth-token", default=None, metavar="TOKEN",
-                   help="require `Authorization: Bearer TOKEN` on every route but /healthz "
+                   help="require `Authorization: Bearer TOKEN` on every route but the probes and the page "
                         "(default: $CL_SERVE_AUTH_TOKEN; unset = no token). Prefer the variable: argv is visible to ps")
 
 

@@ -9,11 +9,12 @@
     GET  /v1/versions   every version: parent, task, classes, per-task accuracy, release gate, state
     GET  /           a page to try the model (cl_serve/serving/static/index.html)
     GET  /openapi.json          the typed API (request bodies, responses, errors)
+    /v2/...          the Open Inference Protocol (cl_serve.serving.open_inference_handlers), same model and bounds
 
 Every error, of any route or status (404, 405 and 422 included), is `{"error": ..., "status": ...}`. Bodies are
 read as a stream and refused past `max_request_bytes`; images are decoded under `cl_serve.contract.image_decode`'s bounds
 and a per-request pixel budget, so no input costs more than a bounded amount of time and memory. With a bearer
-token (`--auth-token` or $CL_SERVE_AUTH_TOKEN) every route but /healthz and the page needs `Authorization: Bearer
+token (`--auth-token` or $CL_SERVE_AUTH_TOKEN) every route but the probes and the page needs `Authorization: Bearer
 <token>`. Overload protection: `max_queued_requests` per replica and `request_timeout_s` (503 + Retry-After);
 metrics through `cl_serve.serving.metrics`.
 
@@ -23,10 +24,6 @@ version, and that version is what the response reports. Never imports training c
 """
 
 import asyncio
-import base64
-import binascii
-import hmac
-import json
 import logging
 import os
 import random
@@ -35,17 +32,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cl_serve.serving.api_models import (ClassifyJSON, ClassifyMultipart, ClassifyResponse, error_responses,
                                  openapi_body)
 from cl_serve.base.loopback import patch_replica_grpc
-from cl_serve.serving.request_parsing import (BodyBudget, parse_classify_json, parse_count, parse_top_k,
-                                              parse_version, read_body, replay)
+from cl_serve.serving.http_app import ReplicaAuth, app, error
+from cl_serve.serving.open_inference_handlers import V2_INFER_ERRORS, OpenInferenceHandlers
+from cl_serve.serving.request_parsing import (BodyBudget, parse_count, read_classify_images,
+                                              parse_version, read_body)
 from cl_serve.serving.model import BadInput, LoadedModel, prepare_batch, top_k_predictions
 from cl_serve.serving.watcher import ModelWatcher
 from cl_serve.serving.history import PAGE_DEFAULT, PAGE_MAX
@@ -56,51 +53,9 @@ from cl_serve.serving.memory_return import MemoryReturn
 from cl_serve.contract.image_decode import ImageLimits
 
 log = logging.getLogger("cl_serve")
-# No /docs or /redoc: FastAPI's pages load their scripts from a CDN (broken offline, and a third party on an
-# operator's page); /openapi.json stays. No trailing-slash redirects: they echo the request's Host header.
-app = FastAPI(title="cl-serve", description="Continual image classification with zero-downtime model swaps",
-              docs_url=None, redoc_url=None, redirect_slashes=False)
-
 DEFAULTS = server_settings.defaults()  # every user_config key: cl_serve/serving/settings.py
-
-
-class ReplicaAuth:
-    """The bearer token of this replica process: set by `Classifier.__init__`, read by the middleware. A class
-    attribute of this module, so the middleware (pickled by reference into the replica) and the deployment share
-    it, without putting the secret in the process environment that child processes inherit."""
-
-    token: Optional[str] = None
-
-PUBLIC_PATHS = {"/healthz", "/"}  # answered without the bearer token: probes, and the page (it asks for the token)
 PAGE = Path(__file__).with_name("static") / "index.html"
 PINNED_VERSIONS = 2  # versions besides the live one a replica keeps loaded for ?version=N and the canary
-
-
-def _error(status: int, message: str, headers: Optional[dict] = None, **extra) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "status": status, **extra}, headers=headers)
-
-
-# One error shape for every error: the framework's own 404/405/422 too.
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException):
-    return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError):
-    return _error(422, "invalid request", detail=json.loads(json.dumps(exc.errors(), default=str)))
-
-
-@app.middleware("http")
-async def _require_token(request: Request, call_next):
-    token = ReplicaAuth.token
-    if token and request.url.path not in PUBLIC_PATHS:
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            return _error(401, "missing or wrong bearer token (send Authorization: Bearer <token>)",
-                          headers={"WWW-Authenticate": 'Bearer realm="cl-serve"'})
-    return await call_next(request)
 
 
 # max_ongoing_requests is Serve's per-replica cap on requests handed to a replica, which holds a request while its
@@ -110,7 +65,7 @@ async def _require_token(request: Request, call_next):
 # deadline and legitimate requests waited 15 s behind them.
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4096, health_check_period_s=5)
 @serve.ingress(app)
-class Classifier:
+class Classifier(OpenInferenceHandlers):
     def __init__(self, store: str, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
                  intra_op_threads: Optional[int] = None, auth_token: Optional[str] = None):
         patch_replica_grpc()  # before Serve starts this replica's gRPC server (a no-op outside `cl-serve serve`)
@@ -163,53 +118,26 @@ class Classifier:
             start += n
         return out
 
-    async def _read_images(self, request: Request, body: bytes) -> tuple[list[bytes], Optional[int]]:
-        max_images = int(self.settings["max_images"])
-        top_k = parse_top_k(request.query_params.get("top_k"))
-        if not body:
-            raise BadInput(400, "empty request body: send multipart files (field 'file') or JSON {\"images\": [...]}")
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            form = await replay(request, body).form(max_files=max_images + 1, max_fields=16)
-            try:
-                blobs = [await f.read() for f in form.getlist("file") if hasattr(f, "read")]
-                form_k = form.get("top_k")
-            finally:
-                await form.close()  # spooled parts: released now, not when the replayed request is collected
-            if not blobs:
-                raise BadInput(400, "multipart request without any 'file' field")
-            if form_k is not None:
-                top_k = parse_top_k(form_k)
-        elif ctype == "application/json":
-            payload = parse_classify_json(body, max_images)
-            if len(payload.images) > max_images:
-                raise BadInput(413, f"{len(payload.images)} images in one request; the limit is {max_images}")
-            try:
-                blobs = [base64.b64decode(s, validate=True) for s in payload.images]
-            except (binascii.Error, ValueError):
-                raise BadInput(400, "an entry of 'images' is not valid base64") from None
-            if payload.top_k is not None:
-                top_k = payload.top_k
-        else:
-            raise BadInput(415, f"unsupported content type {ctype[:60] or 'none'}: use multipart/form-data or "
-                                "application/json")
-        if len(blobs) > max_images:
-            raise BadInput(413, f"{len(blobs)} images in one request; the limit is {max_images}")
-        return blobs, top_k
-
     @app.post("/classify", response_model=ClassifyResponse, openapi_extra=openapi_body(ClassifyJSON, ClassifyMultipart),
               responses=error_responses(400, 401, 404, 409, 413, 415, 422, 503))
     async def classify(self, request: Request):
         """Classify one or more images (multipart field `file`, repeatable, or JSON base64 `images`), with the live
         version or `?version=N`. Overload protection: at most `max_queued_requests` requests per replica at once
         and `request_timeout_s` each; beyond either, 503 with Retry-After."""
+        return await self.answer(request, self._classify)
+
+    async def answer(self, request: Request, respond) -> Any:
+        """Every inference route's request: its body read under the byte limits and a deadline, admitted under the
+        replica's queue bound, answered by `respond(request, body) -> (response, version)` within
+        request_timeout_s, counted in the metrics; the last request out gives back what the others grew
+        (cl_serve.serving.memory_return)."""
         try:
-            return await self._handle(request)
-        finally:  # the last request out gives back what the others grew (cl_serve.serving.memory_return)
+            return await self._admit(request, respond)
+        finally:
             if self._inflight == 0 and self._bodies.used == 0 and self._memory.grown():
                 await asyncio.to_thread(self._memory.give_back)
 
-    async def _handle(self, request: Request):
+    async def _admit(self, request: Request, respond):
         t0 = time.monotonic()
         # The body is read first, under its own deadline and outside the in-flight count: a slow or stalled upload
         # is dropped after body_timeout_s and never holds capacity that decoding and inference need.
@@ -218,34 +146,36 @@ class Classifier:
                                           float(self.settings["body_timeout_s"]))
         except asyncio.TimeoutError:
             self.metrics.rejected.inc(tags={"reason": "slow_body"})
-            response = _error(408, f"request body not received within {self.settings['body_timeout_s']}s",
-                              headers={"Connection": "close"})
+            response = error(408, f"request body not received within {self.settings['body_timeout_s']}s",
+                             headers={"Connection": "close"})
             self.metrics.request(408, None, time.monotonic() - t0)
             return response
         except BadInput as e:
             self.metrics.request(e.status, None, time.monotonic() - t0)
             if e.status == 503:
                 self.metrics.rejected.inc(tags={"reason": "body_budget"})
-            return _error(e.status, e.message, headers={"Retry-After": "1"} if e.status == 503 else None)
+            return error(e.status, e.message, headers={"Retry-After": "1"} if e.status == 503 else None)
         if self._inflight >= int(self.settings["max_queued_requests"]):
             self.metrics.rejected.inc(tags={"reason": "queue_full"})
-            response = _error(503, f"server busy: {self._inflight} requests in progress on this replica; retry",
-                              headers={"Retry-After": "1"})
+            response = error(503, f"server busy: {self._inflight} requests in progress on this replica; retry",
+                             headers={"Retry-After": "1"})
             self.metrics.request(503, None, time.monotonic() - t0)
             return response
         self._inflight += 1
+        version = None
         try:
-            result = await asyncio.wait_for(self._classify(request, body), float(self.settings["request_timeout_s"]))
+            result, version = await asyncio.wait_for(respond(request, body),
+                                                     float(self.settings["request_timeout_s"]))
+        except BadInput as e:
+            result = error(e.status, e.message)
         except asyncio.TimeoutError:
             self.metrics.rejected.inc(tags={"reason": "timeout"})
-            result = _error(503, f"request took longer than {self.settings['request_timeout_s']}s; retry later",
-                            headers={"Retry-After": "5"})
+            result = error(503, f"request took longer than {self.settings['request_timeout_s']}s; retry later",
+                           headers={"Retry-After": "5"})
         finally:
             self._inflight -= 1
-        if isinstance(result, JSONResponse):
-            self.metrics.request(result.status_code, None, time.monotonic() - t0)
-            return result
-        self.metrics.request(200, result["model_version"], time.monotonic() - t0)
+        status = result.status_code if isinstance(result, Response) else 200
+        self.metrics.request(status, version if status == 200 else None, time.monotonic() - t0)
         return result
 
     async def _model_of(self, version: int) -> LoadedModel:
@@ -261,36 +191,50 @@ class Classifier:
         `PINNED_VERSIONS` models (a failure to load is not kept: it is asked again next time)."""
         return await asyncio.to_thread(self.watcher.load_pinned, int(version))
 
+    async def choose_model(self, version: Optional[int]) -> tuple[LoadedModel, bool, bool]:
+        """The model that answers a request: (model, explicit, canary). An explicit version (404 unknown, 409
+        refused) runs on its own; otherwise the live model, or the newest candidate for `canary_percent` of
+        requests. BadInput 503 while nothing is served."""
+        if version is not None:
+            return await self._model_of(version), True, False
+        model = self.watcher.model
+        if model is None:
+            raise BadInput(503, self.watcher.unavailable_reason() or "no model")
+        if random.random() * 100 < float(self.settings["canary_percent"]):
+            candidate = await asyncio.to_thread(self.watcher.newest_candidate)
+            if candidate is not None:
+                try:
+                    return await self._model_of(candidate), True, True
+                except BadInput:  # a candidate that cannot be served: the live version answers
+                    pass
+        return model, False, False
+
+    async def decode(self, blobs: list[bytes], model: LoadedModel) -> np.ndarray:
+        """Encoded images -> the model's input batch, under the decode slots, image limits and pixel budget."""
+        async with self._decode_slots:
+            return await asyncio.to_thread(prepare_batch, blobs, model.preprocessing, self.limits,
+                                           int(self.settings["max_request_pixels"]))
+
+    async def infer(self, model: LoadedModel, explicit: bool, x: np.ndarray) -> tuple[int, list[str], np.ndarray]:
+        """(version, labels, logits) of a batch: the live model through the shared batches, an explicit version
+        (or the canary's) on its own."""
+        if not explicit:
+            return await self._infer(x)
+        self.metrics.batch_images.observe(len(x))
+        return model.version, model.labels, await asyncio.to_thread(model.run, x)
+
     async def _classify(self, request: Request, body: bytes):
-        canary = False
         try:
-            version = parse_version(request.query_params.get("version"))
-            model = self.watcher.model
-            if version is not None:
-                model = await self._model_of(version)
-            elif model is None:
-                return _error(503, self.watcher.unavailable_reason() or "no model", **self.watcher.status())
-            elif random.random() * 100 < float(self.settings["canary_percent"]):
-                candidate = await asyncio.to_thread(self.watcher.newest_candidate)
-                if candidate is not None:
-                    try:
-                        model, version = await self._model_of(candidate), candidate
-                        canary = True
-                    except BadInput:  # a candidate that cannot be served: the live version answers
-                        pass
-            blobs, top_k = await self._read_images(request, body)
-            async with self._decode_slots:
-                x = await asyncio.to_thread(prepare_batch, blobs, model.preprocessing, self.limits,
-                                            int(self.settings["max_request_pixels"]))
+            model, explicit, canary = await self.choose_model(parse_version(request.query_params.get("version")))
         except BadInput as e:
-            return _error(e.status, e.message)
-        if version is None:
-            version, labels, logits = await self._infer(x)
-        else:  # an explicit version runs on its own, outside the live version's batches
-            self.metrics.batch_images.observe(len(x))
-            version, labels, logits = model.version, model.labels, await asyncio.to_thread(model.run, x)
+            extra = self.watcher.status() if e.status == 503 else {}
+            return error(e.status, e.message, **extra), None
+        blobs, top_k = await read_classify_images(request, body, int(self.settings["max_images"]))
+        x = await self.decode(blobs, model)
+        version, labels, logits = await self.infer(model, explicit, x)
         k = top_k or int(self.settings["default_top_k"])
-        return {"model_version": version, "canary": canary, "predictions": top_k_predictions(logits, labels, k)}
+        return {"model_version": version, "canary": canary,
+                "predictions": top_k_predictions(logits, labels, k)}, version
 
     @app.get("/healthz")
     async def healthz(self):
@@ -308,7 +252,7 @@ class Classifier:
             before = request.query_params.get("before")
             before = None if before is None else parse_count(before, "before", 0, 1, 10**9)
         except BadInput as e:
-            return _error(e.status, e.message)
+            return error(e.status, e.message)
         page = await asyncio.to_thread(self.watcher.list_versions, limit, before)
         return {**page, "serving": self.watcher.model.version if self.watcher.model else None}
 
@@ -326,14 +270,63 @@ class Classifier:
         and first labels), method, metrics and ONNX providers of the served model."""
         model = self.watcher.model
         if model is None:
-            return _error(503, self.watcher.unavailable_reason() or "no model", **self.watcher.status())
+            return error(503, self.watcher.unavailable_reason() or "no model", **self.watcher.status())
         try:
             offset = parse_count(request.query_params.get("labels_offset"), "labels_offset", 0, 0, 10**9)
             limit = parse_count(request.query_params.get("labels_limit"), "labels_limit", LABELS_DEFAULT, 1,
                                 LABELS_MAX)
         except BadInput as e:
-            return _error(e.status, e.message)
+            return error(e.status, e.message)
         return model.info(offset, limit)
+
+    # -- the Open Inference Protocol (behaviour in cl_serve.serving.open_inference_handlers) ------------------------
+    # Declared here, not in the handlers' module: Serve makes class-based routes of the deployment class's own
+    # module (a route function imported by reference from elsewhere reaches the replica without `self` bound).
+    @app.get("/v2", responses=error_responses(401))
+    async def v2_server(self):
+        """Server metadata: name, version, extensions."""
+        return self.v2_server_metadata()
+
+    @app.get("/v2/health/live")
+    async def v2_live(self):
+        """200 while the replica runs."""
+        return {"live": True}
+
+    @app.get("/v2/health/ready", responses=error_responses(503))
+    async def v2_ready(self):
+        """200 while a model is served, else 503 with the reason."""
+        return self.v2_server_ready()
+
+    @app.get("/v2/models/{name}", responses=error_responses(401, 404, 503))
+    async def v2_model(self, name: str):
+        """Metadata of the live version: inputs, outputs, the store's versions, preprocessing."""
+        return await self.v2_metadata(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}", responses=error_responses(401, 404, 409, 422, 503))
+    async def v2_model_version(self, name: str, version: str):
+        """Metadata of one version."""
+        return await self.v2_metadata(name, version)
+
+    @app.get("/v2/models/{name}/ready", responses=error_responses(401, 404, 503))
+    async def v2_model_ready(self, name: str):
+        """200 when the live version is served."""
+        return await self.v2_model_ready_answer(name, None)
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", responses=error_responses(401, 404, 409, 422, 503))
+    async def v2_model_version_ready(self, name: str, version: str):
+        """200 when that version can be served (it is loaded to find out)."""
+        return await self.v2_model_ready_answer(name, version)
+
+    @app.post("/v2/models/{name}/infer", responses=V2_INFER_ERRORS)
+    async def v2_infer(self, request: Request, name: str):
+        """Classify with the live version (or, for `canary_percent` of requests, the newest candidate)."""
+        return await self.answer(request, lambda req, body: self.v2_infer_answer(req, body, name, None))
+
+    @app.post("/v2/models/{name}/versions/{version}/infer", responses=V2_INFER_ERRORS)
+    async def v2_infer_version(self, request: Request, name: str, version: str):
+        """Classify with one version."""
+        return await self.answer(request, lambda req, body: self.v2_infer_answer(req, body, name, version))
+
 
 
 def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_wait_ms: float = 5.0,

@@ -93,7 +93,7 @@ def serve_forever(a) -> None:
         raise UserError("--gpus-per-replica must be >= 0")
     settings = {"poll_interval_s": a.poll_interval, "max_request_bytes": int(a.max_request_mb * 1024 * 1024),
                 "max_queued_requests": a.max_queued_requests, "request_timeout_s": a.request_timeout,
-                "canary_percent": a.canary}
+                "canary_percent": a.canary, "model_name": a.model_name}
     try:
         server_settings.validated(settings)  # before Ray starts: the flag's name is in the message
     except ValueError as e:
@@ -104,8 +104,8 @@ def serve_forever(a) -> None:
           auth_token=a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN") or None)
     auth = "bearer token required" if (a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN")) else "no auth token"
     print(f"cl-serve: serving {a.store} on http://{a.host}:{a.port} (page /, POST /classify, GET /v1/versions, "
-          f"/v1/model, /healthz, /openapi.json; {auth}); metrics on http://127.0.0.1:{a.metrics_port}/metrics; Ctrl-C stops",
-          flush=True)
+          f"/v1/model, /healthz, /openapi.json; Open Inference Protocol: /v2/models/{a.model_name}/infer; {auth}); "
+          f"metrics on http://127.0.0.1:{a.metrics_port}/metrics; Ctrl-C stops", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while True:

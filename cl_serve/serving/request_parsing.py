@@ -4,6 +4,8 @@ message); tested in tests/test_request_parsing.py without a server.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Any, Optional
 
@@ -123,3 +125,37 @@ def replay(request: Request, body: bytes) -> Request:
     return Request(request.scope, receive)
 
 
+async def read_classify_images(request: Request, body: bytes, max_images: int) -> tuple[list[bytes], Optional[int]]:
+    """A /classify body (multipart files or JSON base64 images, already read under the size limit) -> the encoded
+    images and top_k (from the query, the form or the JSON). Raises BadInput."""
+    top_k = parse_top_k(request.query_params.get("top_k"))
+    if not body:
+        raise BadInput(400, "empty request body: send multipart files (field 'file') or JSON {\"images\": [...]}")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await replay(request, body).form(max_files=max_images + 1, max_fields=16)
+        try:
+            blobs = [await f.read() for f in form.getlist("file") if hasattr(f, "read")]
+            form_k = form.get("top_k")
+        finally:
+            await form.close()  # spooled parts: released now, not when the replayed request is collected
+        if not blobs:
+            raise BadInput(400, "multipart request without any 'file' field")
+        if form_k is not None:
+            top_k = parse_top_k(form_k)
+    elif ctype == "application/json":
+        payload = parse_classify_json(body, max_images)
+        if len(payload.images) > max_images:
+            raise BadInput(413, f"{len(payload.images)} images in one request; the limit is {max_images}")
+        try:
+            blobs = [base64.b64decode(s, validate=True) for s in payload.images]
+        except (binascii.Error, ValueError):
+            raise BadInput(400, "an entry of 'images' is not valid base64") from None
+        if payload.top_k is not None:
+            top_k = payload.top_k
+    else:
+        raise BadInput(415, f"unsupported content type {ctype[:60] or 'none'}: use multipart/form-data or "
+                            "application/json")
+    if len(blobs) > max_images:
+        raise BadInput(413, f"{len(blobs)} images in one request; the limit is {max_images}")
+    return blobs, top_k

@@ -38,6 +38,8 @@ class ServerSettings(BaseModel):
     request_timeout_s: float = Field(30.0, gt=0, description="seconds per request after its body; beyond, 503")
     canary_percent: float = Field(0.0, ge=0, le=100, description=(
         "share of requests without ?version sent to the newest candidate"))
+    model_name: str = Field("classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description=(
+        "the model's name in the Open Inference Protocol's routes (/v2/models/{name}/infer)"))
     image_formats: list[str] = Field(list(DEFAULT_FORMATS), min_length=1, description=(
         f"accepted image formats, from {sorted(ALLOWED_FORMATS)}"))
 

@@ -1,0 +1,154 @@
+"""The Open Inference Protocol on a real server: real Ray Serve and ONNX Runtime, driven by the unmodified upstream
+`tritonclient.http` (its defaults: binary tensors) and by raw HTTP for what a client library would not send.
+The same model, bounds and token as /classify: the answer matches /classify's, hostile bodies and the hostile
+image corpus of benchmarks/hostile.py get a 4xx (never a 5xx) and the replica keeps serving."""
+import base64
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.hostile import hostile_cases
+from cl_serve.contract.preprocessing import preprocess_image
+from cl_serve.store.model_store import Store
+from cl_serve.workflow import pipeline
+from tests.conftest import fast_train, init_tiny_store
+from tests.test_open_inference import HOSTILE
+
+httpclient = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+pytestmark = pytest.mark.serving
+TOKEN = "v2-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NAME = "classifier"
+
+
+def auth() -> dict:
+    """A fresh headers dict per call: tritonclient adds Inference-Header-Content-Length to the dict it is given."""
+    return dict(AUTH)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tasks):
+    from cl_serve.serving import launch as serve_cli
+
+    store = init_tiny_store(tmp_path_factory.mktemp("v2") / "store", "none")
+    pipeline.add_task(store, tasks[0]["train"], fast_train(), progress=False)
+    pipeline.add_task(store, tasks[1]["train"], fast_train(), progress=False)
+    port = serve_cli.free_port()
+    serve_cli.start(str(store), port=port, num_cpus=2, poll_interval_s=0.2, max_request_bytes=2_000_000,
+                    auth_token=TOKEN)
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=60, headers=auth()) as client:
+        deadline = time.time() + 60
+        while client.get("/healthz").json().get("version") != 2 and time.time() < deadline:
+            time.sleep(0.1)
+        triton = httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
+        yield {"store": store, "client": client, "url": url, "triton": triton}
+        triton.close()
+    serve_cli.stop()
+
+
+def _pngs(tasks, n=4) -> list[bytes]:
+    paths = sorted(p for d in (tasks[0]["test"], tasks[1]["test"]) for p in d.rglob("*.png"))[::5][:n]
+    return [p.read_bytes() for p in paths]
+
+
+def _images(blobs, binary=True):
+    t = httpclient.InferInput("images", [len(blobs)], "BYTES")
+    t.set_data_from_numpy(np.array(blobs, dtype=np.object_), binary_data=binary)
+    return t
+
+
+def test_tritonclient_with_its_defaults_gets_the_classify_answer(server, tasks):
+    triton, c = server["triton"], server["client"]
+    blobs = _pngs(tasks)
+    result = triton.infer(NAME, [_images(blobs)], headers=auth())  # no outputs named: every output, binary
+    top = [v.decode() for v in result.as_numpy("labels")[:, 0]]
+    probs = result.as_numpy("probabilities")
+    r = c.post("/classify", json={"images": [base64.b64encode(b).decode() for b in blobs]})
+    assert r.status_code == 200, r.text
+    expected = r.json()["predictions"]
+    assert top == [p["label"] for p in expected]
+    assert probs.argmax(1).tolist() == [p["class_id"] for p in expected]
+    assert np.allclose(probs.max(1), [p["score"] for p in expected], atol=1e-5)
+    assert result.get_response()["model_version"] == "2"
+
+
+def test_json_and_preprocessed_pixels_give_the_same_probabilities(server, tasks):
+    triton = server["triton"]
+    blobs = _pngs(tasks, 2)
+    binary = triton.infer(NAME, [_images(blobs)], headers=auth()).as_numpy("probabilities")
+    as_json = triton.infer(NAME, [_images([base64.b64encode(b) for b in blobs], binary=False)], headers=auth(),
+                           outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=False)])
+    np.testing.assert_allclose(as_json.as_numpy("probabilities"), binary, atol=1e-6)
+    meta = triton.get_model_metadata(NAME, headers=auth())
+    p = Store(server["store"]).manifest(2).preprocessing
+    assert meta["parameters"]["preprocessing"]["input_size"] == p.input_size
+    assert {i["name"]: i["shape"] for i in meta["inputs"]}["pixels"] == [-1, 3, p.input_size, p.input_size]
+    import io
+    x = np.stack([preprocess_image(Image.open(io.BytesIO(b)), p) for b in blobs]).astype(np.float32)
+    t = httpclient.InferInput("pixels", list(x.shape), "FP32")
+    t.set_data_from_numpy(x)
+    pixels = triton.infer(NAME, [t], headers=auth()).as_numpy("probabilities")
+    np.testing.assert_allclose(pixels, binary, atol=1e-5)
+    out = httpclient.InferRequestedOutput("probabilities", class_count=2)
+    classes = triton.infer(NAME, [t], outputs=[out], headers=auth()).as_numpy("probabilities")
+    assert classes.shape == (2, 2) and int(classes[0, 0].decode().split(":")[1]) == int(binary[0].argmax())
+
+
+def test_versions_metadata_readiness_and_errors(server, tasks):
+    triton = server["triton"]
+    assert triton.is_server_live() and triton.is_server_ready()  # probes: no token
+    assert triton.is_model_ready(NAME, headers=auth()) and triton.is_model_ready(NAME, "1", headers=auth())
+    assert not triton.is_model_ready(NAME, "99", headers=auth())
+    assert triton.get_server_metadata(headers=auth())["extensions"] == ["binary_tensor_data", "classification"]
+    meta = triton.get_model_metadata(NAME, "1", headers=auth())
+    assert meta["versions"] == ["1", "2"] and meta["parameters"]["version"] == 1
+    assert meta["outputs"][0]["shape"][1] == len(Store(server["store"]).manifest(1).labels)
+    v1 = triton.infer(NAME, [_images(_pngs(tasks, 1))], model_version="1", headers=auth())
+    assert v1.get_response()["model_version"] == "1"
+    assert v1.as_numpy("probabilities").shape[1] == meta["outputs"][0]["shape"][1]
+    for call, status in [(lambda: triton.infer("other", [_images(_pngs(tasks, 1))], headers=auth()), "404"),
+                         (lambda: triton.infer(NAME, [_images(_pngs(tasks, 1))], model_version="99",
+                                               headers=auth()), "404"),
+                         (lambda: triton.infer(NAME, [_images(_pngs(tasks, 1))]), "401"),
+                         (lambda: triton.get_model_metadata("other", headers=auth()), "404"),
+                         (lambda: triton.infer(NAME, [_images([b"not an image"])], headers=auth()), "415")]:
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert e.value.status() == status, (status, e.value)
+
+
+def _v2_binary(blobs: list[bytes]) -> tuple[bytes, dict]:
+    data = b"".join(len(b).to_bytes(4, "little") + b for b in blobs)
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(blobs)],
+                                     "parameters": {"binary_data_size": len(data)}}]}).encode()
+    return header + data, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def test_hostile_bodies_and_images_get_a_4xx_and_the_replica_keeps_serving(server, tasks):
+    c = server["client"]
+    good = _pngs(tasks, 1)[0]
+    requests = {f"v2 {name}": (body, {} if length is None else {"Inference-Header-Content-Length": length})
+                for name, (body, length) in HOSTILE.items()}
+    for name, kwargs in hostile_cases(good).items():  # every hostile image of the corpus, as a v2 BYTES input
+        files = kwargs.get("files")
+        if files and any(f[1][1] != good for f in files):
+            requests[f"corpus {name}"] = _v2_binary([f[1][1] for f in files])
+    requests["65 images"] = _v2_binary([good] * 65)
+    requests["body over max_request_bytes"] = _v2_binary([b"x" * 2_100_000])
+    worst = (0.0, "")
+    for name, (body, headers) in requests.items():
+        t0 = time.monotonic()
+        r = c.post(f"/v2/models/{NAME}/infer", content=body, headers=headers)
+        worst = max(worst, (time.monotonic() - t0, name))
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
+        assert "error" in r.json(), name
+    print(f"\n{len(requests)} hostile /v2 requests: slowest {worst[1]!r} {worst[0]:.2f}s")
+    body, headers = _v2_binary([good])
+    assert c.post(f"/v2/models/{NAME}/infer", content=body, headers=headers).status_code == 200
