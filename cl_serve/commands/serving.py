@@ -25,6 +25,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--request-timeout", type=float, default=default("request_timeout_s"), help="seconds per request before a 503")
     p.add_argument("--canary", type=float, default=0.0, metavar="P", help="send P%% of requests (those without "
                    "?version) to the newest candidate the release gate refused; responses say canary: true")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="int8: serve each version's int8 file (cl-serve export --int8) where it has one, fp32 "
+                        "with a warning where it has none")
     p.add_argument("--model-name", default=default("model_name"), metavar="NAME",
                    help="the model's name in the Open Inference Protocol routes (/v2/models/NAME/infer)")
     p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint on 127.0.0.1")

@@ -14,11 +14,28 @@ def _export_parser(sub) -> None:
                    "preference to the fp32 one on a CUDA provider)")
     p.add_argument("--opset", type=int, choices=range(17, 22), metavar="{17..21}",
                    help="ONNX opset (default 18); the version's file is replaced atomically, never in place")
+    p.add_argument("--int8", action="store_true", help="attach an int8 file for CPUs (serve --precision int8), "
+                   "made from the fp32 one and attached only if it agrees with it on held-out images")
+    p.add_argument("--gate-data", metavar="DIR", help="--int8: labelled held-out images to judge it on (default: "
+                   "the release policy's gate data)")
+    p.add_argument("--min-agreement", type=float, default=0.98, metavar="F",
+                   help="--int8: smallest share of images with the fp32 file's top-1 class (default 0.98)")
+    p.add_argument("--max-drop", type=float, default=None, metavar="F",
+                   help="--int8: largest accuracy drop against fp32 (default: the release policy's max_drop)")
 
 
 def _export(a: argparse.Namespace) -> int:
     from cl_serve.workflow import pipeline
 
+    if a.int8:
+        from cl_serve.workflow.quantization import quantize_version
+
+        r = quantize_version(a.store, a.version, gate_data=a.gate_data, min_agreement=a.min_agreement,
+                             max_drop=a.max_drop, progress=True)
+        print(f"attached int8 to version {r['version']}: {r['file']} ({r['bytes'] / 2**20:.1f} MiB, fp32 "
+              f"{r['fp32_bytes'] / 2**20:.1f} MiB); top-1 agreement {r['agreement']:.4f}, accuracy "
+              f"{r['accuracy_int8']:.4f} vs {r['accuracy_fp32']:.4f} fp32 on {r['images']} images")
+        return 0
     r = pipeline.export_version(a.store, a.version, fp16=a.fp16, opset=a.opset)
     print(f"exported version {r['version']} to {r['file']} (opset {r['opset']}, {r['dtype']}, "
           f"parity {r['parity_max_abs_diff']:.2e})")

@@ -71,17 +71,37 @@ class ReleasePolicy(BaseModel):
     min_new_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="accuracy the new task must reach")
 
 
+class QuantizationCheck(BaseModel):
+    """How an int8 file compares with its version's fp32 file on labelled held-out images, and the bounds it met."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["dynamic"] = "dynamic"  # ONNX Runtime's dynamic quantization: int8 weights per channel
+    data: str  # the ImageFolder it was judged on (the release policy's gate data unless given)
+    images: int
+    agreement: float  # share of images with the same top-1 class as the fp32 file
+    accuracy_fp32: float
+    accuracy_int8: float
+    min_agreement: float
+    max_drop: float  # accuracy_fp32 - accuracy_int8 allowed
+
+
 class OnnxInfo(BaseModel):
     """How a version's ONNX file was exported (cl_serve.export), and its parity with the merged weights."""
 
     model_config = ConfigDict(extra="forbid")
     file: str = "model.onnx"  # the file to serve, one of the manifest's files
     opset: int
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16", "int8"] = "float32"
     input: str = "input"
     output: str = "logits"
     dynamic_batch: bool = True
     parity_max_abs_diff: float | None = None  # largest |ONNX - torch| logit on the parity batch
+    quantization: QuantizationCheck | None = None  # int8 files: the comparison that admitted it
+
+
+# The ONNX files a version may hold: precision -> (manifest field, default file name).
+ONNX_PRECISIONS = {"fp32": ("onnx", "model.onnx"), "fp16": ("onnx_fp16", "model.fp16.onnx"),
+                   "int8": ("onnx_int8", "model.int8.onnx")}
 
 
 class GateRow(BaseModel):
@@ -181,6 +201,7 @@ class Manifest(BaseModel):
     training: TrainingRecord | None = None
     onnx: OnnxInfo | None = None  # None: published with --no-export
     onnx_fp16: OnnxInfo | None = None  # the half-precision export, when there is one
+    onnx_int8: OnnxInfo | None = None  # int8 weights for CPUs (cl-serve export --int8), when there is one
     gate: GateDecision | None = None  # when a release policy ran
     files: dict[str, str]  # file name -> sha256
 
@@ -192,10 +213,12 @@ class Manifest(BaseModel):
             raise ValueError(f"file names must be plain names inside the version directory, got {bad[:3]}")
         return files
 
-    def onnx_file(self, fp16: bool = False) -> str | None:
-        """The version's ONNX file name (fp16: the half-precision one), or None when it has none."""
-        info = self.onnx_fp16 if fp16 else self.onnx
-        name = info.file if info is not None else ("model.fp16.onnx" if fp16 else "model.onnx")
+    def onnx_file(self, fp16: bool = False, precision: str | None = None) -> str | None:
+        """The version's ONNX file name of a precision (fp32, fp16, int8; `fp16=True` means fp16), or None when
+        it has none."""
+        key, default = ONNX_PRECISIONS[precision or ("fp16" if fp16 else "fp32")]
+        info = getattr(self, key)
+        name = info.file if info is not None else default
         return name if name in self.files else None
 
 

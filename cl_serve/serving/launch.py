@@ -101,7 +101,7 @@ def serve_forever(a) -> None:
     start(a.store, a.host, a.port, a.num_cpus, metrics_port=a.metrics_port, replicas=a.replicas,
           max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms, poll_interval_s=settings.pop("poll_interval_s"),
           max_request_bytes=settings.pop("max_request_bytes"), gpus_per_replica=a.gpus_per_replica, settings=settings,
-          auth_token=a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN") or None)
+          auth_token=a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN") or None, precision=a.precision)
     auth = "bearer token required" if (a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN")) else "no auth token"
     print(f"cl-serve: serving {a.store} on http://{a.host}:{a.port} (page /, POST /classify, GET /v1/versions, "
           f"/v1/model, /healthz, /openapi.json; Open Inference Protocol: /v2/models/{a.model_name}/infer; {auth}); "

@@ -47,8 +47,18 @@ def onnx_providers(available: list[str] | None = None, gpu_present: bool | None 
     return gpu + ["CPUExecutionProvider"]
 
 
-def choose_onnx_file(manifest: Manifest, providers: list[str]) -> str | None:
-    """The file to load: the fp16 export on a GPU provider when the version has one, else the fp32 file."""
+PRECISIONS = ("fp32", "int8")  # what `serve --precision` may ask for (fp16 follows the provider)
+
+
+def choose_onnx_file(manifest: Manifest, providers: list[str], precision: str = "fp32") -> str | None:
+    """The file to load: with precision int8, the version's int8 file when it has one (else fp32, with a
+    warning); the fp16 export on a GPU provider when the version has one; else the fp32 file."""
+    if precision == "int8":
+        name = manifest.onnx_file(precision="int8")
+        if name is not None:
+            return name
+        log.warning("version %s has no int8 file (cl-serve export --int8 --version %s): serving fp32",
+                    manifest.version, manifest.version)
     if providers and providers[0] != "CPUExecutionProvider" and manifest.onnx_file(fp16=True):
         return manifest.onnx_file(fp16=True)
     return manifest.onnx_file()
@@ -85,7 +95,8 @@ class LoadedModel:
                 "onnx_file": self.onnx_file, "providers": self.session.get_providers()}
 
 
-def load_version(store: Store, version: int, intra_op_threads: int | None = None) -> LoadedModel:
+def load_version(store: Store, version: int, intra_op_threads: int | None = None,
+                 precision: str = "fp32") -> LoadedModel:
     """Verify and load one version; raises StoreError with the reason when it cannot be served.
 
     On a GPU provider the version's fp16 file is preferred when it has one; `LoadedModel.info()` reports the file
@@ -95,7 +106,7 @@ def load_version(store: Store, version: int, intra_op_threads: int | None = None
 
     m = store.verified(version).manifest
     providers = onnx_providers()
-    name = choose_onnx_file(m, providers)
+    name = choose_onnx_file(m, providers, precision)
     if name is None:
         raise StoreError(f"version {version} has no ONNX file (published with --no-export); "
                          f"run `cl-serve export --version {version}`")

@@ -26,9 +26,9 @@ class VersionLoader:
     """Verifies and loads versions of one store; keeps the refusals (version -> reason) and their file stamps."""
 
     def __init__(self, store: Store, intra_op_threads: int | None = None,
-                 on_refused: Callable[[int], None] | None = None):
+                 on_refused: Callable[[int], None] | None = None, precision: str = "fp32"):
         self.store = store
-        self.intra_op_threads = intra_op_threads
+        self.intra_op_threads, self.precision = intra_op_threads, precision
         self.on_refused = on_refused or (lambda version: None)
         self.refused: dict[int, str] = {}
         self._stamps: dict[int, tuple] = {}
@@ -62,7 +62,7 @@ class VersionLoader:
                 raise VersionRefused(version, known)
             stamp = self.stamp(version)
             try:
-                return load_version(self.store, version, self.intra_op_threads)
+                return load_version(self.store, version, self.intra_op_threads, self.precision)
             except StoreError as e:
                 self.refused[version], self._stamps[version] = str(e), stamp
                 self.on_refused(version)

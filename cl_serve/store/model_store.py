@@ -25,8 +25,8 @@ from typing import Any, Iterator
 
 from pydantic import ValidationError
 
-from cl_serve.contract.store_schema import (FORMAT_VERSION, Manifest, OnnxInfo, ReleasePolicy, StoreConfig,
-                                            describe_error)
+from cl_serve.contract.store_schema import (FORMAT_VERSION, ONNX_PRECISIONS, Manifest, OnnxInfo, ReleasePolicy,
+                                            StoreConfig, describe_error)
 from cl_serve.base.errors import StoreError
 from cl_serve.store.history_index import HistoryIndex
 from cl_serve.store.backends import (PRUNED_PREFIX, LocalBackend, StoreBackend, atomic_write_text, fault_point,
@@ -333,7 +333,7 @@ class Store:
         self.backend.write_current((vname(handle.number) + "\n").encode())
 
     def switch_onnx(self, version: int | VerifiedVersion, source: Path, info: dict[str, Any],
-                    fp16: bool = False) -> str:
+                    fp16: bool = False, precision: str | None = None) -> str:
         """Attach a re-exported ONNX file to a version without ever rewriting a file in place.
 
         The new bytes get a new, content-addressed name; then manifest.json is replaced atomically (it is the one
@@ -344,11 +344,12 @@ class Store:
         handle = version if isinstance(version, VerifiedVersion) else self.verified(version)
         d, m, rel = handle.path, handle.manifest, f"versions/{vname(handle.number)}"
         digest = sha256_file(source)
-        old = m.onnx_file(fp16)
+        precision = precision or ("fp16" if fp16 else "fp32")
+        old = m.onnx_file(precision=precision)
         if old is not None and m.files[old] == digest:
             source.unlink()
             return old
-        name = f"model{'.fp16' if fp16 else ''}.{digest[:12]}.onnx"
+        name = f"model{'' if precision == 'fp32' else '.' + precision}.{digest[:12]}.onnx"
         os.chmod(source, 0o644)
         with open(source, "rb") as f:
             os.fsync(f.fileno())
@@ -358,7 +359,7 @@ class Store:
         fault_point("export-before-manifest")
         files = {k: h for k, h in m.files.items() if k != old}
         files[name] = digest
-        key = "onnx_fp16" if fp16 else "onnx"
+        key = ONNX_PRECISIONS[precision][0]
         m = m.model_copy(update={key: OnnxInfo(**{**info, "file": name}), "files": files})
         atomic_write_text(d / "manifest.json", m.model_dump_json(indent=2))
         self.backend.put(f"{rel}/manifest.json")  # the switch
