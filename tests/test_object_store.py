@@ -233,8 +233,9 @@ def test_history_costs_the_same_requests_with_2_and_200_versions(s3_store, tmp_p
         url = f"{s3_store}-{total}"
         for obj in fs.find(path):
             fs.copy(obj, obj.replace(path, f"{path}-{total}", 1))
-        for v in range(2, total + 1):  # a version is listed by its manifest; these pages read no other file
-            fs.copy(f"{path}/versions/0001/manifest.json", f"{path}-{total}/versions/{v:04d}/manifest.json")
+        manifest = fs.cat(f"{path}/versions/0001/manifest.json")  # a version is listed by its manifest; these
+        fs.pipe({f"{path}-{total}/versions/{v:04d}/manifest.json": manifest  # pages read no other file
+                 for v in range(2, total + 1)})
         writer = open_store(url, cache_dir=tmp_path / f"writer-{total}")
         with writer.lock():
             HistoryIndex(writer).write()

@@ -186,15 +186,15 @@ class Store:
         return None
 
     def manifest(self, v: int) -> Manifest:
-        """A version's manifest, parsed but not verified (`verified` checks its files)."""
-        versions = self.versions()
-        if v not in versions:
-            have = ", ".join(map(str, versions)) or "none"
-            raise StoreError(f"version {v} does not exist in {self.name} (versions: {have})")
+        """A version's manifest, parsed but not verified (`verified` checks its files). One read of the manifest
+        (a version exists when its manifest does: the listing's own test); the store is listed only to say which
+        versions exist when this one does not."""
         d = self.version_dir(v)
         if d.is_symlink():  # a version is a directory the store wrote, never a link to one elsewhere
             raise StoreError(f"broken version {v}: {d.name} is a symbolic link, not a directory of the store")
-        self.backend.fetch(f"versions/{vname(v)}/manifest.json")
+        if v < 1 or not self.backend.fetch(f"versions/{vname(v)}/manifest.json"):
+            have = ", ".join(map(str, self.versions())) or "none"
+            raise StoreError(f"version {v} does not exist in {self.name} (versions: {have})")
         try:
             return Manifest.model_validate_json((d / "manifest.json").read_text())
         except (ValidationError, ValueError, OSError) as e:
