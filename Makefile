@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean bench-smoke lock deploy-check
+.PHONY: demo test test-cluster test-fast install clean bench-smoke lock deploy-check
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+test: $(STAMP)  # everything but the real multi-process Ray clusters (make test-cluster; CI runs both)
+	$(BIN)/python -m pytest -q -m "not cluster" tests
+
+test-cluster: $(STAMP)  # RayJob + RayService on a local Ray head, Ray Train workers, a GCS restart from Redis
+	$(BIN)/python -m pytest -q -m cluster tests
 
 # The fast tier: unit and in-process checks only (no Ray, no S3 server, no fresh processes)
 test-fast: $(STAMP)

@@ -14,6 +14,9 @@ N_TASKS, PER_TASK = 4, 3
 
 
 SLOW_MODULES = {"test_server", "test_ray_train", "test_object_store"}  # Ray Serve, Ray Train, an S3 server
+# Real multi-process Ray clusters: `make test-cluster` (CI runs it after `make test`, which leaves them out to stay
+# within 10 minutes on 2 cores).
+CLUSTER_MODULES = {"test_ray_train", "test_gcs_fault_tolerance"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,6 +33,8 @@ def pytest_collection_modifyitems(config, items):
         if (item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or item.get_closest_marker("serving")
                 or re.search(r"process=True|env=|subprocess\.|Popen|real_ray_cluster", src + item.name)):
             item.add_marker(pytest.mark.slow)
+        if item.module.__name__.rsplit(".", 1)[-1] in CLUSTER_MODULES or "real_ray_cluster" in item.name:
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture(autouse=True)
