@@ -5,12 +5,25 @@ No torch: it reads and writes ONNX files only.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 QUANTIZED_OPS = ["MatMul", "Gemm"]
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
@@ -28,8 +41,9 @@ def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
     staged = target.with_name(target.name + ".fp32")
     try:
         onnx.save(plain, str(staged))
-        quantize_dynamic(str(staged), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=QUANTIZED_OPS)
+        with _quiet_root_logger():  # its advice to pre-process is logged on every call, as a warning
+            quantize_dynamic(str(staged), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=QUANTIZED_OPS)
     finally:
         staged.unlink(missing_ok=True)
     quantized = onnx.load(str(target))

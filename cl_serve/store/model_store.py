@@ -185,6 +185,13 @@ class Store:
                 continue
         return None
 
+    def verified_or_live(self, version: int | None) -> VerifiedVersion:
+        """`version` verified, or the live one when None; StoreError when the store has no version yet."""
+        v = version if version is not None else self.current()
+        if v is None:
+            raise StoreError("the store has no version yet")
+        return self.verified(v)
+
     def manifest(self, v: int) -> Manifest:
         """A version's manifest, parsed but not verified (`verified` checks its files). One read of the manifest
         (a version exists when its manifest does: the listing's own test); the store is listed only to say which

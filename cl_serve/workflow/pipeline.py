@@ -364,11 +364,8 @@ def export_version(root: str | Path, version: int | None = None, *, fp16: bool =
     the fp32 one; `opset` picks another ONNX opset (e.g. for an older runtime)."""
     store = open_store(root)
     with store.lock(hint=LOCK_HINTS["export"]):
-        v = version if version is not None else store.current()
-        if v is None:
-            raise StoreError("the store has no version yet")
-        handle = store.verified(v)
-        m = handle.manifest
+        handle = store.verified_or_live(version)
+        v, m = handle.number, handle.manifest
         model = load_merged_model(store, v)  # the same Store: its files are not hashed again
         tmp = store.version_dir(v) / f".model.export.{uuid.uuid4().hex[:8]}.tmp"
         try:
@@ -382,10 +379,8 @@ def export_version(root: str | Path, version: int | None = None, *, fp16: bool =
 def evaluate(root: str | Path, data_dir: str | Path, version: int | None = None, batch_size: int = 256) -> dict:
     """Accuracy of a version's merged model on an ImageFolder of known classes, overall and per task."""
     store = open_store(root)
-    v = version if version is not None else store.current()
-    if v is None:
-        raise StoreError("the store has no version yet")
-    m = store.verified(v).manifest
+    handle = store.verified_or_live(version)
+    v, m = handle.number, handle.manifest
     found = scan_image_folder(local_copy(data_dir))
     check_known_classes(found, m.labels)
     data = load_task_data(found, m.preprocessing, train_view=False, class_names=m.labels)

@@ -57,11 +57,8 @@ def quantize_version(root: str | Path, version: int | None = None, *, gate_data:
         raise UserError("--min-agreement and --max-drop are fractions from 0 to 1")
     store = open_store(root)
     with store.lock(hint=LOCK_HINTS["export"]):
-        v = version if version is not None else store.current()
-        if v is None:
-            raise StoreError("the store has no version yet")
-        handle = store.verified(v)
-        m = handle.manifest
+        handle = store.verified_or_live(version)
+        v, m = handle.number, handle.manifest
         fp32 = m.onnx_file()
         if fp32 is None:
             raise StoreError(f"version {v} has no fp32 ONNX file to quantize; run `cl-serve export --version {v}`")
