@@ -1,0 +1,159 @@
+"""What one-image HTTP requests cost beside the model, measured with a compiled load generator (Debian's `wrk`):
+`POST /classify` (JSON, base64) and `POST /v2/models/classifier/infer` (Triton's binary extension, what
+tritonclient sends) against raw ONNX Runtime on the same version, in one run.
+
+    python -m benchmarks.http_wrk --store STORE --name http-wrk-vits4-cpu
+
+One replica on a local Ray Serve (2 CPUs), the store's live version; wrk runs on the same cores (as a client on the
+machine would), one thread, `--seconds` per point at concurrency 1 and 32 (and whatever `--concurrency` lists);
+raw ONNX Runtime: images/s at batch 32 over `--batches` batches and the p50/p99 of `--singles` batch-1 runs.
+Prints and saves benchmarks/results/NAME.{json,md}: req/s, p50 and p99 latency, non-2xx answers, and req/s over
+raw batch-32 images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+
+
+def _image(store) -> bytes:
+    import io
+
+    from PIL import Image
+
+    size = store.manifest(store.current()).preprocessing.scale_size
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def raw_onnx(store, batches: int, singles: int) -> dict:
+    from cl_serve.serving.model import load_version
+
+    model = load_version(store, store.current())
+    s = model.preprocessing.input_size
+    x = np.random.default_rng(1).standard_normal((32, 3, s, s)).astype(np.float32)
+    model.run(x)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        model.run(x)
+    b32 = batches * 32 / (time.perf_counter() - t0)
+    lat = []
+    for i in range(singles):
+        t = time.perf_counter()
+        model.run(x[i % 32:i % 32 + 1])
+        lat.append(1000 * (time.perf_counter() - t))
+    return {"images_per_s_b32": round(b32, 1), "b1_ms_p50": round(float(np.percentile(lat, 50)), 2),
+            "b1_ms_p99": round(float(np.percentile(lat, 99)), 2)}
+
+
+def _lua(body: bytes, headers: dict[str, str], work: Path) -> Path:
+    (work / "body.bin").write_bytes(body)
+    lines = ['wrk.method = "POST"', f'local f = io.open("{work / "body.bin"}", "rb")', "wrk.body = f:read('*a')",
+             "f:close()"] + [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    script = work / f"post-{len(list(work.glob('*.lua')))}.lua"
+    script.write_text("\n".join(lines) + "\n")
+    return script
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([0-9.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, script: Path, concurrency: int, seconds: int) -> dict:
+    run = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=seconds + 60)
+    out = run.stdout
+    pct = dict(re.findall(r"^\s+(50|99)(?:\.000)?%\s+(\S+)[ \t]*$", out, re.M))
+    if "Requests/sec" not in out or set(pct) != {"50", "99"}:
+        raise RuntimeError(f"wrk gave no figures for {url}: {out[-500:]} {run.stderr[-500:]}")
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"concurrency": concurrency, "req_per_s": float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1)),
+            "p50_ms": round(_ms(pct["50"]), 1), "p99_ms": round(_ms(pct["99"]), 1),
+            "non_2xx": int(bad.group(1)) if bad else 0}
+
+
+def routes(image: bytes) -> dict[str, tuple[str, bytes, dict[str, str]]]:
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(image) + 4}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return {"/classify (JSON)": ("/classify", json.dumps({"images": [base64.b64encode(image).decode()]}).encode(),
+                                 {"Content-Type": "application/json"}),
+            "/v2 infer (binary)": ("/v2/models/classifier/infer",
+                                   header + len(image).to_bytes(4, "little") + image,
+                                   {"Inference-Header-Content-Length": str(len(header)),
+                                    "Content-Type": "application/octet-stream"})}
+
+
+def measure(store_root: str, concurrency: list[int], seconds: int, batches: int, singles: int) -> dict:
+    from cl_serve.serving import launch
+    from cl_serve.store.open_store import open_store
+
+    store = open_store(store_root)
+    raw = raw_onnx(store, batches, singles)
+    image = _image(store)
+    port = launch.free_port()
+    launch.start(store_root, port=port, num_cpus=2, quiet=True)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            for name, (path, body, headers) in routes(image).items():
+                script = _lua(body, headers, Path(d))
+                wrk(f"http://127.0.0.1:{port}{path}", script, 4, 3)  # warm-up
+                for c in concurrency:
+                    row = {"route": name, **wrk(f"http://127.0.0.1:{port}{path}", script, c, seconds)}
+                    row["of_raw_b32"] = round(row["req_per_s"] / raw["images_per_s_b32"], 2)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    finally:
+        launch.stop()
+    return {"raw_onnx": raw, "rows": rows}
+
+
+def _markdown(r: dict) -> str:
+    raw = r["raw_onnx"]
+    lines = [f"# {r['name']}", "", f"`{r['command']}`", "",
+             f"Raw ONNX Runtime: {raw['images_per_s_b32']} images/s at batch 32; batch 1 p50 {raw['b1_ms_p50']} ms, "
+             f"p99 {raw['b1_ms_p99']} ms.", "",
+             "| route | concurrency | req/s | of raw b32 | p50 ms | p99 ms | non-2xx |", "|---" * 7 + "|"]
+    lines += [f"| {x['route']} | {x['concurrency']} | {x['req_per_s']} | {x['of_raw_b32']} | {x['p50_ms']} | "
+              f"{x['p99_ms']} | {x['non_2xx']} |" for x in r["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 32])
+    ap.add_argument("--seconds", type=int, default=15)
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--singles", type=int, default=100)
+    ap.add_argument("--name", default="http-wrk-cpu")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    a = ap.parse_args(argv)
+    result = {"name": a.name, "command": "python -m benchmarks.http_wrk " + " ".join(sys.argv[1:] if argv is None
+                                                                                     else argv),
+              **measure(a.store, a.concurrency, a.seconds, a.batches, a.singles)}
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=2))
+    (a.out / f"{a.name}.md").write_text(_markdown(result))
+    print(_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
