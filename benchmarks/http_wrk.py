@@ -38,10 +38,10 @@ def _image(store) -> bytes:
     return buf.getvalue()
 
 
-def raw_onnx(store, batches: int, singles: int) -> dict:
+def raw_onnx(store, batches: int, singles: int, precision: str = "fp32") -> dict:
     from cl_serve.serving.model import load_version
 
-    model = load_version(store, store.current())
+    model = load_version(store, store.current(), precision=precision)
     s = model.preprocessing.input_size
     x = np.random.default_rng(1).standard_normal((32, 3, s, s)).astype(np.float32)
     model.run(x)
@@ -54,7 +54,7 @@ def raw_onnx(store, batches: int, singles: int) -> dict:
         t = time.perf_counter()
         model.run(x[i % 32:i % 32 + 1])
         lat.append(1000 * (time.perf_counter() - t))
-    return {"images_per_s_b32": round(b32, 1), "b1_ms_p50": round(float(np.percentile(lat, 50)), 2),
+    return {"onnx_file": model.onnx_file, "images_per_s_b32": round(b32, 1), "b1_ms_p50": round(float(np.percentile(lat, 50)), 2),
             "b1_ms_p99": round(float(np.percentile(lat, 99)), 2)}
 
 
@@ -97,15 +97,16 @@ def routes(image: bytes) -> dict[str, tuple[str, bytes, dict[str, str]]]:
                                     "Content-Type": "application/octet-stream"})}
 
 
-def measure(store_root: str, concurrency: list[int], seconds: int, batches: int, singles: int) -> dict:
+def measure(store_root: str, concurrency: list[int], seconds: int, batches: int, singles: int,
+            precision: str = "fp32") -> dict:
     from cl_serve.serving import launch
     from cl_serve.store.open_store import open_store
 
     store = open_store(store_root)
-    raw = raw_onnx(store, batches, singles)
+    raw = raw_onnx(store, batches, singles, precision)
     image = _image(store)
     port = launch.free_port()
-    launch.start(store_root, port=port, num_cpus=2, quiet=True)
+    launch.start(store_root, port=port, num_cpus=2, quiet=True, precision=precision)
     rows = []
     try:
         with tempfile.TemporaryDirectory() as d:
@@ -119,12 +120,13 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
                     rows.append(row)
     finally:
         launch.stop()
-    return {"raw_onnx": raw, "rows": rows}
+    return {"precision": precision, "onnx_file": raw["onnx_file"], "raw_onnx": raw, "rows": rows}
 
 
 def _markdown(r: dict) -> str:
     raw = r["raw_onnx"]
     lines = [f"# {r['name']}", "", f"`{r['command']}`", "",
+             f"Served file: {r['onnx_file']} ({r['precision']}). "
              f"Raw ONNX Runtime: {raw['images_per_s_b32']} images/s at batch 32; batch 1 p50 {raw['b1_ms_p50']} ms, "
              f"p99 {raw['b1_ms_p99']} ms.", "",
              "| route | concurrency | req/s | of raw b32 | p50 ms | p99 ms | non-2xx |", "|---" * 7 + "|"]
@@ -142,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--singles", type=int, default=100)
+    ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="as `serve --precision`")
     ap.add_argument("--name", default="http-wrk-cpu")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     result = {"name": a.name, "command": "python -m benchmarks.http_wrk " + " ".join(sys.argv[1:] if argv is None
                                                                                      else argv),
-              **measure(a.store, a.concurrency, a.seconds, a.batches, a.singles)}
+              **measure(a.store, a.concurrency, a.seconds, a.batches, a.singles, a.precision)}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=2))
     (a.out / f"{a.name}.md").write_text(_markdown(result))

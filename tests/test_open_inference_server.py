@@ -1,7 +1,8 @@
 """The Open Inference Protocol on a real server: real Ray Serve and ONNX Runtime, driven by the unmodified upstream
 `tritonclient.http` (its defaults: binary tensors) and by raw HTTP for what a client library would not send.
 The same model, bounds and token as /classify: the answer matches /classify's, hostile bodies and the hostile
-image corpus of benchmarks/hostile.py get a 4xx (never a 5xx) and the replica keeps serving."""
+image corpus of benchmarks/hostile.py get a 4xx (never a 5xx) and the replica keeps serving. The server runs with
+`--precision int8`: the live version's int8 file answers, the version without one answers from its fp32 file."""
 import base64
 import json
 import time
@@ -15,6 +16,7 @@ from benchmarks.hostile import hostile_cases
 from cl_serve.contract.preprocessing import preprocess_image
 from cl_serve.store.model_store import Store
 from cl_serve.workflow import pipeline
+from cl_serve.workflow.quantization import quantize_version
 from tests.conftest import fast_train, init_tiny_store
 from tests.test_open_inference import HOSTILE
 
@@ -39,9 +41,11 @@ def server(tmp_path_factory, tasks):
     store = init_tiny_store(tmp_path_factory.mktemp("v2") / "store", "none")
     pipeline.add_task(store, tasks[0]["train"], fast_train(), progress=False)
     pipeline.add_task(store, tasks[1]["train"], fast_train(), progress=False)
+    # served with --precision int8: version 2 has an int8 file (bounds opened: a tiny random model), version 1 none
+    quantize_version(store, gate_data=str(tasks[1]["seen"]), min_agreement=0.0, max_drop=1.0)
     port = serve_cli.free_port()
     serve_cli.start(str(store), port=port, num_cpus=2, poll_interval_s=0.2, max_request_bytes=2_000_000,
-                    auth_token=TOKEN)
+                    auth_token=TOKEN, precision="int8")
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=60, headers=auth()) as client:
         deadline = time.time() + 60
@@ -152,3 +156,12 @@ def test_hostile_bodies_and_images_get_a_4xx_and_the_replica_keeps_serving(serve
     print(f"\n{len(requests)} hostile /v2 requests: slowest {worst[1]!r} {worst[0]:.2f}s")
     body, headers = _v2_binary([good])
     assert c.post(f"/v2/models/{NAME}/infer", content=body, headers=headers).status_code == 200
+
+
+def test_precision_int8_serves_the_int8_file_and_fp32_where_a_version_has_none(server, tasks):
+    c = server["client"]
+    m = Store(server["store"]).manifest(2)
+    assert c.get("/v1/model").json()["onnx_file"] == m.onnx_file(precision="int8") != m.onnx_file()
+    assert c.get("/healthz").json()["onnx_file"] == m.onnx_file(precision="int8")
+    r = c.post("/classify?version=1", json={"images": [base64.b64encode(_pngs(tasks, 1)[0]).decode()]})
+    assert r.status_code == 200 and r.json()["model_version"] == 1  # no int8 file: its fp32 one answers
