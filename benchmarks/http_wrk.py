@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.results_io import command_line, save
+
 HERE = Path(__file__).parent
 
 
@@ -136,8 +138,6 @@ def _markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", required=True)
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 32])
@@ -148,13 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="http-wrk-cpu")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
-    result = {"name": a.name, "command": "python -m benchmarks.http_wrk " + " ".join(sys.argv[1:] if argv is None
-                                                                                     else argv),
+    result = {"name": a.name, "command": command_line("benchmarks.http_wrk", argv),
               **measure(a.store, a.concurrency, a.seconds, a.batches, a.singles, a.precision)}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=2))
-    (a.out / f"{a.name}.md").write_text(_markdown(result))
-    print(_markdown(result))
+    save(a.out, a.name, result, _markdown(result))
     return 0
 
 

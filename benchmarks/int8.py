@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.results_io import command_line, save
+
 HERE = Path(__file__).parent
 MODELS = {"vit-s16": "vit_small_patch16_224", "vit-b16": "vit_base_patch16_224"}
 
@@ -141,16 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.store and not a.gate_data:
         ap.error("--store needs --gate-data")
-    import sys
-
-    result = {"name": a.name, "command": "python -m benchmarks.int8 " + " ".join(sys.argv[1:] if argv is None
-                                                                                 else argv),
+    result = {"name": a.name, "command": command_line("benchmarks.int8", argv),
               "speed": speed_rows(a.models, a.batches, a.singles, a.agree),
               "accuracy": accuracy_row(a.store, a.gate_data, a.batches, a.singles) if a.store else None}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=2))
-    (a.out / f"{a.name}.md").write_text(_markdown(result))
-    print(_markdown(result))
+    save(a.out, a.name, result, _markdown(result))
     return 0
 
 
