@@ -7,7 +7,8 @@ tritonclient sends) against raw ONNX Runtime on the same version, in one run.
 One replica on a local Ray Serve (2 CPUs), the store's live version; wrk runs on the same cores (as a client on the
 machine would), one thread, `--seconds` per point at concurrency 1 and 32 (and whatever `--concurrency` lists);
 raw ONNX Runtime: images/s at batch 32 over `--batches` batches and the p50/p99 of `--singles` batch-1 runs.
-Prints and saves benchmarks/results/NAME.{json,md}: req/s, p50 and p99 latency, non-2xx answers, and req/s over
+`--floor` adds a bare Serve app on the same instance that reads the body and answers a constant (what any
+request costs through Serve's proxy and a replica). Prints and saves benchmarks/results/NAME.{json,md}: req/s, p50 and p99 latency, non-2xx answers, and req/s over
 raw batch-32 images/s.
 """
 from __future__ import annotations
@@ -99,8 +100,28 @@ def routes(image: bytes) -> dict[str, tuple[str, bytes, dict[str, str]]]:
                                     "Content-Type": "application/octet-stream"})}
 
 
+def deploy_floor() -> str:
+    """A bare Serve app on the same Serve instance that reads the body and answers a constant: the floor of a
+    request's cost through Serve's proxy and a replica, whatever the model. Returns its path."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    floor = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4096)
+    @serve.ingress(floor)
+    class Constant:
+        @floor.post("/")
+        async def constant(self, request: Request):
+            await request.body()
+            return {"model_version": 0, "predictions": []}
+
+    serve.run(Constant.bind(), name="floor", route_prefix="/floor", blocking=False)
+    return "/floor"
+
+
 def measure(store_root: str, concurrency: list[int], seconds: int, batches: int, singles: int,
-            precision: str = "fp32") -> dict:
+            precision: str = "fp32", floor: bool = False) -> dict:
     from cl_serve.serving import launch
     from cl_serve.store.open_store import open_store
 
@@ -112,7 +133,10 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
     rows = []
     try:
         with tempfile.TemporaryDirectory() as d:
-            for name, (path, body, headers) in routes(image).items():
+            paths = routes(image)
+            if floor:
+                paths["Serve floor (constant)"] = (deploy_floor(), *paths["/classify (JSON)"][1:])
+            for name, (path, body, headers) in paths.items():
                 script = _lua(body, headers, Path(d))
                 wrk(f"http://127.0.0.1:{port}{path}", script, 4, 3)  # warm-up
                 for c in concurrency:
@@ -145,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--singles", type=int, default=100)
     ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="as `serve --precision`")
+    ap.add_argument("--floor", action="store_true", help="also a bare Serve app answering a constant (same cores)")
     ap.add_argument("--name", default="http-wrk-cpu")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     result = {"name": a.name, "command": command_line("benchmarks.http_wrk", argv),
-              **measure(a.store, a.concurrency, a.seconds, a.batches, a.singles, a.precision)}
+              **measure(a.store, a.concurrency, a.seconds, a.batches, a.singles, a.precision, a.floor)}
     save(a.out, a.name, result, _markdown(result))
     return 0
 
