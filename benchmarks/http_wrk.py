@@ -121,7 +121,7 @@ def deploy_floor() -> str:
 
 
 def measure(store_root: str, concurrency: list[int], seconds: int, batches: int, singles: int,
-            precision: str = "fp32", floor: bool = False) -> dict:
+            precision: str = "fp32", floor: bool = False, batch_wait_ms: float = 5.0) -> dict:
     from cl_serve.serving import launch
     from cl_serve.store.open_store import open_store
 
@@ -129,7 +129,7 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
     raw = raw_onnx(store, batches, singles, precision)
     image = _image(store)
     port = launch.free_port()
-    launch.start(store_root, port=port, num_cpus=2, quiet=True, precision=precision)
+    launch.start(store_root, port=port, num_cpus=2, quiet=True, precision=precision, batch_wait_ms=batch_wait_ms)
     rows = []
     try:
         with tempfile.TemporaryDirectory() as d:
@@ -146,13 +146,13 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
                     rows.append(row)
     finally:
         launch.stop()
-    return {"precision": precision, "onnx_file": raw["onnx_file"], "raw_onnx": raw, "rows": rows}
+    return {"precision": precision, "batch_wait_ms": batch_wait_ms, "onnx_file": raw["onnx_file"], "raw_onnx": raw, "rows": rows}
 
 
 def _markdown(r: dict) -> str:
     raw = r["raw_onnx"]
     lines = [f"# {r['name']}", "", f"`{r['command']}`", "",
-             f"Served file: {r['onnx_file']} ({r['precision']}). "
+             f"Served file: {r['onnx_file']} ({r['precision']}), batch wait {r['batch_wait_ms']} ms. "
              f"Raw ONNX Runtime: {raw['images_per_s_b32']} images/s at batch 32; batch 1 p50 {raw['b1_ms_p50']} ms, "
              f"p99 {raw['b1_ms_p99']} ms.", "",
              "| route | concurrency | req/s | of raw b32 | p50 ms | p99 ms | non-2xx |", "|---" * 7 + "|"]
@@ -169,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--singles", type=int, default=100)
     ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="as `serve --precision`")
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="as `serve --batch-wait-ms` (default 5)")
     ap.add_argument("--floor", action="store_true", help="also a bare Serve app answering a constant (same cores)")
     ap.add_argument("--name", default="http-wrk-cpu")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     result = {"name": a.name, "command": command_line("benchmarks.http_wrk", argv),
-              **measure(a.store, a.concurrency, a.seconds, a.batches, a.singles, a.precision, a.floor)}
+              **measure(a.store, a.concurrency, a.seconds, a.batches, a.singles, a.precision, a.floor,
+                       a.batch_wait_ms)}
     save(a.out, a.name, result, _markdown(result))
     return 0
 
