@@ -213,10 +213,9 @@ class Manifest(BaseModel):
             raise ValueError(f"file names must be plain names inside the version directory, got {bad[:3]}")
         return files
 
-    def onnx_file(self, fp16: bool = False, precision: str | None = None) -> str | None:
-        """The version's ONNX file name of a precision (fp32, fp16, int8; `fp16=True` means fp16), or None when
-        it has none."""
-        key, default = ONNX_PRECISIONS[precision or ("fp16" if fp16 else "fp32")]
+    def onnx_file(self, precision: str = "fp32") -> str | None:
+        """The version's ONNX file name of a precision (fp32, fp16, int8), or None when it has none."""
+        key, default = ONNX_PRECISIONS[precision]
         info = getattr(self, key)
         name = info.file if info is not None else default
         return name if name in self.files else None

@@ -54,13 +54,13 @@ def choose_onnx_file(manifest: Manifest, providers: list[str], precision: str = 
     """The file to load: with precision int8, the version's int8 file when it has one (else fp32, with a
     warning); the fp16 export on a GPU provider when the version has one; else the fp32 file."""
     if precision == "int8":
-        name = manifest.onnx_file(precision="int8")
+        name = manifest.onnx_file("int8")
         if name is not None:
             return name
         log.warning("version %s has no int8 file (cl-serve export --int8 --version %s): serving fp32",
                     manifest.version, manifest.version)
-    if providers and providers[0] != "CPUExecutionProvider" and manifest.onnx_file(fp16=True):
-        return manifest.onnx_file(fp16=True)
+    if providers and providers[0] != "CPUExecutionProvider" and manifest.onnx_file("fp16"):
+        return manifest.onnx_file("fp16")
     return manifest.onnx_file()
 
 

@@ -340,7 +340,7 @@ class Store:
         self.backend.write_current((vname(handle.number) + "\n").encode())
 
     def switch_onnx(self, version: int | VerifiedVersion, source: Path, info: dict[str, Any],
-                    fp16: bool = False, precision: str | None = None) -> str:
+                    precision: str = "fp32") -> str:
         """Attach a re-exported ONNX file to a version without ever rewriting a file in place.
 
         The new bytes get a new, content-addressed name; then manifest.json is replaced atomically (it is the one
@@ -351,8 +351,7 @@ class Store:
         handle = version if isinstance(version, VerifiedVersion) else self.verified(version)
         d, m, rel = handle.path, handle.manifest, f"versions/{vname(handle.number)}"
         digest = sha256_file(source)
-        precision = precision or ("fp16" if fp16 else "fp32")
-        old = m.onnx_file(precision=precision)
+        old = m.onnx_file(precision)
         if old is not None and m.files[old] == digest:
             source.unlink()
             return old

@@ -370,7 +370,7 @@ def export_version(root: str | Path, version: int | None = None, *, fp16: bool =
         tmp = store.version_dir(v) / f".model.export.{uuid.uuid4().hex[:8]}.tmp"
         try:
             info = _export(model, tmp, m.preprocessing, m.labels, v, m.method.name, fp16=fp16, opset=opset)
-            name = store.switch_onnx(handle, tmp, info, fp16=fp16)
+            name = store.switch_onnx(handle, tmp, info, precision="fp16" if fp16 else "fp32")
         finally:
             tmp.unlink(missing_ok=True)
     return {"version": v, "file": str(store.version_dir(v) / name), **info}
