@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from cl_serve.contract.store_schema import describe_error
 from cl_serve.serving.api_models import MAX_TOP_K
 from cl_serve.serving.model import BadInput
+from cl_serve.serving.request_parsing import validate_json
 
 INPUT_IMAGES, INPUT_PIXELS = "images", "pixels"
 OUTPUT_PROBABILITIES, OUTPUT_LABELS = "probabilities", "labels"
@@ -111,12 +111,7 @@ def _header(raw: bytes, max_elements: int) -> _Header:
                             "flat array)")
     if raw.count(b",") > max_elements + 64:
         raise BadInput(413, f"inference header has over {max_elements} elements: more than a request may hold")
-    try:
-        return _Header.model_validate_json(raw)
-    except ValidationError as e:
-        if any(err["type"] == "json_invalid" for err in e.errors()):
-            raise BadInput(400, "inference header is not valid JSON") from None
-        raise BadInput(400, "invalid inference request: " + describe_error(e, limit=3, whole="request")) from None
+    return validate_json(_Header, raw, what="inference header", invalid_status=400, limit=3)
 
 
 def _bytes_elements(raw: bytes, count: int) -> list[bytes]:

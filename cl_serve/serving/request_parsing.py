@@ -7,14 +7,16 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from cl_serve.serving.api_models import MAX_TOP_K, ClassifyJSON
 from cl_serve.contract.store_schema import describe_error
 from cl_serve.serving.model import BadInput
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class BodyBudget:
@@ -103,12 +105,18 @@ def parse_classify_json(body: bytes, max_images: int) -> ClassifyJSON:
     if opens > 2:
         raise BadInput(422, "invalid JSON body: expected {\"images\": [\"<base64>\", ...], \"top_k\": N} "
                             "(no nested arrays or objects)")
+    return validate_json(ClassifyJSON, body, what="body", invalid_status=422, limit=5)
+
+
+def validate_json(model: type[M], raw: bytes, *, what: str, invalid_status: int, limit: int) -> M:
+    """`raw` (its structure already bounded by the caller) parsed and validated as `model`: 400 when it is not
+    JSON, `invalid_status` with the first `limit` errors when it does not fit the model."""
     try:
-        return ClassifyJSON.model_validate_json(body)
+        return model.model_validate_json(raw)
     except ValidationError as e:
         if any(err["type"] == "json_invalid" for err in e.errors()):
-            raise BadInput(400, "body is not valid JSON") from None
-        raise BadInput(422, "invalid JSON body: " + describe_error(e, limit=5, whole="body")) from None
+            raise BadInput(400, f"{what} is not valid JSON") from None
+        raise BadInput(invalid_status, f"invalid JSON {what}: " + describe_error(e, limit=limit, whole=what)) from None
 
 
 def replay(request: Request, body: bytes) -> Request:
