@@ -14,6 +14,12 @@ from cl_serve.workflow import pipeline, quantization
 from tests.conftest import fast_train, init_tiny_store, run_cli, tree_snapshot
 
 
+def int8_metadata(path) -> dict:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
 @pytest.fixture()
 def store(tmp_path, tasks):
     root = init_tiny_store(tmp_path / "store", "none")
@@ -34,6 +40,8 @@ def test_int8_is_attached_with_its_comparison_and_served_when_asked(store, tasks
     assert q.images == len(list(tasks[0]["test"].rglob("*.png"))) and q.data == str(tasks[0]["test"])
     assert 0.5 <= q.agreement <= 1 and q.accuracy_fp32 - q.accuracy_int8 <= 0.5 and m.onnx_int8.dtype == "int8"
     assert (s.version_dir(1) / name).stat().st_size < 0.8 * (s.version_dir(1) / m.onnx_file()).stat().st_size  # tiny: 0.7
+    meta = int8_metadata(s.version_dir(1) / name)
+    assert meta["cl_serve.dtype"] == "int8" and meta["cl_serve.labels"] == json.dumps(m.labels)
     int8, fp32 = load_version(s, 1, precision="int8"), load_version(s, 1)
     assert int8.onnx_file == name and fp32.onnx_file == m.onnx_file()
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)

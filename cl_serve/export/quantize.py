@@ -34,13 +34,12 @@ def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
 
     original = onnx.load(str(source))
     # The exporter's intermediate shape annotations can disagree with ONNX's own shape inference, which the
-    # quantizer runs first: start it from the graph alone (a copy; the version's file is not touched).
-    plain = onnx.ModelProto()
-    plain.CopyFrom(original)
-    del plain.graph.value_info[:]
+    # quantizer runs first: start it from the graph alone (staged beside the target; the version's file is not
+    # touched).
+    del original.graph.value_info[:]
     staged = target.with_name(target.name + ".fp32")
     try:
-        onnx.save(plain, str(staged))
+        onnx.save(original, str(staged))
         with _quiet_root_logger():  # its advice to pre-process is logged on every call, as a warning
             quantize_dynamic(str(staged), str(target), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=QUANTIZED_OPS)
@@ -48,30 +47,26 @@ def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
         staged.unlink(missing_ok=True)
     quantized = onnx.load(str(target))
     props = {p.key: p.value for p in quantized.metadata_props}
-    wanted = {p.key: p.value for p in original.metadata_props}
-    if props != {**props, **wanted}:
-        onnx.helper.set_model_props(quantized, {**props, **wanted, "cl_serve.dtype": "int8"})
-        onnx.save(quantized, str(target))
+    onnx.helper.set_model_props(quantized, {**props, **{p.key: p.value for p in original.metadata_props},
+                                            "cl_serve.dtype": "int8"})
+    onnx.save(quantized, str(target))
     opset = next((o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")), 0)
     return {"opset": int(opset), "dtype": "int8", "input": original.graph.input[0].name,
             "output": original.graph.output[0].name, "dynamic_batch": True}
 
 
-def _session(path: Path, threads: int | None):
+def _session(path: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def compare(fp32: Path, int8: Path, batches: Iterable[tuple[np.ndarray, np.ndarray]],
-            threads: int | None = None) -> dict[str, Any]:
+def compare(fp32: Path, int8: Path, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     """Both files on the same (images, labels) batches: the share of images with the same top-1 class, each
     file's accuracy, the largest |logit| difference."""
-    a, b = _session(fp32, threads), _session(int8, threads)
+    a, b = _session(fp32), _session(int8)
     name = a.get_inputs()[0].name
     same = right_a = right_b = n = 0
     worst = 0.0
