@@ -328,7 +328,6 @@ class Classifier(OpenInferenceHandlers):
         return await self.answer(request, lambda req, body: self.v2_infer_answer(req, body, name, version))
 
 
-
 def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
               poll_interval_s: float = DEFAULTS["poll_interval_s"],
               max_request_bytes: int = DEFAULTS["max_request_bytes"],

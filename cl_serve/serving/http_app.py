@@ -1,7 +1,7 @@
 """The FastAPI application every route of the Serve deployment hangs on, and what applies to all of them: one
 error shape (`{"error", "status"}`, the framework's own 404/405/422 included) and the bearer token. Route modules
-(`cl_serve.serving.app` for /classify and /v1, `cl_serve.serving.open_inference_routes` for /v2) import `app` from
-here, so neither imports the other to find it. No Ray, no torch.
+(`cl_serve.serving.app` for /classify and /v1, `cl_serve.serving.open_inference_handlers` for what /v2 does) import
+`app` and `error` from here. No Ray, no torch.
 """
 from __future__ import annotations
 

@@ -67,11 +67,8 @@ class OpenInferenceHandlers:
 
     async def v2_infer_answer(self, request: Request, body: bytes, name: str, version: Optional[str]):
         """One infer request, after admission: (response, the version that answered)."""
-        self._named(name)
-        try:
-            model, explicit, canary = await self.choose_model(parse_version(version))
-        except BadInput as e:
-            return error(e.status, e.message), None
+        self._named(name)  # a BadInput from here on is answered by the admission path (`answer`)
+        model, explicit, canary = await self.choose_model(parse_version(version))
         if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
             raise BadInput(415, "compressed request bodies are not accepted (send without Content-Encoding)")
         size = model.preprocessing.input_size

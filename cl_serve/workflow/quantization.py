@@ -35,10 +35,10 @@ def _batches(data, p: Preprocessing) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield normalize(data.eval_u8[i:i + BATCH].numpy(), p), labels[i:i + BATCH]
 
 
-def _held_out(store, m, data_dir: str | None, progress: bool):
+def _held_out(m, data_dir: str | None, progress: bool):
     from cl_serve.trainer.data import check_known_classes, load_task_data, scan_image_folder
 
-    source = data_dir or store.policy().gate_data
+    source = data_dir
     if not source:
         raise UserError("an int8 file is judged against fp32 on labelled held-out images: pass --gate-data DIR "
                         "or give the store a release policy (cl-serve policy --gate-data DIR)")
@@ -62,8 +62,9 @@ def quantize_version(root: str | Path, version: int | None = None, *, gate_data:
         fp32 = m.onnx_file()
         if fp32 is None:
             raise StoreError(f"version {v} has no fp32 ONNX file to quantize; run `cl-serve export --version {v}`")
-        source, data = _held_out(store, m, gate_data, progress)
-        allowed = store.policy().max_drop if max_drop is None else max_drop
+        policy = store.policy()
+        source, data = _held_out(m, gate_data or policy.gate_data, progress)
+        allowed = policy.max_drop if max_drop is None else max_drop
         tmp = store.version_dir(v) / f".model.int8.{uuid.uuid4().hex[:8]}.tmp"
         try:
             info = quantize_int8(store.version_dir(v) / fp32, tmp)
