@@ -19,11 +19,11 @@ import json
 import re
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.model_speed import model_speed
 from benchmarks.results_io import command_line, save
 
 HERE = Path(__file__).parent
@@ -45,20 +45,9 @@ def raw_onnx(store, batches: int, singles: int, precision: str = "fp32") -> dict
     from cl_serve.serving.model import load_version
 
     model = load_version(store, store.current(), precision=precision)
-    s = model.preprocessing.input_size
-    x = np.random.default_rng(1).standard_normal((32, 3, s, s)).astype(np.float32)
-    model.run(x)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        model.run(x)
-    b32 = batches * 32 / (time.perf_counter() - t0)
-    lat = []
-    for i in range(singles):
-        t = time.perf_counter()
-        model.run(x[i % 32:i % 32 + 1])
-        lat.append(1000 * (time.perf_counter() - t))
-    return {"onnx_file": model.onnx_file, "images_per_s_b32": round(b32, 1), "b1_ms_p50": round(float(np.percentile(lat, 50)), 2),
-            "b1_ms_p99": round(float(np.percentile(lat, 99)), 2)}
+    b32, lat = model_speed(model.run, model.preprocessing.input_size, batches, singles)
+    return {"onnx_file": model.onnx_file, "images_per_s_b32": round(b32, 1),
+            "b1_ms_p50": round(float(np.percentile(lat, 50)), 2), "b1_ms_p99": round(float(np.percentile(lat, 99)), 2)}
 
 
 def _lua(body: bytes, headers: dict[str, str], work: Path) -> Path:

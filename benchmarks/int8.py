@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.model_speed import model_speed
 from benchmarks.results_io import command_line, save
 
 HERE = Path(__file__).parent
@@ -47,18 +48,8 @@ def _speed(path: Path, size: int, batches: int, singles: int) -> dict:
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    x = np.random.default_rng(1).standard_normal((32, 3, size, size)).astype(np.float32)
-    sess.run(None, {name: x})
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        sess.run(None, {name: x})
-    b32 = batches * 32 / (time.perf_counter() - t0)
-    lat = []
-    for i in range(singles):
-        t = time.perf_counter()
-        sess.run(None, {name: x[i % 32:i % 32 + 1]})
-        lat.append(time.perf_counter() - t)
-    return {"images_per_s_b32": round(b32, 2), "batch1_ms_p50": round(1000 * float(np.median(lat)), 1),
+    b32, lat = model_speed(lambda x: sess.run(None, {name: x}), size, batches, singles)
+    return {"images_per_s_b32": round(b32, 2), "batch1_ms_p50": round(float(np.median(lat)), 1),
             "bytes": path.stat().st_size}
 
 
