@@ -309,7 +309,7 @@ def test_the_rayjob_publishes_and_the_rayservice_config_serves_in_a_real_ray_clu
     import httpx
 
     from cl_serve.workflow import pipeline
-    from cl_serve.serving.launch import free_port
+    from cl_serve.serving.launch import free_ports
     from cl_serve.store.model_store import Store
     from tests.conftest import TINY, TINY_MODEL
 
@@ -319,10 +319,11 @@ def test_the_rayjob_publishes_and_the_rayservice_config_serves_in_a_real_ray_clu
     inputs = tmp_path / "inputs"
     shutil.copytree(tasks[0]["train"], inputs / "incoming" / "week-47")
     entrypoint = _one(rendered["cpu-volume"], "RayJob")["spec"]["entrypoint"]
-    dashboard = free_port()
-    ports = [a for flag in ("--port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port",
-                            "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                            "--runtime-env-agent-port", "--metrics-export-port") for a in (flag, str(free_port()))]
+    flags = ("--port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port",
+             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port")
+    dashboard, serve_port, *drawn = free_ports(len(flags) + 2)  # distinct: two on one port kill `ray start`
+    ports = [a for flag, port in zip(flags, drawn) for a in (flag, str(port))]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CL_SERVE_STORE": str(store), "CL_SERVE_INPUTS": str(inputs),
            "CL_SERVE_TASK": "week-47", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -366,7 +367,6 @@ def test_the_rayjob_publishes_and_the_rayservice_config_serves_in_a_real_ray_clu
         assert Store(store).current() == 1
 
         config = yaml.safe_load(_one(rendered["cpu-volume"], "RayService")["spec"]["serveConfigV2"])
-        serve_port = free_port()
         config["http_options"] = {"host": "127.0.0.1", "port": serve_port}  # KubeRay leaves it to Serve: 0.0.0.0:8000
         serve_api = f"http://127.0.0.1:{dashboard}/api/serve/applications/"
         assert httpx.put(serve_api, json=config, timeout=60).status_code == 200

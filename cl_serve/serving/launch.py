@@ -6,6 +6,7 @@ proxy listens on `--host`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -53,9 +54,17 @@ def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (for local servers in tests, the demo and benchmarks)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct free TCP ports: every socket stays bound until all are drawn (separate free_port() calls may
+    hand out the same port twice once the first socket is closed)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def wait_until_healthy(url: str, timeout_s: float = 180.0) -> float:
