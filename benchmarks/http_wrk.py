@@ -110,7 +110,7 @@ def deploy_floor() -> str:
 
 
 def measure(store_root: str, concurrency: list[int], seconds: int, batches: int, singles: int,
-            precision: str = "fp32", floor: bool = False, batch_wait_ms: float = 5.0) -> dict:
+            precision: str = "fp32", floor: bool = False, batch_wait_ms: float = 0.0) -> dict:
     from cl_serve.serving import launch
     from cl_serve.store.open_store import open_store
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--singles", type=int, default=100)
     ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="as `serve --precision`")
-    ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="as `serve --batch-wait-ms` (default 5)")
+    ap.add_argument("--batch-wait-ms", type=float, default=0.0, help="as `serve --batch-wait-ms` (default 0)")
     ap.add_argument("--floor", action="store_true", help="also a bare Serve app answering a constant (same cores)")
     ap.add_argument("--name", default="http-wrk-cpu")
     ap.add_argument("--out", type=Path, default=HERE / "results")

@@ -13,8 +13,11 @@ def _serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--max-batch-size", type=int, default=32, help="images per model call (a request with more "
+                   "runs alone)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0, help=(
+        "how long an idle model waits for more requests before it runs a lone one (default 0: at once; under load "
+        "a batch is whatever arrived while the last one ran)"))
     p.add_argument("--poll-interval", type=float, default=default("poll_interval_s"), help="seconds between checks of the store's CURRENT")
     p.add_argument("--max-request-mb", type=float, default=default("max_request_bytes") / 2**20)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance")

@@ -19,8 +19,10 @@ token (`--auth-token` or $CL_SERVE_AUTH_TOKEN) every route but the probes and th
 metrics through `cl_serve.serving.metrics`.
 
 Every replica runs a `ModelWatcher` on the store (poll interval from the Serve `user_config`; `reconfigure` can
-also pin a version). A batch takes the model reference once, so each response is computed by exactly one
-version, and that version is what the response reports. Never imports training code.
+also pin a version). A request's images are prepared for the model chosen for it and computed by that model, in a
+batch with other requests' images for the same model (`cl_serve.serving.batcher`: the next batch is everything
+that arrived while the last one ran), so each response comes from exactly one version, the one it reports.
+Never imports training code.
 """
 
 import asyncio
@@ -45,6 +47,7 @@ from cl_serve.serving.request_parsing import (BodyBudget, parse_count, read_clas
                                               parse_version, read_body)
 from cl_serve.serving.model import PRECISIONS, BadInput, LoadedModel, prepare_batch, top_k_predictions
 from cl_serve.serving.watcher import ModelWatcher
+from cl_serve.serving.batcher import ModelBatcher
 from cl_serve.serving.history import PAGE_DEFAULT, PAGE_MAX
 from cl_serve.serving.model import LABELS_DEFAULT, LABELS_MAX
 from cl_serve.serving.metrics import ServerMetrics
@@ -66,7 +69,7 @@ PINNED_VERSIONS = 2  # versions besides the live one a replica keeps loaded for 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4096, health_check_period_s=5)
 @serve.ingress(app)
 class Classifier(OpenInferenceHandlers):
-    def __init__(self, store: str, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
+    def __init__(self, store: str, max_batch_size: int = 32, batch_wait_ms: float = 0.0,
                  intra_op_threads: Optional[int] = None, auth_token: Optional[str] = None, precision: str = "fp32"):
         patch_replica_grpc()  # before Serve starts this replica's gRPC server (a no-op outside `cl-serve serve`)
         self.settings = dict(DEFAULTS)
@@ -81,8 +84,7 @@ class Classifier(OpenInferenceHandlers):
         self._decode_slots = asyncio.Semaphore(int(self.settings["max_concurrent_decodes"]))
         self._memory = MemoryReturn()
         self._bodies = BodyBudget(int(self.settings["max_body_bytes_in_flight"]))
-        self._infer.set_max_batch_size(max_batch_size)
-        self._infer.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
+        self._batcher = ModelBatcher(max_batch_size, batch_wait_ms / 1000.0, on_batch=self.metrics.batch_images.observe)
 
     # -- Serve hooks ----------------------------------------------------------------------------------------------
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -104,20 +106,10 @@ class Classifier(OpenInferenceHandlers):
     async def check_health(self) -> None:
         if not self.watcher.alive:
             raise RuntimeError("model watcher thread died")
+        if not self._batcher.alive:
+            raise RuntimeError("the batcher's worker stopped")
 
     # -- inference ------------------------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _infer(self, batches: list[np.ndarray]) -> list[tuple[int, list[str], np.ndarray]]:
-        model = self.watcher.model  # one reference for the whole batch: a swap never splits it
-        sizes = [len(b) for b in batches]
-        self.metrics.batch_images.observe(sum(sizes))
-        logits = await asyncio.to_thread(model.run, np.concatenate(batches))
-        out, start = [], 0
-        for n in sizes:
-            out.append((model.version, model.labels, logits[start:start + n]))
-            start += n
-        return out
-
     @app.post("/classify", response_model=ClassifyResponse, openapi_extra=openapi_body(ClassifyJSON, ClassifyMultipart),
               responses=error_responses(400, 401, 404, 409, 413, 415, 422, 503))
     async def classify(self, request: Request):
@@ -191,12 +183,12 @@ class Classifier(OpenInferenceHandlers):
         `PINNED_VERSIONS` models (a failure to load is not kept: it is asked again next time)."""
         return await asyncio.to_thread(self.watcher.load_pinned, int(version))
 
-    async def choose_model(self, version: Optional[int]) -> tuple[LoadedModel, bool, bool]:
-        """The model that answers a request: (model, explicit, canary). An explicit version (404 unknown, 409
-        refused) runs on its own; otherwise the live model, or the newest candidate for `canary_percent` of
-        requests. BadInput 503 while nothing is served."""
+    async def choose_model(self, version: Optional[int]) -> tuple[LoadedModel, bool]:
+        """The model that answers a request: (model, canary). An explicit version (404 unknown, 409 refused);
+        otherwise the live model, or the newest candidate for `canary_percent` of requests. BadInput 503 while
+        nothing is served."""
         if version is not None:
-            return await self._model_of(version), True, False
+            return await self._model_of(version), False
         model = self.watcher.model
         if model is None:
             raise BadInput(503, self.watcher.unavailable_reason() or "no model")
@@ -204,10 +196,10 @@ class Classifier(OpenInferenceHandlers):
             candidate = await asyncio.to_thread(self.watcher.newest_candidate)
             if candidate is not None:
                 try:
-                    return await self._model_of(candidate), True, True
+                    return await self._model_of(candidate), True
                 except BadInput:  # a candidate that cannot be served: the live version answers
                     pass
-        return model, False, False
+        return model, False
 
     async def decode(self, blobs: list[bytes], model: LoadedModel) -> np.ndarray:
         """Encoded images -> the model's input batch, under the decode slots, image limits and pixel budget."""
@@ -215,23 +207,20 @@ class Classifier(OpenInferenceHandlers):
             return await asyncio.to_thread(prepare_batch, blobs, model.preprocessing, self.limits,
                                            int(self.settings["max_request_pixels"]))
 
-    async def infer(self, model: LoadedModel, explicit: bool, x: np.ndarray) -> tuple[int, list[str], np.ndarray]:
-        """(version, labels, logits) of a batch: the live model through the shared batches, an explicit version
-        (or the canary's) on its own."""
-        if not explicit:
-            return await self._infer(x)
-        self.metrics.batch_images.observe(len(x))
-        return model.version, model.labels, await asyncio.to_thread(model.run, x)
+    async def infer(self, model: LoadedModel, x: np.ndarray) -> tuple[int, list[str], np.ndarray]:
+        """(version, labels, logits) of prepared images, computed by `model` in a batch with other requests' images
+        for the same model (cl_serve.serving.batcher)."""
+        return model.version, model.labels, await self._batcher.run(model, x)
 
     async def _classify(self, request: Request, body: bytes):
         try:
-            model, explicit, canary = await self.choose_model(parse_version(request.query_params.get("version")))
+            model, canary = await self.choose_model(parse_version(request.query_params.get("version")))
         except BadInput as e:
             extra = self.watcher.status() if e.status == 503 else {}
             return error(e.status, e.message, **extra), None
         blobs, top_k = await read_classify_images(request, body, int(self.settings["max_images"]))
         x = await self.decode(blobs, model)
-        version, labels, logits = await self.infer(model, explicit, x)
+        version, labels, logits = await self.infer(model, x)
         k = top_k or int(self.settings["default_top_k"])
         return {"model_version": version, "canary": canary,
                 "predictions": top_k_predictions(logits, labels, k)}, version
@@ -328,7 +317,7 @@ class Classifier(OpenInferenceHandlers):
         return await self.answer(request, lambda req, body: self.v2_infer_answer(req, body, name, version))
 
 
-def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
+def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_wait_ms: float = 0.0,
               poll_interval_s: float = DEFAULTS["poll_interval_s"],
               max_request_bytes: int = DEFAULTS["max_request_bytes"],
               num_cpus: float = 1.0, gpus_per_replica: float = 0.0, intra_op_threads: Optional[int] = None,
@@ -340,6 +329,9 @@ def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_
     a fixed number of replicas. `precision`: fp32, or int8 (each version's int8 file where it has one)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if max_batch_size < 1 or not 0 <= batch_wait_ms <= 1000:
+        raise ValueError(f"max_batch_size must be >= 1 and batch_wait_ms in [0, 1000]; got {max_batch_size}, "
+                         f"{batch_wait_ms}")
     user_config = {"poll_interval_s": poll_interval_s, "max_request_bytes": max_request_bytes, **(settings or {})}
     server_settings.validated(user_config)  # an unknown key or a bad value fails here, not in a replica
     scaling: dict[str, Any] = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}

@@ -100,6 +100,8 @@ def serve_forever(a) -> None:
         raise UserError("--replicas and --max-batch-size must be >= 1")
     if a.gpus_per_replica < 0:
         raise UserError("--gpus-per-replica must be >= 0")
+    if not 0 <= a.batch_wait_ms <= 1000:
+        raise UserError("--batch-wait-ms must be between 0 and 1000")
     settings = {"poll_interval_s": a.poll_interval, "max_request_bytes": int(a.max_request_mb * 1024 * 1024),
                 "max_queued_requests": a.max_queued_requests, "request_timeout_s": a.request_timeout,
                 "canary_percent": a.canary, "model_name": a.model_name}

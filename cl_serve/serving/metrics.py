@@ -2,7 +2,7 @@
 
     cl_serve_requests_total{status, version}       POST /classify answers by HTTP status and answering version
     cl_serve_request_latency_ms{status}            latency histogram of POST /classify
-    cl_serve_batch_images                          images per model call (after @serve.batch)
+    cl_serve_batch_images                          images per model call (cl_serve.serving.batcher)
     cl_serve_swaps_total                           hot swaps to a new version
     cl_serve_refused_versions_total                versions refused (verification or load failed)
     cl_serve_rejected_overload_total{reason}       requests turned away: queue full or timed out

@@ -68,7 +68,7 @@ class OpenInferenceHandlers:
     async def v2_infer_answer(self, request: Request, body: bytes, name: str, version: Optional[str]):
         """One infer request, after admission: (response, the version that answered)."""
         self._named(name)  # a BadInput from here on is answered by the admission path (`answer`)
-        model, explicit, canary = await self.choose_model(parse_version(version))
+        model, canary = await self.choose_model(parse_version(version))
         if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
             raise BadInput(415, "compressed request bodies are not accepted (send without Content-Encoding)")
         size = model.preprocessing.input_size
@@ -76,7 +76,7 @@ class OpenInferenceHandlers:
             parsed = await asyncio.to_thread(parse_infer, body, request.headers.get(HEADER_LENGTH),
                                              input_size=size, max_images=int(self.settings["max_images"]))
         x = parsed.pixels if parsed.images is None else await self.decode(parsed.images, model)
-        served, labels, logits = await self.infer(model, explicit, x)
+        served, labels, logits = await self.infer(model, x)
         content, headers = encode_response(parsed, model_name=name, version=served, canary=canary, logits=logits,
                                            labels=labels, default_top_k=int(self.settings["default_top_k"]))
         return Response(content=content, headers=headers), served
