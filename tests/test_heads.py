@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from cl_serve.workflow import pipeline
+from cl_serve.workflow.plain_weights import save_merged
 from cl_serve.store.model_store import Store
 from tests.conftest import TINY, TINY_MODEL, fast_train, init_tiny_store, run_cli
 from cl_serve.trainer.data import load_task_data, scan_image_folder
@@ -180,7 +181,7 @@ def test_aligned_head_statistics_survive_a_fresh_process(tmp_path, tasks):
     stored = load_file(str(s.version_dir(3) / "learner.safetensors"))
     for k in ("head.means", "head.covs", "head.weight"):
         assert stored[k].shape[0] == 9 and (stored[k] - learner.head.state_tensors()[k]).abs().max().item() <= 1e-5, k
-    merged = load_file(str(s.version_dir(3) / "merged.safetensors"))
+    merged = pipeline.merged_weights(s, 3)
     one = merged_state_dict(learner)
     assert max((merged[k] - one[k]).abs().max().item() for k in merged) <= 1e-5
 
@@ -261,7 +262,8 @@ def test_cli_default_head_is_analytic_and_its_two_layer_model_is_published(tmp_p
     m = s.manifest(2)
     assert m.head.name == "analytic" and m.head.projection == 64 and m.onnx.parity_max_abs_diff <= 1e-4
     assert m.training.head_summary["ridge"] > 0
-    path = s.version_dir(2) / "merged.safetensors"
+    path = tmp_path / "plain.safetensors"
+    save_merged(store, 2, path)
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["head"] == "random-projection"
     state = load_file(str(path))

@@ -106,8 +106,8 @@ def test_a_killed_upload_leaves_the_previous_version_live(s3_store, tasks, tmp_p
 
 def test_a_corrupt_object_fails_verification_for_every_reader(s3_store, tmp_path):
     reader = _fresh(s3_store, tmp_path)
-    reader.backend.fs.pipe_file(reader.backend.path("versions", "0001", "merged.safetensors"), b"tampered")
-    with pytest.raises(StoreError, match="merged.safetensors does not match its sha256"):
+    reader.backend.fs.pipe_file(reader.backend.path("versions", "0001", "learner.safetensors"), b"tampered")
+    with pytest.raises(StoreError, match="learner.safetensors does not match its sha256"):
         _fresh(s3_store, tmp_path).verified(1)
     r = run_cli("status", "--store", s3_store)
     assert r.returncode == 2 and "BROKEN" in r.stdout

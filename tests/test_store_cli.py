@@ -41,10 +41,14 @@ def test_cli_three_tasks_produce_versions_that_load_into_plain_timm(tmp_path, ta
     m = s.manifest(3)
     assert m.parent == 2 and m.task_index == 2 and len(m.labels) == 9 and len(m.tasks) == 3
     assert m.labels == sum((sorted(tk["classes"]) for tk in tasks[:3]), [])  # task order, sorted within a task
-    assert set(m.files) == {"learner.safetensors", "merged.safetensors", "model.onnx"}
+    assert set(m.files) == {"learner.safetensors", "model.onnx"}  # plain weights are written on demand
     assert m.onnx.parity_max_abs_diff <= 1e-4
+    out = tmp_path / "plain.safetensors"
+    r = run_cli("export", "--store", str(store), "--safetensors", str(out))
+    assert r.returncode == 0 and "version 3" in r.stdout, r.stderr
+    assert sorted(p.name for p in s.version_dir(3).iterdir()) == ["learner.safetensors", "manifest.json", "model.onnx"]
     model = timm.create_model(TINY_MODEL, pretrained=False, num_classes=9, **TINY)
-    model.load_state_dict(load_file(str(s.version_dir(3) / "merged.safetensors")), strict=True)
+    model.load_state_dict(load_file(str(out)), strict=True)
     st = run_cli("status", "--store", str(store), "--json")
     info = json.loads(st.stdout)
     assert info["current"] == 3 and info["classes"] == 9 and info["method"]["name"] == "inflora"
@@ -181,7 +185,7 @@ def test_add_task_in_fresh_processes_equals_one_long_process(tmp_path, tasks, me
         train_task(learner, load_task_data(scan_image_folder(tasks[t]["train"]), prep), prep, fast_train(),
                    progress=False)
     one_process = merged_state_dict(learner)
-    stored = load_file(str(s.version_dir(3) / "merged.safetensors"))
+    stored = pipeline.merged_weights(s, 3)
     assert stored.keys() == one_process.keys()
     worst = max((stored[k] - one_process[k]).abs().max().item() for k in stored)
     assert worst <= 1e-5, worst
@@ -199,3 +203,30 @@ def test_rollback_moves_current_and_refuses_unknown_versions(tasks, one_version_
     assert r.returncode == 0 and Store(one_version_store).current() == 1
     r = run_cli("rollback", "--store", str(one_version_store), "--version", "9")
     assert r.returncode == 2 and "version 9 does not exist" in r.stderr
+
+
+def test_a_version_written_with_merged_weights_still_verifies_and_is_read_from_its_file(tmp_path, one_version_store):
+    """Versions published before merged weights became on-demand list merged.safetensors: it is verified like any
+    file and read instead of merging again (a changed value in it shows which one was used)."""
+    from safetensors.torch import save_file
+
+    from cl_serve.store.model_store import atomic_write_text, sha256_file
+
+    s = Store(one_version_store)
+    state = pipeline.merged_weights(s, 1)
+    old = {k: v.clone() for k, v in state.items()}
+    key = next(iter(old))
+    old[key] += 1.0
+    d, m = s.version_dir(1), s.manifest(1)
+    save_file(old, str(d / "merged.safetensors"))
+    atomic_write_text(d / "manifest.json", m.model_copy(update={"files": {
+        **m.files, "merged.safetensors": sha256_file(d / "merged.safetensors")}}).model_dump_json(indent=2))
+    fresh = Store(one_version_store)
+    read = pipeline.merged_weights(fresh, 1)
+    assert torch.equal(read[key], old[key]) and not torch.equal(read[key], state[key])
+    assert run_cli("status", "--store", str(one_version_store)).returncode == 0
+    with open(d / "merged.safetensors", "r+b") as f:  # and it is verified like every listed file
+        f.seek(100)
+        f.write(b"\x00\x01")
+    with pytest.raises(StoreError, match="merged.safetensors does not match"):
+        pipeline.merged_weights(Store(one_version_store), 1)

@@ -84,7 +84,7 @@ def test_status_verifies_and_says_what_a_server_would_serve(two_version_store):
     s = Store(two_version_store)
     r = run_cli("status", "--store", str(two_version_store), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["serving"] == {"version": 2}
-    with open(s.version_dir(2) / "merged.safetensors", "r+b") as f:  # one flipped byte in the live version
+    with open(s.version_dir(2) / "learner.safetensors", "r+b") as f:  # one flipped byte in the live version
         f.seek(200)
         byte = f.read(1)
         f.seek(200)
@@ -262,5 +262,4 @@ def test_each_command_hashes_each_file_once(tmp_path, tasks, monkeypatch):
     hashed.clear()
     pipeline.export_version(store, 2, opset=17)
     assert hashed and max(hashed.values()) == 1, hashed
-    assert {p.rsplit("/", 1)[1] for p in hashed if "/versions/0002/" in p} >= {"learner.safetensors",
-                                                                              "merged.safetensors"}
+    assert {p.rsplit("/", 1)[1] for p in hashed if "/versions/0002/" in p} >= {"learner.safetensors"}

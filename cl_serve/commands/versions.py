@@ -22,11 +22,19 @@ def _export_parser(sub) -> None:
                    help="--int8: smallest share of images with the fp32 file's top-1 class (default 0.98)")
     p.add_argument("--max-drop", type=float, default=None, metavar="F",
                    help="--int8: largest accuracy drop against fp32 (default: the release policy's max_drop)")
+    p.add_argument("--safetensors", metavar="PATH", help="instead: write the version's plain (merged) weights to "
+                   "PATH, for timm.create_model (versions do not store them; the store is not changed)")
 
 
 def _export(a: argparse.Namespace) -> int:
     from cl_serve.workflow import pipeline
 
+    if a.safetensors:
+        from cl_serve.workflow.plain_weights import save_merged
+
+        r = save_merged(a.store, a.version, a.safetensors)
+        print(f"wrote the plain weights of version {r['version']} to {r['file']} ({r['bytes'] / 2**20:.1f} MiB)")
+        return 0
     if a.int8:
         from cl_serve.workflow.quantization import quantize_version
 

@@ -2,7 +2,7 @@
 
     STORE/store.json                  format version, backbone spec, method + head + settings, preprocessing
     STORE/backbone/                   model.safetensors (base weights) and card.json
-    STORE/versions/NNNN/              learner.safetensors, merged.safetensors, model.onnx, manifest.json
+    STORE/versions/NNNN/              learner.safetensors, model.onnx, manifest.json
     STORE/CURRENT                     the live version id ("0003"), replaced atomically
 
 A version is staged in `versions/.tmp-*`, fsynced, hashed into its manifest and made visible in one step by the

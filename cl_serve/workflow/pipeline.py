@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from cl_serve.workflow import release_gate
 from cl_serve.base.errors import StoreError, UserError
 from cl_serve.store.remote_inputs import local_copy
-from cl_serve.contract.store_schema import GateDecision, Metrics, OnnxInfo, TaskRecord, describe_error
+from cl_serve.contract.store_schema import (LEGACY_MERGED, GateDecision, Metrics, OnnxInfo, TaskRecord,
+                                            describe_error)
 from cl_serve.store.model_store import (LOCK_HINTS, Manifest, Store, StoreConfig, VerifiedVersion, atomic_write_text,
                             sha256_file)
 from cl_serve.store.open_store import open_store
@@ -124,10 +125,18 @@ def open_learner(store: Store, version: int | None) -> Learner:
     return learner_factory(store, version)()
 
 
+def merged_weights(store: Store, version: int) -> dict[str, torch.Tensor]:
+    """A version's plain weights (what its ONNX file computes), merged from its learner on demand; a version
+    written before merged weights stopped being stored in every version is read from its own file."""
+    handle = store.verified(version)
+    if LEGACY_MERGED in handle.manifest.files:
+        return load_file(str(handle.path / LEGACY_MERGED))
+    return merged_state_dict(open_learner(store, version))
+
+
 def load_merged_model(store: Store, version: int) -> torch.nn.Module:
     """The plain timm model of a version (what the ONNX file computes)."""
-    spec = store.config().backbone
-    return build_plain_model(spec, load_file(str(store.verified(version).path / "merged.safetensors")))
+    return build_plain_model(store.config().backbone, merged_weights(store, version))
 
 
 def accuracy_report(model, data: TaskData, labels: list[str], tasks: list[TaskRecord], p: Preprocessing,
@@ -177,7 +186,7 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
             TaskRecord(index=task_index, labels=data.class_names, version=0)]
         metrics, gate = _evaluate_and_gate(store, cfg.preprocessing, model, learner, parent_manifest, tasks,
                                            test_found, summary, train, log)
-        published, onnx_info = _publish(store, cfg, learner, merged, model, parent, task_index, tasks, metrics, gate,
+        published, onnx_info = _publish(store, cfg, learner, model, parent, task_index, tasks, metrics, gate,
                                         choice, {**summary, **summary_extra}, train, device, len(data.corrupt),
                                         workers, export)
     return AddTaskResult(
@@ -275,11 +284,12 @@ def _evaluate_and_gate(store: Store, prep: Preprocessing, model, learner: Learne
     return Metrics(**metrics), gate
 
 
-def _publish(store: Store, cfg: StoreConfig, learner: Learner, merged: dict[str, torch.Tensor], model,
+def _publish(store: Store, cfg: StoreConfig, learner: Learner, model,
              parent: int | None, task_index: int, tasks: list[TaskRecord], metrics: Metrics,
              gate: GateDecision | None, choice: dict[str, Any] | None, summary: dict[str, Any], train: TrainConfig,
              device, corrupt: int, workers: int, export: bool) -> tuple[VerifiedVersion, dict[str, Any] | None]:
-    """Write the learner, the merged weights and (with `export`) the parity-checked ONNX file into a new version,
+    """Write the learner and (with `export`) the parity-checked ONNX file into a new version (the merged weights
+    are not stored: `cl-serve export --safetensors` writes them on demand),
     then publish it: live if the gate passed or there is none, else a candidate. Nothing is left on a failure."""
     labels = list(learner.labels)
     writer = store.new_version()
@@ -287,11 +297,6 @@ def _publish(store: Store, cfg: StoreConfig, learner: Learner, merged: dict[str,
     try:
         tensors, meta = learner.state()
         save_file(tensors, str(writer.file("learner.safetensors")), metadata=meta)
-        save_file(merged, str(writer.file("merged.safetensors")),
-                  metadata={"timm_model": cfg.backbone.timm_model,
-                            "timm_kwargs": json.dumps(cfg.backbone.timm_kwargs),
-                            "labels": json.dumps(labels),
-                            "head": "linear" if "head.weight" in merged else "random-projection"})
         onnx_info, t_export = None, time.time()
         if export:
             onnx_info = OnnxInfo(**_export(model, writer.file("model.onnx"), cfg.preprocessing, labels,
