@@ -38,17 +38,23 @@ async def wait_started(model: GatedModel) -> None:
         await asyncio.sleep(0.001)
 
 
+async def behind_a_running_batch(batcher: ModelBatcher, first: GatedModel, queued: list) -> list:
+    """Run one image of `first` (held at its gate), queue `queued` [(model, images)] while it runs, release it:
+    every caller's output, the first one's first."""
+    first.gate.clear()
+    running = asyncio.create_task(batcher.run(first, images(1, 0)))
+    await wait_started(first)
+    rest = [asyncio.create_task(batcher.run(m, x)) for m, x in queued]
+    await asyncio.sleep(0.05)  # every one of them queued while the model is busy
+    first.gate.set()
+    return await asyncio.gather(running, *rest)
+
+
 def test_what_arrives_while_a_batch_runs_is_one_next_batch():
     async def main():
         model = GatedModel()
-        model.gate.clear()
-        batcher = ModelBatcher(max_batch_images=32)
-        first = asyncio.create_task(batcher.run(model, images(1, 0)))
-        await wait_started(model)
-        rest = [asyncio.create_task(batcher.run(model, images(1, i))) for i in range(1, 21)]
-        await asyncio.sleep(0.05)  # every one of them queued while the model is busy
-        model.gate.set()
-        out = await asyncio.gather(first, *rest)
+        out = await behind_a_running_batch(ModelBatcher(max_batch_images=32), model,
+                                           [(model, images(1, i)) for i in range(1, 21)])
         assert model.batches == [1, 20]
         assert [float(o[0, 0]) for o in out] == list(range(21))  # each caller gets its own rows
     asyncio.run(main())
@@ -72,14 +78,8 @@ def test_an_idle_model_runs_a_lone_request_at_once_or_waits_when_asked():
 def test_batches_count_images_and_an_oversized_request_runs_alone():
     async def main():
         model = GatedModel()
-        model.gate.clear()
-        batcher = ModelBatcher(max_batch_images=8)
-        first = asyncio.create_task(batcher.run(model, images(1)))
-        await wait_started(model)
-        tasks = [asyncio.create_task(batcher.run(model, images(n))) for n in (3, 3, 3, 20, 2)]
-        await asyncio.sleep(0.05)
-        model.gate.set()
-        out = await asyncio.gather(first, *tasks)
+        out = await behind_a_running_batch(ModelBatcher(max_batch_images=8), model,
+                                           [(model, images(n)) for n in (3, 3, 3, 20, 2)])
         assert [len(o) for o in out] == [1, 3, 3, 3, 20, 2]
         assert model.batches == [1, 8, 3, 20]  # 3+3 and the 2 that fits; the 20-image request runs alone
     asyncio.run(main())
@@ -88,15 +88,9 @@ def test_batches_count_images_and_an_oversized_request_runs_alone():
 def test_models_never_share_a_batch_and_keep_their_order():
     async def main():
         old, new = GatedModel(1.0), GatedModel(10.0)
-        old.gate.clear()
-        batcher = ModelBatcher(max_batch_images=32)
-        first = asyncio.create_task(batcher.run(old, images(1)))
-        await wait_started(old)
-        tasks = [asyncio.create_task(batcher.run(m, images(1))) for m in (old, new, old, new)]
-        await asyncio.sleep(0.05)
-        old.gate.set()
-        out = await asyncio.gather(first, *tasks)
-        assert [float(o[0, 0]) for o in out] == [1, 1, 10, 1, 10]
+        out = await behind_a_running_batch(ModelBatcher(max_batch_images=32), old,
+                                           [(m, images(1, 1)) for m in (old, new, old, new)])
+        assert [float(o[0, 0]) for o in out] == [0, 1, 10, 1, 10]
         assert old.batches == [1, 2] and new.batches == [2]
     asyncio.run(main())
 
