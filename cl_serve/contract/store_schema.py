@@ -17,7 +17,6 @@ from cl_serve.contract.preprocessing import Preprocessing
 from cl_serve.contract.train_settings import TrainConfig
 
 FORMAT_VERSION = 1
-VERSION_FILES = ("learner.safetensors", "model.onnx")
 # Versions written before merged weights became on-demand (`cl-serve export --safetensors`) also list this file;
 # it is still verified and read where present.
 LEGACY_MERGED = "merged.safetensors"
