@@ -1,6 +1,7 @@
 """Bytes a version adds to the store: `cl-serve init` and two `cl-serve add-task` runs on generated 224-px JPEGs
-(random backbone weights at the real size, no download), then the size of every file of each version, beside what
-the same version weighed when it also stored its plain weights (`merged.safetensors`, now written on demand by
+(random backbone weights at the real size, no download). Per version: the growth of the store on disk (each file
+counted once however many versions link it: shared content), the logical size of its files, and what the same
+version weighed as a full copy that also stored its plain weights (`merged.safetensors`, now written on demand by
 `cl-serve export --safetensors`: its size is measured by writing it).
 
     python -m benchmarks.store_bytes --models vit-s16 --methods none inflora-last2 --name store-bytes-cpu
@@ -28,20 +29,38 @@ def _cli(*args: str) -> None:
         raise RuntimeError(f"cl-serve {args[0]} failed: {r.stderr[-1500:]}")
 
 
+def disk_bytes(*roots: Path) -> int:
+    """Bytes on disk under the directories, each file (inode) once however many names it has."""
+    seen = {}
+    for p in (p for r in roots if r.is_dir() for p in r.rglob("*")):
+        st = p.lstat()
+        if p.is_file() and not p.is_symlink():
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
+
+
 def one_store(work: Path, tasks: list[Path], model: str, method: str) -> dict:
     name, kw = MODELS[model]
     store = work / f"store-{model}-{method}"
     _cli("init", "--store", str(store), "--backbone", name, "--timm-kwargs", json.dumps(kw), *METHODS[method])
     rows = []
     for t, data in enumerate(tasks, 1):
+        held = disk_bytes(store / "versions", store / "blobs")
         _cli("add-task", "--store", str(store), "--data", str(data), "--epochs", "1", "--batch-size", "16",
              "--device", "cpu")
-        files = {p.name: p.stat().st_size for p in sorted((store / "versions" / f"{t:04d}").iterdir())}
+        added = disk_bytes(store / "versions", store / "blobs") - held
+        d = store / "versions" / f"{t:04d}"
+        m = json.loads((d / "manifest.json").read_text())
+        weights = set(m["onnx"]["data"])
+        size = {n: (d / n).stat().st_size for n in [*m["files"], "manifest.json"]}
+        files = {"learner.safetensors": size["learner.safetensors"], "model.onnx (graph)": size["model.onnx"],
+                 f"ONNX weights ({len(weights)} files)": sum(size[n] for n in weights),
+                 "manifest.json": size["manifest.json"]}
         plain = work / f"plain-{model}-{method}-{t}.safetensors"
         _cli("export", "--store", str(store), "--version", str(t), "--safetensors", str(plain))
-        added, before = sum(files.values()), sum(files.values()) + plain.stat().st_size
-        rows.append({"model": model, "method": method, "version": t, "files": files,
-                     "bytes_added": added, "bytes_with_merged": before, "of_before": round(added / before, 3)})
+        before = sum(size.values()) + plain.stat().st_size  # every file its own copy, and merged.safetensors
+        rows.append({"model": model, "method": method, "version": t, "files": files, "bytes_added": added,
+                     "bytes_with_merged": before, "of_before": round(added / before, 3)})
         plain.unlink()
         print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows}
@@ -49,8 +68,8 @@ def one_store(work: Path, tasks: list[Path], model: str, method: str) -> dict:
 
 def _markdown(r: dict) -> str:
     lines = [f"# {r['name']}", "", f"`{r['command']}`", "",
-             "| model | method | version | files (MiB) | MiB added | MiB with merged.safetensors | of that |",
-             "|---" * 7 + "|"]
+             "| model | method | version | files (MiB, logical) | MiB added on disk | MiB as a full copy with "
+             "merged.safetensors | of that |", "|---" * 7 + "|"]
     for x in r["rows"]:
         files = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in x["files"].items())
         lines.append(f"| {x['model']} | {x['method']} | {x['version']} | {files} | {x['bytes_added'] / 2**20:.1f} | "

@@ -138,3 +138,21 @@ def tree_snapshot(root: Path) -> dict:
 
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    """A copy of a local store that keeps its hard links (its shared content stays shared, as in the original)."""
+    import subprocess
+
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+    return dst
+
+
+def disk_bytes(*roots: Path) -> int:
+    """The bytes directory trees hold on disk: each file (inode) counted once, however many names it has."""
+    seen: dict[tuple, int] = {}
+    for p in (p for root in roots for p in root.rglob("*")):
+        st = p.lstat()
+        if p.is_file() and not p.is_symlink():
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())

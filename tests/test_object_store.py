@@ -58,6 +58,13 @@ def _fresh(url, tmp_path) -> Store:
     return open_store(url, cache_dir=tmp_path / f"fresh-{os.urandom(4).hex()}")
 
 
+def _blobs_and_listed(url, tmp_path) -> tuple[set, set]:
+    """The shared content the bucket holds (blobs/<sha256>) and what the versions' manifests list of it."""
+    reader = _fresh(url, tmp_path)
+    listed = {reader.manifest(v).files[n] for v in reader.versions() for n in reader.manifest(v).shared}
+    return set(reader.backend.blobs()), listed
+
+
 def test_versions_round_trip_through_the_bucket_and_the_watcher_follows(s3_store, tasks, tmp_path):
     reader = _fresh(s3_store, tmp_path)
     assert reader.current() == 1 and reader.versions() == [1]
@@ -74,6 +81,17 @@ def test_versions_round_trip_through_the_bucket_and_the_watcher_follows(s3_store
     info = json.loads(r.stdout)
     assert r.returncode == 0 and info["serving"] == {"version": 2} and info["verified"]
     assert [v["state"] for v in info["versions"]] == ["published", "live"]
+    # Shared content: one object per sha256 under blobs/, none of it under a version's prefix; the two versions
+    # share what did not change (the backbone's weights), and a fresh reader loads each from blobs/.
+    fs, path = open_filesystem(s3_store)
+    m1, m2 = (_fresh(s3_store, tmp_path).verified(v).manifest for v in (1, 2))
+    assert m2.onnx.data and set(m2.onnx.data) <= set(m2.shared)
+    under_versions = {p.rstrip("/").split("/")[-1] for v in ("0001", "0002") for p in fs.ls(f"{path}/versions/{v}")}
+    assert not under_versions & (set(m1.shared) | set(m2.shared))
+    common = set(m1.onnx.data) & set(m2.onnx.data)  # the backbone and the projection did not change; the tiny
+    assert common == set(m1.onnx.data) and m1.files["model.onnx"] != m2.files["model.onnx"]  # head is in the graph
+    blobs, listed = _blobs_and_listed(s3_store, tmp_path)
+    assert blobs == listed and len(blobs) < len(m1.shared) + len(m2.shared)
 
 
 def test_a_second_writer_is_refused_by_the_lease(s3_store, tasks):
@@ -102,11 +120,17 @@ def test_a_killed_upload_leaves_the_previous_version_live(s3_store, tasks, tmp_p
     assert reader.current() == max(reader.versions()) and reader.manifest(reader.current()).parent == 1
     assert not [p for p in reader.backend._glob("versions", "*")
                 if not reader.backend.fs.exists(p + "/manifest.json")]  # the partial prefix was removed
+    r = run_cli("prune", "--store", s3_store, "--keep", "5", "--yes")  # removes no version, sweeps what the
+    assert r.returncode == 0, r.stderr  # killed writer uploaded to blobs/ and no manifest lists
+    blobs, listed = _blobs_and_listed(s3_store, tmp_path)
+    assert blobs == listed
 
 
 def test_a_corrupt_object_fails_verification_for_every_reader(s3_store, tmp_path):
     reader = _fresh(s3_store, tmp_path)
-    reader.backend.fs.pipe_file(reader.backend.path("versions", "0001", "learner.safetensors"), b"tampered")
+    m = reader.manifest(1)
+    assert "learner.safetensors" in m.shared  # kept under its sha256: tamper with that object
+    reader.backend.fs.pipe_file(reader.backend.path("blobs", m.files["learner.safetensors"]), b"tampered")
     with pytest.raises(StoreError, match="learner.safetensors does not match its sha256"):
         _fresh(s3_store, tmp_path).verified(1)
     r = run_cli("status", "--store", s3_store)
@@ -202,6 +226,8 @@ def test_prune_on_a_bucket_hides_first_and_survives_a_kill(s3_store, tasks, tmp_
     assert sorted(p.rstrip("/").split("/")[-1] for p in fs.ls(f"{path}/versions", refresh=True)) == ["0003"]
     st = json.loads(run_cli("status", "--store", s3_store, "--json").stdout)
     assert st["verified"] and [v["version"] for v in st["versions"]] == [3]
+    blobs, listed = _blobs_and_listed(s3_store, tmp_path)
+    assert blobs == listed  # the removed versions' content went with them; version 3's stayed
 
 
 def _count_requests(store) -> list:

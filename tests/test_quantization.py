@@ -39,7 +39,9 @@ def test_int8_is_attached_with_its_comparison_and_served_when_asked(store, tasks
     q = m.onnx_int8.quantization
     assert q.images == len(list(tasks[0]["test"].rglob("*.png"))) and q.data == str(tasks[0]["test"])
     assert 0.5 <= q.agreement <= 1 and q.accuracy_fp32 - q.accuracy_int8 <= 0.5 and m.onnx_int8.dtype == "int8"
-    assert (s.version_dir(1) / name).stat().st_size < 0.8 * (s.version_dir(1) / m.onnx_file()).stat().st_size  # tiny: 0.7
+    size = lambda precision: sum((s.version_dir(1) / n).stat().st_size for n in m.onnx_files(precision))  # noqa: E731
+    assert m.onnx_int8.data and set(m.onnx_int8.data) <= set(m.shared)  # its weights: files of their own, shared
+    assert size("int8") < 0.8 * size("fp32")  # graph and weights; tiny: 0.7
     meta = int8_metadata(s.version_dir(1) / name)
     assert meta["cl_serve.dtype"] == "int8" and meta["cl_serve.labels"] == json.dumps(m.labels)
     int8, fp32 = load_version(s, 1, precision="int8"), load_version(s, 1)

@@ -41,12 +41,15 @@ def test_cli_three_tasks_produce_versions_that_load_into_plain_timm(tmp_path, ta
     m = s.manifest(3)
     assert m.parent == 2 and m.task_index == 2 and len(m.labels) == 9 and len(m.tasks) == 3
     assert m.labels == sum((sorted(tk["classes"]) for tk in tasks[:3]), [])  # task order, sorted within a task
-    assert set(m.files) == {"learner.safetensors", "model.onnx"}  # plain weights are written on demand
+    weights = set(m.onnx.data)  # the graph's weight files, each named by its sha256
+    assert weights and all(n.startswith("weights-") and n.endswith(".bin") for n in weights)
+    assert set(m.files) == {"learner.safetensors", "model.onnx", *weights}  # plain weights are written on demand
     assert m.onnx.parity_max_abs_diff <= 1e-4
     out = tmp_path / "plain.safetensors"
     r = run_cli("export", "--store", str(store), "--safetensors", str(out))
     assert r.returncode == 0 and "version 3" in r.stdout, r.stderr
-    assert sorted(p.name for p in s.version_dir(3).iterdir()) == ["learner.safetensors", "manifest.json", "model.onnx"]
+    assert {p.name for p in s.version_dir(3).iterdir()} == {"learner.safetensors", "manifest.json", "model.onnx",
+                                                             *weights}  # export --safetensors wrote nothing here
     model = timm.create_model(TINY_MODEL, pretrained=False, num_classes=9, **TINY)
     model.load_state_dict(load_file(str(out)), strict=True)
     st = run_cli("status", "--store", str(store), "--json")

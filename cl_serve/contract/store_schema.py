@@ -9,7 +9,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cl_serve.contract.head_settings import HeadConfig, TaskLocalConfig
 from cl_serve.contract.method_settings import MethodConfig
@@ -92,6 +92,7 @@ class OnnxInfo(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     file: str = "model.onnx"  # the file to serve, one of the manifest's files
+    data: list[str] = Field(default_factory=list)  # the external-data files the graph reads (manifest files too)
     opset: int
     dtype: Literal["float32", "float16", "int8"] = "float32"
     input: str = "input"
@@ -206,6 +207,19 @@ class Manifest(BaseModel):
     onnx_int8: OnnxInfo | None = None  # int8 weights for CPUs (cl-serve export --int8), when there is one
     gate: GateDecision | None = None  # when a release policy ran
     files: dict[str, str]  # file name -> sha256
+    # Files kept once per content in the store's blobs/ area (by their sha256) rather than under the version:
+    # shared with every other version that holds the same bytes (cl_serve.store.model_store).
+    shared: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _shared_are_files(self) -> "Manifest":
+        if not self.files:  # a manifest being built: the store lists the files when it publishes
+            return self
+        onnx = [i for i in (self.onnx, self.onnx_fp16, self.onnx_int8) if i is not None]
+        missing = sorted({*self.shared, *(n for i in onnx for n in i.data)} - set(self.files))
+        if missing:
+            raise ValueError(f"shared and ONNX data files must be listed in files, not {missing[:3]}")
+        return self
 
     @field_validator("files")
     @classmethod
@@ -221,6 +235,11 @@ class Manifest(BaseModel):
         info = getattr(self, key)
         name = info.file if info is not None else default
         return name if name in self.files else None
+
+    def onnx_files(self, precision: str = "fp32") -> list[str]:
+        """The graph and the weight files it reads, of one precision (empty when the version has none)."""
+        name, info = self.onnx_file(precision), getattr(self, ONNX_PRECISIONS[precision][0])
+        return [] if name is None else [name, *(info.data if info is not None else ())]
 
 
 def describe_error(e: Exception, limit: int | None = 1, whole: str = "value") -> str:

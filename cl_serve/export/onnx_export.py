@@ -2,7 +2,8 @@
 
 Uses the modern exporter (`torch.onnx.export(..., dynamo=True)`), traced with batch 2 so the batch dimension
 stays symbolic. The file carries, as ONNX metadata, the ordered labels, the preprocessing, version, method and
-opset, so a model.onnx alone is enough to serve it.
+opset, so a model.onnx (with the weight files it names beside it: `cl_serve.export.external_data`) is enough to
+serve it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from cl_serve.contract.preprocessing import Preprocessing
+from cl_serve.export.external_data import split_weights
 
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -40,7 +42,8 @@ def exportable_attention(model: torch.nn.Module):
 
 def export_onnx(model: torch.nn.Module, path: str | Path, *, preprocessing: Preprocessing, labels: list[str],
                 metadata: dict[str, Any] | None = None, fp16: bool = False, opset: int = OPSET) -> dict[str, Any]:
-    """Write `path`; returns the export info recorded in the manifest (opset, dtype, input/output names)."""
+    """Write `path` and its weight files beside it (write into a directory of its own); returns the export info
+    recorded in the manifest (opset, dtype, input/output names, the weight files)."""
     import onnx
 
     path = Path(path)
@@ -69,8 +72,9 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, preprocessing: Prep
     os.replace(str(path) + ".partial", path)
     for leftover in path.parent.glob(path.name + ".partial*"):
         leftover.unlink()
+    data = split_weights(path)
     return {"opset": opset, "dtype": meta["cl_serve.dtype"], "input": INPUT_NAME, "output": OUTPUT_NAME,
-            "dynamic_batch": True}
+            "dynamic_batch": True, "data": data}
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -12,6 +12,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from cl_serve.export.external_data import load_model, split_weights
+
 QUANTIZED_OPS = ["MatMul", "Gemm"]
 
 
@@ -27,12 +29,12 @@ def _quiet_root_logger():
 
 
 def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
-    """Write the int8 file of `source` to `target`, keeping the metadata the server checks (labels,
-    preprocessing); returns the OnnxInfo fields of the new file."""
+    """Write the int8 file of `source` to `target` (its weight files beside it: give it a directory of its own),
+    keeping the metadata the server checks (labels, preprocessing); returns the OnnxInfo fields of the new file."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    original = onnx.load(str(source))
+    original = load_model(source)
     # The exporter's intermediate shape annotations can disagree with ONNX's own shape inference, which the
     # quantizer runs first: start it from the graph alone (staged beside the target; the version's file is not
     # touched).
@@ -45,14 +47,15 @@ def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
                              op_types_to_quantize=QUANTIZED_OPS)
     finally:
         staged.unlink(missing_ok=True)
-    quantized = onnx.load(str(target))
+    quantized = load_model(target)
     props = {p.key: p.value for p in quantized.metadata_props}
     onnx.helper.set_model_props(quantized, {**props, **{p.key: p.value for p in original.metadata_props},
                                             "cl_serve.dtype": "int8"})
     onnx.save(quantized, str(target))
+    data = split_weights(target)
     opset = next((o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")), 0)
     return {"opset": int(opset), "dtype": "int8", "input": original.graph.input[0].name,
-            "output": original.graph.output[0].name, "dynamic_batch": True}
+            "output": original.graph.output[0].name, "dynamic_batch": True, "data": data}
 
 
 def _session(path: Path):

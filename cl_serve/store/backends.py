@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +26,7 @@ from cl_serve.base.errors import StoreError
 
 VERSION_NAME = re.compile(r"[0-9]{1,9}")
 PRUNED_PREFIX = ".pruned-"  # a version being removed: versions/.pruned-NNNN-xxxx, invisible, deleted next
+BLOBS = "blobs"  # files kept once per content: blobs/<sha256> (cl_serve.store.model_store)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -107,8 +109,22 @@ class StoreBackend(Protocol):
         """Remove what crashed writers left in the store beyond `root` (listed: each version's manifest files)."""
 
     def remove_version(self, v: int) -> int:
-        """Make version `v` invisible to readers in one step, then delete its files; returns the bytes freed. A crash
-        between the two leaves files no reader lists, which the next writer's clean-up removes."""
+        """Make version `v` invisible to readers in one step, then delete its files; returns the bytes freed (not
+        counting shared content, which the sweep frees). A crash between the two leaves files no reader lists, which
+        the next writer's clean-up removes."""
+
+    def share(self, path: Path, digest: str) -> None:
+        """Keep the bytes of the local file `path` (sha256 `digest`) once in the store's blob area, whatever the
+        number of versions that hold them (before the version that lists them becomes visible)."""
+
+    def fetch_shared(self, rel: str, digest: str) -> None:
+        """Make the local file `rel` the shared bytes `digest` (a reader; nothing when it is already there)."""
+
+    def blobs(self) -> dict[str, int]:
+        """Every shared content in the store: sha256 -> size."""
+
+    def delete_blob(self, digest: str) -> None:
+        """Remove one shared content (the sweep, under the writer's lock, once no version lists it)."""
 
 
 class LocalBackend:
@@ -190,10 +206,43 @@ class LocalBackend:
 
     def remove_version(self, v: int) -> int:
         final = self.root / "versions" / vname(v)
-        size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file() and not p.is_symlink())
+        size = sum(st.st_size for st in (p.lstat() for p in final.rglob("*")) if st.st_nlink == 1
+                   and stat.S_ISREG(st.st_mode))  # shared files are other names of a blob: freed by the sweep
         hidden = final.with_name(f"{PRUNED_PREFIX}{vname(v)}-{uuid.uuid4().hex[:8]}")
         os.rename(final, hidden)  # gone from versions() at once: only NNNN directories are versions
         fsync_dir(hidden.parent)
         fault_point("prune-after-hide")
         shutil.rmtree(hidden)
         return size
+
+    def share(self, path: Path, digest: str) -> None:
+        """`path` becomes another name (a hard link) of blobs/<digest>: the first version with these bytes puts
+        them there, later ones link to them. A blob whose bytes do not match its name is replaced, never linked.
+        On a filesystem without hard links the version keeps its own copy."""
+        blob = self.root / BLOBS / digest
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        tmp = None
+        try:
+            if blob.is_file() and sha256_file(blob) == digest:
+                tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+                os.link(blob, tmp)
+                os.replace(tmp, path)
+                fsync_dir(path.parent)
+            else:
+                tmp = blob.with_name(f".{digest}.{uuid.uuid4().hex[:8]}.tmp")
+                os.link(path, tmp)
+                os.replace(tmp, blob)
+                fsync_dir(blob.parent)
+        except OSError:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+    def fetch_shared(self, rel: str, digest: str) -> None:
+        pass  # the version's directory holds the file (a hard link of the blob)
+
+    def blobs(self) -> dict[str, int]:
+        d = self.root / BLOBS
+        return {p.name: p.stat().st_size for p in d.iterdir() if not p.name.startswith(".")} if d.is_dir() else {}
+
+    def delete_blob(self, digest: str) -> None:
+        (self.root / BLOBS / digest).unlink(missing_ok=True)

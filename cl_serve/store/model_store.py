@@ -2,15 +2,19 @@
 
     STORE/store.json                  format version, backbone spec, method + head + settings, preprocessing
     STORE/backbone/                   model.safetensors (base weights) and card.json
-    STORE/versions/NNNN/              learner.safetensors, model.onnx, manifest.json
+    STORE/versions/NNNN/              learner.safetensors, model.onnx + weights-<sha256>.bin, manifest.json
+    STORE/blobs/<sha256>              each large file's bytes, once for every version that holds them
     STORE/CURRENT                     the live version id ("0003"), replaced atomically
 
 A version is staged in `versions/.tmp-*`, fsynced, hashed into its manifest and made visible in one step by the
 backend (a rename here, manifest-last on object storage); CURRENT moves last, so a crash at any point leaves the
 previous version live and the store readable (stale staging is removed by the next writer). One writer at a time
 (the backend's lock). Every manifest lists the sha256 of its files; `verified(v)` checks them once per Store
-object and returns a `VerifiedVersion` that later steps take instead of checking again. Where the objects live is
-the backend's business (`cl_serve.store.backends`); this class is the same for all of them. Stdlib + pydantic.
+object and returns a `VerifiedVersion` that later steps take instead of checking again. Files of at least
+`SHARED_MIN_BYTES` are shared content: kept once per sha256 in blobs/ (hard links into the version here, one object
+per hash on a bucket), listed in the manifest's `shared`, and deleted by `sweep_shared` once no version lists them.
+Where the objects live is the backend's business (`cl_serve.store.backends`); this class is the same for all of
+them. Stdlib + pydantic.
 """
 from __future__ import annotations
 
@@ -21,16 +25,16 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from pydantic import ValidationError
 
-from cl_serve.contract.store_schema import (FORMAT_VERSION, ONNX_PRECISIONS, Manifest, OnnxInfo, ReleasePolicy,
+from cl_serve.contract.store_schema import (FORMAT_VERSION, Manifest, ReleasePolicy,
                                             StoreConfig, describe_error)
 from cl_serve.base.errors import StoreError
 from cl_serve.store.history_index import HistoryIndex
-from cl_serve.store.backends import (PRUNED_PREFIX, LocalBackend, StoreBackend, atomic_write_text, fault_point,
-                                     fsync_dir, sha256_file, vname)
+from cl_serve.store.backends import (BLOBS, PRUNED_PREFIX, LocalBackend, StoreBackend, atomic_write_text, fault_point,
+                                     sha256_file, vname)
 
 __all__ = ["LOCK_HINTS", "Manifest", "Store", "StoreConfig", "VerifiedVersion", "VersionWriter", "atomic_write_text",
            "fault_point", "sha256_file", "vname"]
@@ -40,6 +44,7 @@ LOCK_HINTS = {"add-task": "retry later or pass --wait", "rollback": "retry later
               "promote": "retry later or pass --wait", "policy": "retry later",
               "prune": "retry later or pass --wait",
               "export": "retry when it has finished (`cl-serve status` shows the store)"}
+SHARED_MIN_BYTES = 4096  # files at least this large are kept once per content (blobs/<sha256>)
 CURRENT_FORMAT = re.compile(rb"[0-9]{1,9}\n?")  # CURRENT: ASCII digits, one optional newline
 
 
@@ -215,7 +220,11 @@ class Store:
         if not m.files:
             raise StoreError(f"broken version {v}: manifest.json lists no files")
         for name, digest in m.files.items():
-            self.backend.refresh(f"versions/{vname(v)}/{name}")  # object storage: a rewritten object is fetched again
+            rel = f"versions/{vname(v)}/{name}"
+            if name in m.shared:
+                self.backend.fetch_shared(rel, digest)  # kept once per content, under its hash
+            else:
+                self.backend.refresh(rel)  # object storage: a rewritten object is fetched again
             p = d / name
             if not p.is_file():
                 raise StoreError(f"broken version {v}: {name} is missing")
@@ -258,9 +267,10 @@ class Store:
 
     def clean_stale_temporaries(self) -> list[str]:
         """Remove what crashed writers left (called under the lock): unfinished version directories, temporary
-        files (`.NAME.*.tmp`, `.NAME.tmp.partial`) in the store root, backbone/ and every version, ONNX files a
-        manifest no longer lists (a re-export killed after its manifest switch), and whatever the backend keeps
-        beyond them. Returns what was removed."""
+        files (`.NAME.*.tmp`, `.NAME.tmp.partial`) in the store root, backbone/, blobs/ and every version, files a
+        manifest does not list (a re-export killed before or after its manifest switch), and whatever the backend
+        keeps beyond them. Shared content no version lists is the sweep's (`sweep_shared`, run by prune). Returns
+        what was removed."""
         removed: list[str] = []
 
         def rm(p: Path) -> None:
@@ -272,7 +282,7 @@ class Store:
                     p.unlink()
 
         versions = self.versions()
-        dirs = [self.root, self.backbone_dir]
+        dirs = [self.root, self.backbone_dir, self.root / BLOBS]
         if self.versions_dir.is_dir():
             for p in [*self.versions_dir.glob(".tmp-*"), *self.versions_dir.glob(f"{PRUNED_PREFIX}*")]:
                 rm(p)
@@ -287,8 +297,8 @@ class Store:
                 listed[v] = set(self.manifest(v).files)
             except StoreError:
                 continue  # a broken version is left as it is, for a person to look at
-            for p in self.version_dir(v).glob("model*.onnx"):
-                if p.name not in listed[v]:
+            for p in self.version_dir(v).iterdir():  # a re-export's files that never got switched to
+                if not p.name.startswith(".") and p.name != "manifest.json" and p.name not in listed[v]:
                     rm(p)
         return removed + self.backend.clean(listed)
 
@@ -307,24 +317,48 @@ class Store:
         self._hashed = {k: h for k, h in self._hashed.items() if not str(k[0]).startswith(d)}
         return freed
 
+    def sweep_shared(self) -> int:
+        """Delete the shared content no version lists (under the writer's lock: prune runs it after removing
+        versions; a crashed publish's uploads go too); returns the bytes freed. Nothing is deleted while a
+        version's manifest cannot be read, since what it lists is then unknown."""
+        if not self._locked:
+            raise StoreError("sweeping shared content needs the store's writer lock")
+        listed: set[str] = set()
+        for v in self.versions():
+            try:
+                m = self.manifest(v)
+            except StoreError:
+                return 0
+            listed |= {m.files[n] for n in m.shared}
+        freed = 0
+        for digest, size in self.backend.blobs().items():
+            if digest not in listed:
+                self.backend.delete_blob(digest)
+                freed += size
+        return freed
+
     def new_version(self) -> VersionWriter:
         return VersionWriter(self, max(self.backend.taken() + [0]) + 1)
 
     def publish(self, writer: VersionWriter, manifest: Manifest, make_current: bool = True) -> VerifiedVersion:
         """Hash the files, write manifest.json, make the version visible, then move CURRENT."""
-        files = {}
+        files, shared = {}, []
         for p in sorted(writer.path.iterdir()):
             if p.name != "manifest.json":
                 os.chmod(p, 0o644)  # readable by a server running as another user
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
                 files[p.name] = self._sha256(p)
-        manifest = manifest.model_copy(update={"files": files, "version": writer.version})
+                if p.stat().st_size >= SHARED_MIN_BYTES:
+                    self.backend.share(p, files[p.name])
+                    shared.append(p.name)
+        fault_point("publish-after-share")
+        manifest = manifest.model_copy(update={"files": files, "version": writer.version, "shared": shared})
         with open(writer.file("manifest.json"), "w") as f:
             f.write(manifest.model_dump_json(indent=2))
             f.flush()
             os.fsync(f.fileno())
-        final = self.backend.commit_version(writer.path, writer.version, sorted(files))
+        final = self.backend.commit_version(writer.path, writer.version, [n for n in sorted(files) if n not in shared])
         for name, digest in files.items():  # the same bytes under their final name: no second hashing
             self._hashed[self._file_key(final / name)] = digest
         fault_point("before-current")
@@ -338,42 +372,3 @@ class Store:
         """Make a version live (verified first unless a VerifiedVersion is given). Used by publish and rollback."""
         handle = version if isinstance(version, VerifiedVersion) else self.verified(version)
         self.backend.write_current((vname(handle.number) + "\n").encode())
-
-    def switch_onnx(self, version: int | VerifiedVersion, source: Path, info: dict[str, Any],
-                    precision: str = "fp32") -> str:
-        """Attach a re-exported ONNX file to a version without ever rewriting a file in place.
-
-        The new bytes get a new, content-addressed name; then manifest.json is replaced atomically (it is the one
-        switch: before it the old file is served, after it the new one, and both manifests verify); only then is
-        the old file removed. A crash at any point leaves the version verifiable; a leftover unlisted file is
-        removed by the next writer. Returns the new file name (unchanged when the bytes are identical).
-        """
-        handle = version if isinstance(version, VerifiedVersion) else self.verified(version)
-        d, m, rel = handle.path, handle.manifest, f"versions/{vname(handle.number)}"
-        digest = sha256_file(source)
-        old = m.onnx_file(precision)
-        if old is not None and m.files[old] == digest:
-            source.unlink()
-            return old
-        name = f"model{'' if precision == 'fp32' else '.' + precision}.{digest[:12]}.onnx"
-        os.chmod(source, 0o644)
-        with open(source, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(source, d / name)
-        fsync_dir(d)
-        self.backend.put(f"{rel}/{name}")
-        fault_point("export-before-manifest")
-        files = {k: h for k, h in m.files.items() if k != old}
-        files[name] = digest
-        key = ONNX_PRECISIONS[precision][0]
-        m = m.model_copy(update={key: OnnxInfo(**{**info, "file": name}), "files": files})
-        atomic_write_text(d / "manifest.json", m.model_dump_json(indent=2))
-        self.backend.put(f"{rel}/manifest.json")  # the switch
-        fault_point("export-before-cleanup")
-        if old is not None and old != name:
-            with contextlib.suppress(FileNotFoundError):
-                (d / old).unlink()
-            fsync_dir(d)
-            with contextlib.suppress(FileNotFoundError):
-                self.backend.delete(f"{rel}/{old}")
-        return name

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cl_serve.base.errors import StoreError
-from cl_serve.store.backends import VERSION_NAME, LocalBackend, fault_point, vname
+from cl_serve.store.backends import BLOBS, VERSION_NAME, LocalBackend, fault_point, vname
 
 
 def cache_root() -> Path:
@@ -168,6 +168,51 @@ class ObjectBackend:
     def write_current(self, data: bytes) -> None:
         self.fs.pipe_file(self.path("CURRENT"), data)  # one PUT
 
+    def share(self, path: Path, digest: str) -> None:
+        """One object per content, blobs/<sha256>, uploaded unless the bucket already holds one of that size (the
+        name is the content's hash; readers verify every byte they load); the cache keeps one copy too."""
+        rel = f"{BLOBS}/{digest}"
+        try:
+            info = self.fs.info(self.path(rel))
+        except FileNotFoundError:
+            info = None
+        if info is None or int(info.get("size", -1)) != path.stat().st_size:
+            self.fs.put_file(str(path), self.path(rel))
+            info = self.fs.info(self.path(rel))
+        self.cache.share(path, digest)
+        self._marker(rel).write_text(object_identity(info))
+
+    def fetch_shared(self, rel: str, digest: str) -> None:
+        """A shared file of a version: the cache's copy of blobs/<sha256>, kept while it is the bucket's object
+        (one HEAD, as for every file) and downloaded once otherwise; the version's cached directory links to it."""
+        self.refresh(f"{BLOBS}/{digest}")
+        blob, local = self.root / BLOBS / digest, self.root / rel
+        if not blob.is_file():
+            local.unlink(missing_ok=True)  # not in the bucket: the store reports the version's file missing
+            return
+        if local.is_file() and os.path.samefile(local, blob):
+            return
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            os.link(blob, tmp)
+        except OSError:
+            shutil.copyfile(blob, tmp)
+        os.replace(tmp, local)
+
+    def blobs(self) -> dict[str, int]:
+        try:
+            listing = self.fs.ls(self.path(BLOBS), detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        return {o["name"].rstrip("/").split("/")[-1]: int(o.get("size") or 0) for o in listing
+                if o.get("type") != "directory"}
+
+    def delete_blob(self, digest: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(BLOBS, digest))
+        self.cache.delete_blob(digest)
+
     def remove_version(self, v: int) -> int:
         """manifest.json first (a version is listed by its manifest: invisible from that DELETE on), then the rest
         of the prefix, then the local cached copy."""
@@ -176,7 +221,8 @@ class ObjectBackend:
                    if o.get("type") != "directory")
         self.fs.rm_file(f"{prefix}/manifest.json")
         fault_point("prune-after-hide")
-        self.fs.rm(prefix, recursive=True)
+        with contextlib.suppress(FileNotFoundError):  # nothing left: every other file was shared content
+            self.fs.rm(prefix, recursive=True)
         self.fs.invalidate_cache(prefix)
         shutil.rmtree(self.root / "versions" / vname(v), ignore_errors=True)
         return size
@@ -245,13 +291,13 @@ class ObjectBackend:
         self._lease_token = None
 
     def clean(self, listed: dict[int, set[str]]) -> list[str]:
-        """Remove ONNX files a crashed re-export uploaded but never switched to, and version prefixes that never
-        got their manifest (a crashed upload)."""
+        """Remove files a crashed re-export uploaded but never switched to (whatever the manifest does not list),
+        and version prefixes that never got their manifest (a crashed upload)."""
         removed = []
         for v, names in listed.items():
             for obj in self.fs.ls(self.path("versions", vname(v)), detail=False, refresh=True):
                 leaf = obj.rstrip("/").split("/")[-1]
-                if leaf.startswith("model") and leaf.endswith(".onnx") and leaf not in names:
+                if leaf != "manifest.json" and leaf not in names:
                     self.fs.rm_file(obj)
                     removed.append(f"{self.url}/versions/{vname(v)}/{leaf}")
         complete = set(self.versions())

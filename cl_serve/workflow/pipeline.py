@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,6 +22,7 @@ from cl_serve.contract.store_schema import (LEGACY_MERGED, GateDecision, Metrics
                                             describe_error)
 from cl_serve.store.model_store import (LOCK_HINTS, Manifest, Store, StoreConfig, VerifiedVersion, atomic_write_text,
                             sha256_file)
+from cl_serve.store.onnx_switch import staging_dir, switch_onnx
 from cl_serve.store.open_store import open_store
 from cl_serve.contract.preprocessing import Preprocessing
 from cl_serve.trainer import backbone as bb
@@ -365,19 +365,17 @@ def export_version(root: str | Path, version: int | None = None, *, fp16: bool =
                    opset: int | None = None) -> dict[str, Any]:
     """Re-export a version's ONNX from its merged weights (parity-checked). The version's files are never
     rewritten in place: the new file gets a new name and the manifest switches to it atomically
-    (`Store.switch_onnx`); identical bytes change nothing. fp16 attaches a half-precision file for GPUs next to
+    (`cl_serve.store.onnx_switch`); identical bytes change nothing. fp16 attaches a half-precision file for GPUs next to
     the fp32 one; `opset` picks another ONNX opset (e.g. for an older runtime)."""
     store = open_store(root)
     with store.lock(hint=LOCK_HINTS["export"]):
         handle = store.verified_or_live(version)
         v, m = handle.number, handle.manifest
         model = load_merged_model(store, v)  # the same Store: its files are not hashed again
-        tmp = store.version_dir(v) / f".model.export.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            info = _export(model, tmp, m.preprocessing, m.labels, v, m.method.name, fp16=fp16, opset=opset)
-            name = store.switch_onnx(handle, tmp, info, precision="fp16" if fp16 else "fp32")
-        finally:
-            tmp.unlink(missing_ok=True)
+        with staging_dir(store, v) as tmp:
+            graph = tmp / "model.onnx"
+            info = _export(model, graph, m.preprocessing, m.labels, v, m.method.name, fp16=fp16, opset=opset)
+            name = switch_onnx(store, handle, graph, info, precision="fp16" if fp16 else "fp32")
     return {"version": v, "file": str(store.version_dir(v) / name), **info}
 
 

@@ -3,12 +3,11 @@ fp32 file. The int8 file is made from the version's fp32 ONNX (cl_serve.export.q
 labelled held-out images (the release policy's gate data unless another folder is given), and the file is
 attached only when its top-1 agreement with fp32 is at least `min_agreement` and its accuracy at most `max_drop`
 below fp32's (default: the policy's max_drop); the comparison is stated in the manifest (`onnx_int8.quantization`).
-A refused file changes nothing. Attaching follows `Store.switch_onnx`: a new content-addressed name, the manifest
+A refused file changes nothing. Attaching follows `cl_serve.store.onnx_switch`: a new content-addressed name, the manifest
 switched atomically, never a file rewritten in place.
 """
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,6 +17,7 @@ from cl_serve.base.errors import StoreError, UserError
 from cl_serve.contract.preprocessing import Preprocessing, normalize
 from cl_serve.export.quantize import compare, quantize_int8
 from cl_serve.store.model_store import LOCK_HINTS
+from cl_serve.store.onnx_switch import staging_dir, switch_onnx
 from cl_serve.store.open_store import open_store
 from cl_serve.store.remote_inputs import local_copy
 
@@ -65,8 +65,8 @@ def quantize_version(root: str | Path, version: int | None = None, *, gate_data:
         policy = store.policy()
         source, data = _held_out(m, gate_data or policy.gate_data, progress)
         allowed = policy.max_drop if max_drop is None else max_drop
-        tmp = store.version_dir(v) / f".model.int8.{uuid.uuid4().hex[:8]}.tmp"
-        try:
+        with staging_dir(store, v) as staged:
+            tmp = staged / "model.int8.onnx"
             info = quantize_int8(store.version_dir(v) / fp32, tmp)
             check = compare(store.version_dir(v) / fp32, tmp, _batches(data, m.preprocessing))
             verdict = {"method": "dynamic", "data": str(source), "images": check["images"],
@@ -78,10 +78,10 @@ def quantize_version(root: str | Path, version: int | None = None, *, gate_data:
                     f"int8 refused for version {v}: top-1 agreement with fp32 {check['agreement']:.4f} (needs >= "
                     f"{min_agreement}), accuracy {check['accuracy_int8']:.4f} vs {check['accuracy_fp32']:.4f} fp32 "
                     f"(drop {drop:.4f}, allowed {allowed}) on {check['images']} images of {source}; nothing attached")
-            name = store.switch_onnx(handle, tmp, {**info, "quantization": verdict}, precision="int8")
-        finally:
-            tmp.unlink(missing_ok=True)
-    size = (store.version_dir(v) / name).stat().st_size
-    return {"version": v, "file": str(store.version_dir(v) / name), "bytes": size,
-            "fp32_bytes": (store.version_dir(v) / fp32).stat().st_size, **verdict,
+            name = switch_onnx(store, handle, tmp, {**info, "quantization": verdict}, precision="int8")
+    def size(names: list[str]) -> int:
+        return sum((store.version_dir(v) / n).stat().st_size for n in names)
+
+    return {"version": v, "file": str(store.version_dir(v) / name), "bytes": size([name, *info["data"]]),
+            "fp32_bytes": size(m.onnx_files()), **verdict,
             "max_abs_logit_diff": check["max_abs_logit_diff"]}

@@ -105,4 +105,5 @@ def prune(root: str | Path, *, keep: int | None = None, older_than: str | None =
             for v in result["remove"]:
                 result["bytes_freed"] += store.remove_version(v)
                 result["removed"].append(v)
+            result["bytes_freed"] += store.sweep_shared()  # content no kept version shares any more
     return result
