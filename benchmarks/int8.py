@@ -44,13 +44,15 @@ def _export(name: str, path: Path) -> None:
 def _speed(path: Path, size: int, batches: int, singles: int) -> dict:
     import onnxruntime as ort
 
+    from cl_serve.export.external_data import onnx_bytes
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     b32, lat = model_speed(lambda x: sess.run(None, {name: x}), size, batches, singles)
     return {"images_per_s_b32": round(b32, 2), "batch1_ms_p50": round(float(np.median(lat)), 1),
-            "bytes": path.stat().st_size}
+            "bytes": onnx_bytes(path)}
 
 
 def _agreement(fp32: Path, int8: Path, size: int, n: int) -> dict:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cl_serve.export.external_data import onnx_bytes
+
 HERE = Path(__file__).parent
 MODELS = {
     "tiny224": ("vit_small_patch16_224", {"embed_dim": 64, "depth": 4, "num_heads": 2}),
@@ -113,7 +115,7 @@ def one_row(work: Path, jpegs: Path, model: str, method: str, images: int, class
                 "head_seconds": tr.get("head_seconds"), "train_steps_seconds": tr.get("train_steps_seconds"),
                 "peak_rss_in_manifest_mib": tr.get("peak_rss_mib"),
                 "cache": tr.get("cache"),
-                "onnx_mib": round((store / "versions" / f"{manifest['version']:04d}" / "model.onnx").stat().st_size
+                "onnx_mib": round(onnx_bytes(store / "versions" / f"{manifest['version']:04d}" / "model.onnx")
                                   / 2**20, 1)})
     return row
 

@@ -117,3 +117,49 @@ def test_a_year_of_weekly_versions_stays_within_its_bytes_with_and_without_prune
     assert Store(stores[1]).versions() == list(range(45, 53))
     assert disk_bytes(stores[1] / "versions", stores[1] / "blobs") <= base[1] + 7 * per_week
     assert _blobs_and_listed(stores[1])[0] == _blobs_and_listed(stores[1])[1]
+
+
+def _as_written_before_sharing(root, v: int) -> None:
+    """Rewrite version v as versions were before shared content: one self-contained ONNX file, every file its own
+    copy in the version's directory, a manifest without `shared` or ONNX `data`."""
+    import hashlib
+
+    import onnx
+
+    from cl_serve.export.external_data import load_model
+
+    d = root / "versions" / f"{v:04d}"
+    manifest = json.loads((d / "manifest.json").read_text())
+    model = load_model(d / "model.onnx")
+    learner = (d / "learner.safetensors").read_bytes()
+    for n in manifest["files"]:
+        (d / n).unlink()  # names of shared content: never written through
+    onnx.save(model, str(d / "model.onnx"))
+    (d / "learner.safetensors").write_bytes(learner)
+    shutil.rmtree(root / "blobs")
+    manifest["files"] = {n: hashlib.sha256((d / n).read_bytes()).hexdigest()
+                         for n in ("learner.safetensors", "model.onnx")}
+    del manifest["shared"], manifest["onnx"]["data"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_store_written_before_sharing_is_read_and_its_next_versions_share(tmp_path, tasks):
+    root = init_tiny_store(tmp_path / "store", "none")
+    pipeline.add_task(root, tasks[0]["train"], fast_train(epochs=1), progress=False)
+    _as_written_before_sharing(root, 1)
+    s = Store(root)
+    old = s.verified(1).manifest
+    assert old.shared == [] and old.onnx.data == [] and sorted(old.files) == ["learner.safetensors", "model.onnx"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert load_version(s, 1).run(x).shape == (2, 3)
+    for t in (1, 2):
+        pipeline.add_task(root, tasks[t]["train"], fast_train(epochs=1), progress=False)
+    s = Store(root)
+    m2, m3 = s.verified(2).manifest, s.verified(3).manifest
+    assert m2.shared and set(m2.onnx.data) & set(m3.onnx.data)  # new versions share among themselves
+    assert all(os.path.samefile(s.version_dir(2) / n, s.version_dir(3) / n) for n in set(m2.onnx.data) & set(m3.onnx.data))
+    st = json.loads(run_cli("status", "--store", str(root), "--json").stdout)
+    assert st["verified"] and [v["version"] for v in st["versions"]] == [1, 2, 3]
+    r = run_cli("prune", "--store", str(root), "--keep", "1", "--yes", "--allow-rollback-target", "--json")
+    assert json.loads(r.stdout)["removed"] == [1, 2] and _blobs_and_listed(root)[0] == _blobs_and_listed(root)[1]
+    assert load_version(Store(root), 3).run(x).shape == (2, 9)

@@ -81,3 +81,14 @@ def load_model(path: str | Path):
         tensor.data_location = onnx.TensorProto.DEFAULT
         tensor.raw_data = raw
     return model
+
+
+def onnx_bytes(graph: str | Path) -> int:
+    """The bytes of an ONNX model: its graph file and every weight file it reads."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    graph = Path(graph)
+    model = onnx.load(str(graph), load_external_data=False)
+    names = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    return graph.stat().st_size + sum((graph.parent / n).stat().st_size for n in names)
