@@ -126,7 +126,7 @@ def test_bad_inputs_get_4xx_json_and_the_replica_keeps_serving(server, tasks):
     assert r.status_code == 200
 
 
-def test_hot_swap_under_load_has_zero_failed_requests(server, tasks):
+def test_hot_swap_and_prune_under_load_have_zero_failed_requests(server, tasks):
     store, c = server["store"], server["client"]
     s = Store(store)
     start_version = s.current()
@@ -160,6 +160,11 @@ def test_hot_swap_under_load_has_zero_failed_requests(server, tasks):
     t_pub = time.time()
     pipeline.rollback(store, published[-1][1])
     delay = _wait_version(c, published[-1][1])
+    time.sleep(1.0)
+    from cl_serve.workflow import retention
+
+    pruned = retention.prune(store, keep=2, apply=True)  # the store pruned under the server, clients still running
+    assert pruned["removed"] and published[-1][1] in s.versions() and not set(pruned["removed"]) & set(s.versions())
     time.sleep(1.0)
     stop.set()
     for t in threads:
