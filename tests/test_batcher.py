@@ -119,6 +119,19 @@ def test_a_cancelled_caller_is_not_run_and_a_model_error_reaches_only_its_batch(
     asyncio.run(main())
 
 
+def test_a_failing_metrics_callback_does_not_stop_the_worker():
+    def broken_metric(n: int) -> None:
+        raise RuntimeError("metrics backend down")
+
+    async def main():
+        batcher = ModelBatcher(max_batch_images=32, on_batch=broken_metric)
+        model = GatedModel(factor=2.0)
+        for n in (1, 4):
+            assert np.array_equal(await batcher.run(model, images(n)), images(n, 2.0))
+        assert batcher.alive and model.batches == [1, 4]
+    asyncio.run(main())
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
         ModelBatcher(max_batch_images=0)

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 class _Item:
@@ -71,7 +74,10 @@ class ModelBatcher:
             if not batch:
                 continue
             model, sizes = batch[0].model, [len(item.x) for item in batch]
-            self._on_batch(sum(sizes))
+            try:
+                self._on_batch(sum(sizes))
+            except Exception:  # a metric that fails must not stop the worker (every later request would wait)
+                logger.exception("the batch-size callback failed; batching goes on")
             try:
                 out = await asyncio.to_thread(model.run, np.concatenate([item.x for item in batch]))
             except Exception as e:  # the model failed: every caller of this batch gets the error
