@@ -127,7 +127,8 @@ def test_a_failing_metrics_callback_does_not_stop_the_worker():
         batcher = ModelBatcher(max_batch_images=32, on_batch=broken_metric)
         model = GatedModel(factor=2.0)
         for n in (1, 4):
-            assert np.array_equal(await batcher.run(model, images(n)), images(n, 2.0))
+            out = await asyncio.wait_for(batcher.run(model, images(n)), timeout=10)  # a stopped worker: never
+            assert np.array_equal(out, images(n, 2.0))
         assert batcher.alive and model.batches == [1, 4]
     asyncio.run(main())
 
