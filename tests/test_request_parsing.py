@@ -225,3 +225,13 @@ def test_server_settings_are_one_typed_model_checked_where_they_enter(tmp_path):
             server_settings.validated(bad)
     r = run_cli("serve", "--store", str(tmp_path), "--canary", "120")  # refused before Ray starts
     assert r.returncode == 2 and "canary_percent" in r.stderr, r.stderr
+    # The batch settings: one typed model too, for the CLI, build_app and app_builder's arguments.
+    for flags, words in ((["--batch-wait-ms", "5000"], "batch_wait_ms"), (["--max-batch-size", "0"], "max_batch_size")):
+        r = run_cli("serve", "--store", str(tmp_path), *flags)
+        assert r.returncode == 2 and words in r.stderr, r.stderr
+    from cl_serve.serving.app import app_builder, build_app
+
+    with pytest.raises(ValueError, match="batch_wait_ms"):
+        build_app(str(tmp_path), batch_wait_ms=-1)
+    with pytest.raises(ValueError, match="batch_wait_ms"):
+        app_builder({"store": str(tmp_path), "batch_wait_ms": 2000})  # a RayService's argument reaches the check

@@ -329,9 +329,7 @@ def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_
     a fixed number of replicas. `precision`: fp32, or int8 (each version's int8 file where it has one)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    if max_batch_size < 1 or not 0 <= batch_wait_ms <= 1000:
-        raise ValueError(f"max_batch_size must be >= 1 and batch_wait_ms in [0, 1000]; got {max_batch_size}, "
-                         f"{batch_wait_ms}")
+    server_settings.batch_settings(max_batch_size, batch_wait_ms)
     user_config = {"poll_interval_s": poll_interval_s, "max_request_bytes": max_request_bytes, **(settings or {})}
     server_settings.validated(user_config)  # an unknown key or a bad value fails here, not in a replica
     scaling: dict[str, Any] = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
@@ -351,6 +349,7 @@ def app_builder(args: dict[str, Any]):
     settings = {k: args[k] for k in DEFAULTS if k in args and k not in ("poll_interval_s", "max_request_bytes")}
     return build_app(store, replicas=int(args.get("replicas", 1)),
                      max_batch_size=int(args.get("max_batch_size", 32)),
+                     batch_wait_ms=float(args.get("batch_wait_ms", 0.0)),
                      poll_interval_s=float(args.get("poll_interval_s", DEFAULTS["poll_interval_s"])),
                      max_request_bytes=int(args.get("max_request_bytes", DEFAULTS["max_request_bytes"])),
                      gpus_per_replica=float(args.get("gpus_per_replica", 0)), settings=settings,

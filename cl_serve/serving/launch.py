@@ -96,17 +96,16 @@ def stop() -> None:
 
 
 def serve_forever(a) -> None:
-    if a.replicas < 1 or a.max_batch_size < 1:
-        raise UserError("--replicas and --max-batch-size must be >= 1")
+    if a.replicas < 1:
+        raise UserError("--replicas must be >= 1")
     if a.gpus_per_replica < 0:
         raise UserError("--gpus-per-replica must be >= 0")
-    if not 0 <= a.batch_wait_ms <= 1000:
-        raise UserError("--batch-wait-ms must be between 0 and 1000")
     settings = {"poll_interval_s": a.poll_interval, "max_request_bytes": int(a.max_request_mb * 1024 * 1024),
                 "max_queued_requests": a.max_queued_requests, "request_timeout_s": a.request_timeout,
                 "canary_percent": a.canary, "model_name": a.model_name}
     try:
-        server_settings.validated(settings)  # before Ray starts: the flag's name is in the message
+        server_settings.batch_settings(a.max_batch_size, a.batch_wait_ms)  # before Ray starts, as every setting
+        server_settings.validated(settings)  # the flag's name is in the message
     except ValueError as e:
         raise UserError(str(e)) from None
     start(a.store, a.host, a.port, a.num_cpus, metrics_port=a.metrics_port, replicas=a.replicas,

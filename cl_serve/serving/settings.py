@@ -75,3 +75,22 @@ def validated(settings: dict[str, Any]) -> dict[str, Any]:
         return ServerSettings(**{k: v for k, v in settings.items() if k != PIN}).model_dump()
     except ValidationError as e:
         raise ValueError(f"invalid server settings: {describe_error(e)}") from None
+
+
+class BatchSettings(BaseModel):
+    """How a replica batches (fixed for a deployment: `serve --max-batch-size/--batch-wait-ms`, `build_app`,
+    `app_builder`'s arguments); `ModelBatcher` applies them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1, le=4096, description="images per model call at most")
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000, description=(
+        "how long an idle model waits for company before it runs a lone request"))
+
+
+def batch_settings(max_batch_size: int, batch_wait_ms: float) -> BatchSettings:
+    """The batch settings, or ValueError naming the bad one."""
+    try:
+        return BatchSettings(max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+    except ValidationError as e:
+        raise ValueError(f"invalid batch settings: {describe_error(e)}") from None
