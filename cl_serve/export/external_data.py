@@ -13,6 +13,8 @@ import os
 import uuid
 from pathlib import Path
 
+from cl_serve.base.atomic_files import atomic_write_bytes
+
 MIN_EXTERNAL_BYTES = 4096  # weight matrices and the larger biases; norms and small biases stay inline
 
 
@@ -22,14 +24,8 @@ def data_file_name(digest: str) -> str:
 
 def _write_once(path: Path, data: bytes) -> None:
     """Write `path` atomically unless a file of that (content-derived) name is already there."""
-    if path.is_file():
-        return
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if not path.is_file():
+        atomic_write_bytes(path, data)
 
 
 def split_weights(path: str | Path, min_bytes: int = MIN_EXTERNAL_BYTES) -> list[str]:

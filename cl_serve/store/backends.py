@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 from cl_serve.contract.store_schema import utc_now
+from cl_serve.base.atomic_files import atomic_write_text, fsync_dir  # noqa: F401  (re-exported)
 from cl_serve.base.errors import StoreError
 
 VERSION_NAME = re.compile(r"[0-9]{1,9}")
@@ -35,24 +36,6 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def fault_point(name: str) -> None:
