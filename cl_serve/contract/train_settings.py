@@ -29,7 +29,8 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = Field(256, ge=1)
     views: int = Field(4, ge=1, le=64, description=(
-        "augmented views per image cached when only the last blocks are adapted (method `blocks`)"))
+        "augmented views per image cached when only the last blocks are adapted (method `blocks`); none with one "
+        "epoch, where a cached view would save no computation"))
     cache_max_gib: float = Field(2.0, ge=0.0, description=(
         "memory for the frozen blocks' cached outputs, the evaluation view's included: the evaluation view is cached "
         "first, then as many training views as fit; what does not fit is recomputed (0: no cache)"))
