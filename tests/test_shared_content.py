@@ -157,7 +157,8 @@ def test_a_store_written_before_sharing_is_read_and_its_next_versions_share(tmp_
     s = Store(root)
     m2, m3 = s.verified(2).manifest, s.verified(3).manifest
     assert m2.shared and set(m2.onnx.data) & set(m3.onnx.data)  # new versions share among themselves
-    assert all(os.path.samefile(s.version_dir(2) / n, s.version_dir(3) / n) for n in set(m2.onnx.data) & set(m3.onnx.data))
+    common = set(m2.onnx.data) & set(m3.onnx.data)
+    assert all(os.path.samefile(s.version_dir(2) / n, s.version_dir(3) / n) for n in common)
     st = json.loads(run_cli("status", "--store", str(root), "--json").stdout)
     assert st["verified"] and [v["version"] for v in st["versions"]] == [1, 2, 3]
     r = run_cli("prune", "--store", str(root), "--keep", "1", "--yes", "--allow-rollback-target", "--json")

@@ -9,8 +9,6 @@ stay inside the graph. No torch: onnx only.
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 from pathlib import Path
 
 from cl_serve.base.atomic_files import atomic_write_bytes
@@ -28,15 +26,14 @@ def _write_once(path: Path, data: bytes) -> None:
         atomic_write_bytes(path, data)
 
 
-def split_weights(path: str | Path, min_bytes: int = MIN_EXTERNAL_BYTES) -> list[str]:
-    """Rewrite the ONNX file `path` so every initializer of at least `min_bytes` is read from its own
-    content-named file in the same directory; returns those file names (sorted, each once). The graph file is
-    replaced atomically, after its data files are written."""
+def save_split(model, path: str | Path, min_bytes: int = MIN_EXTERNAL_BYTES) -> list[str]:
+    """Write the in-memory ONNX `model` to `path` with every initializer of at least `min_bytes` read from its own
+    content-named file in the same directory; returns those file names (sorted, each once). The weight files are
+    written first, then the graph atomically."""
     import onnx
     from onnx.external_data_helper import set_external_data
 
     path = Path(path)
-    model = load_model(path)  # with any external data it already has
     names: set[str] = set()
     for tensor in model.graph.initializer:
         if not tensor.HasField("raw_data") or len(tensor.raw_data) < min_bytes:
@@ -48,9 +45,7 @@ def split_weights(path: str | Path, min_bytes: int = MIN_EXTERNAL_BYTES) -> list
         set_external_data(tensor, location=name, offset=0, length=len(raw))
         tensor.data_location = onnx.TensorProto.EXTERNAL
         tensor.ClearField("raw_data")
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, model.SerializeToString())
     return sorted(names)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from cl_serve.contract.preprocessing import Preprocessing
-from cl_serve.export.external_data import split_weights
+from cl_serve.export.external_data import save_split
 
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -68,11 +67,9 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, preprocessing: Prep
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    onnx.save(proto, str(path) + ".partial")
-    os.replace(str(path) + ".partial", path)
+    data = save_split(proto, path)
     for leftover in path.parent.glob(path.name + ".partial*"):
         leftover.unlink()
-    data = split_weights(path)
     return {"opset": opset, "dtype": meta["cl_serve.dtype"], "input": INPUT_NAME, "output": OUTPUT_NAME,
             "dynamic_batch": True, "data": data}
 

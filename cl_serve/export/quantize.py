@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from cl_serve.export.external_data import load_model, split_weights
+from cl_serve.export.external_data import load_model, save_split
 
 QUANTIZED_OPS = ["MatMul", "Gemm"]
 
@@ -51,8 +51,7 @@ def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
     props = {p.key: p.value for p in quantized.metadata_props}
     onnx.helper.set_model_props(quantized, {**props, **{p.key: p.value for p in original.metadata_props},
                                             "cl_serve.dtype": "int8"})
-    onnx.save(quantized, str(target))
-    data = split_weights(target)
+    data = save_split(quantized, target)
     opset = next((o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")), 0)
     return {"opset": int(opset), "dtype": "int8", "input": original.graph.input[0].name,
             "output": original.graph.output[0].name, "dynamic_batch": True, "data": data}

@@ -48,6 +48,13 @@ SHARED_MIN_BYTES = 4096  # files at least this large are kept once per content (
 CURRENT_FORMAT = re.compile(rb"[0-9]{1,9}\n?")  # CURRENT: ASCII digits, one optional newline
 
 
+def settle_file(path: Path) -> None:
+    """A new file of a version made readable by a server running as another user and durable on disk."""
+    os.chmod(path, 0o644)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 @dataclass(frozen=True)
 class VerifiedVersion:
     """A version whose manifest parsed and whose every listed file matched its sha256 when it was made: pass it
@@ -337,6 +344,14 @@ class Store:
                 freed += size
         return freed
 
+    def share_if_large(self, path: Path, digest: str) -> bool:
+        """Keep a new file of a version as shared content when it is at least SHARED_MIN_BYTES (before the
+        manifest that lists it is written); True when it is."""
+        if path.stat().st_size < SHARED_MIN_BYTES:
+            return False
+        self.backend.share(path, digest)
+        return True
+
     def new_version(self) -> VersionWriter:
         return VersionWriter(self, max(self.backend.taken() + [0]) + 1)
 
@@ -345,12 +360,9 @@ class Store:
         files, shared = {}, []
         for p in sorted(writer.path.iterdir()):
             if p.name != "manifest.json":
-                os.chmod(p, 0o644)  # readable by a server running as another user
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
+                settle_file(p)
                 files[p.name] = self._sha256(p)
-                if p.stat().st_size >= SHARED_MIN_BYTES:
-                    self.backend.share(p, files[p.name])
+                if self.share_if_large(p, files[p.name]):
                     shared.append(p.name)
         fault_point("publish-after-share")
         manifest = manifest.model_copy(update={"files": files, "version": writer.version, "shared": shared})
@@ -358,7 +370,8 @@ class Store:
             f.write(manifest.model_dump_json(indent=2))
             f.flush()
             os.fsync(f.fileno())
-        final = self.backend.commit_version(writer.path, writer.version, [n for n in sorted(files) if n not in shared])
+        own = [n for n in sorted(files) if n not in shared]  # the files the version's own directory holds
+        final = self.backend.commit_version(writer.path, writer.version, own)
         for name, digest in files.items():  # the same bytes under their final name: no second hashing
             self._hashed[self._file_key(final / name)] = digest
         fault_point("before-current")

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from cl_serve.contract.store_schema import ONNX_PRECISIONS, OnnxInfo
 from cl_serve.store.backends import atomic_write_text, fault_point, fsync_dir, sha256_file, vname
-from cl_serve.store.model_store import SHARED_MIN_BYTES, Store, VerifiedVersion
+from cl_serve.store.model_store import Store, VerifiedVersion, settle_file
 
 
 @contextlib.contextmanager
@@ -42,14 +42,11 @@ def _move_in(store: Store, handle: VerifiedVersion, sources: dict[str, Path]) ->
     added, shared = {}, []
     for name, src in sources.items():
         added[name] = sha256_file(src)
-        os.chmod(src, 0o644)
-        with open(src, "rb") as f:
-            os.fsync(f.fileno())
+        settle_file(src)
         os.replace(src, d / name)
     fsync_dir(d)
     for name, digest in added.items():
-        if (d / name).stat().st_size >= SHARED_MIN_BYTES:
-            store.backend.share(d / name, digest)
+        if store.share_if_large(d / name, digest):
             shared.append(name)
         else:
             store.backend.put(f"{rel}/{name}")

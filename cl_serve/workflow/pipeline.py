@@ -365,8 +365,8 @@ def export_version(root: str | Path, version: int | None = None, *, fp16: bool =
                    opset: int | None = None) -> dict[str, Any]:
     """Re-export a version's ONNX from its merged weights (parity-checked). The version's files are never
     rewritten in place: the new file gets a new name and the manifest switches to it atomically
-    (`cl_serve.store.onnx_switch`); identical bytes change nothing. fp16 attaches a half-precision file for GPUs next to
-    the fp32 one; `opset` picks another ONNX opset (e.g. for an older runtime)."""
+    (`cl_serve.store.onnx_switch`); identical bytes change nothing. fp16 attaches a half-precision file for GPUs
+    next to the fp32 one; `opset` picks another ONNX opset (e.g. for an older runtime)."""
     store = open_store(root)
     with store.lock(hint=LOCK_HINTS["export"]):
         handle = store.verified_or_live(version)

@@ -3,8 +3,8 @@ fp32 file. The int8 file is made from the version's fp32 ONNX (cl_serve.export.q
 labelled held-out images (the release policy's gate data unless another folder is given), and the file is
 attached only when its top-1 agreement with fp32 is at least `min_agreement` and its accuracy at most `max_drop`
 below fp32's (default: the policy's max_drop); the comparison is stated in the manifest (`onnx_int8.quantization`).
-A refused file changes nothing. Attaching follows `cl_serve.store.onnx_switch`: a new content-addressed name, the manifest
-switched atomically, never a file rewritten in place.
+A refused file changes nothing. Attaching follows `cl_serve.store.onnx_switch`: a new content-addressed name, the
+manifest switched atomically, never a file rewritten in place.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from cl_serve.base.errors import StoreError, UserError
 from cl_serve.contract.preprocessing import Preprocessing, normalize
+from cl_serve.export.external_data import onnx_bytes
 from cl_serve.export.quantize import compare, quantize_int8
 from cl_serve.store.model_store import LOCK_HINTS
 from cl_serve.store.onnx_switch import staging_dir, switch_onnx
@@ -79,9 +80,6 @@ def quantize_version(root: str | Path, version: int | None = None, *, gate_data:
                     f"{min_agreement}), accuracy {check['accuracy_int8']:.4f} vs {check['accuracy_fp32']:.4f} fp32 "
                     f"(drop {drop:.4f}, allowed {allowed}) on {check['images']} images of {source}; nothing attached")
             name = switch_onnx(store, handle, tmp, {**info, "quantization": verdict}, precision="int8")
-    def size(names: list[str]) -> int:
-        return sum((store.version_dir(v) / n).stat().st_size for n in names)
-
-    return {"version": v, "file": str(store.version_dir(v) / name), "bytes": size([name, *info["data"]]),
-            "fp32_bytes": size(m.onnx_files()), **verdict,
+    return {"version": v, "file": str(store.version_dir(v) / name), "bytes": onnx_bytes(store.version_dir(v) / name),
+            "fp32_bytes": onnx_bytes(store.version_dir(v) / fp32), **verdict,
             "max_abs_logit_diff": check["max_abs_logit_diff"]}
