@@ -113,7 +113,7 @@ def one_row(work: Path, jpegs: Path, model: str, method: str, images: int, class
                 "train_seconds": round(train, 1), "train_images_per_s": round(images * max(epochs, 1) / train, 1),
                 "export_seconds": round(export, 1) if export else None,
                 "head_seconds": tr.get("head_seconds"), "train_steps_seconds": tr.get("train_steps_seconds"),
-                "peak_rss_in_manifest_mib": tr.get("peak_rss_mib"),
+                "peak_rss_in_manifest_mib": tr.get("peak_rss_mib"), "heap": tr.get("heap"),
                 "cache": tr.get("cache"),
                 "onnx_mib": round(onnx_bytes(store / "versions" / f"{manifest['version']:04d}" / "model.onnx")
                                   / 2**20, 1)})

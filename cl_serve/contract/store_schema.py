@@ -174,6 +174,7 @@ class TrainingRecord(TrainConfig):
     train_steps_seconds: float | None = None  # the optimiser's steps (inside `seconds`); the rest is feature passes
     export_seconds: float | None = None
     peak_rss_mib: float | None = None  # the add-task process's peak resident memory up to publishing
+    heap: str | None = None  # what add-task did to the C allocator (cl_serve.base.heap)
     cache: dict[str, Any] | None = None  # the frozen-prefix cache (method `blocks`): views, bytes, seconds
 
 

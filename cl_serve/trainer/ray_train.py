@@ -30,9 +30,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
+    from cl_serve.base.heap import map_large_blocks
     from cl_serve.trainer.collective import TorchDistributed
     from cl_serve.trainer.train import train_task
 
+    map_large_blocks()
     payload = ray.get(config["payload"])
     coll = TorchDistributed()
     learner = payload["make_learner"]()

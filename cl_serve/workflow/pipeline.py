@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from cl_serve.workflow import release_gate
 from cl_serve.base.errors import StoreError, UserError
+from cl_serve.base.heap import map_large_blocks
 from cl_serve.store.remote_inputs import local_copy
 from cl_serve.contract.store_schema import (LEGACY_MERGED, GateDecision, Metrics, OnnxInfo, TaskRecord,
                                             describe_error)
@@ -165,6 +166,7 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
     store = open_store(root)
     cfg = store.config()
     t0 = time.time()
+    heap = map_large_blocks()  # freed batches go back to the system: the peak does not grow with the task
     with store.lock(wait=wait):
         parent = store.current()
         parent_manifest = store.verified(parent).manifest if parent is not None else None
@@ -174,7 +176,7 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         t_decode = time.time()
         data = load_task_data(found, cfg.preprocessing, strict=strict, progress=progress, desc="decoding task images")
         decode_seconds = time.time() - t_decode
-        summary_extra = {"decode_seconds": decode_seconds}
+        summary_extra = {"decode_seconds": decode_seconds, "heap": heap}
         for line in data.corrupt:
             log(f"skipped corrupt image {line}")
         factory, choice = _choose(store, cfg, parent, data, train, progress, log)
@@ -314,7 +316,7 @@ def _publish(store: Store, cfg: StoreConfig, learner: Learner, model,
                       "decode_seconds": summary.get("decode_seconds"), "export_seconds": export_seconds,
                       "head_seconds": summary.get("head_seconds"),
                       "train_steps_seconds": summary.get("train_steps_seconds"),
-                      "peak_rss_mib": peak_rss_mib(), "cache": summary.get("cache")})
+                      "peak_rss_mib": peak_rss_mib(), "heap": summary.get("heap"), "cache": summary.get("cache")})
         return store.publish(writer, manifest, make_current=gate is None or gate.passed), onnx_info
     except BaseException:
         writer.discard()
