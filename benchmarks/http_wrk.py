@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -114,32 +115,40 @@ def deploy_floor() -> str:
 
 
 def measure(store_root: str, concurrency: list[int], seconds: int, batches: int, singles: int,
-            precision: str = "fp32", floor: bool = False, batch_wait_ms: float = 0.0) -> dict:
+            precision: str = "fp32", floor: bool = False, batch_wait_ms: float = 0.0, direct: bool = False) -> dict:
     from cl_serve.serving import launch
     from cl_serve.store.open_store import open_store
 
     store = open_store(store_root)
     raw = raw_onnx(store, batches, singles, precision)
     image = _image(store)
-    port = launch.free_port()
+    port, direct_port = launch.free_ports(2)
+    if direct:  # ports for two ingress replicas: the classifier's (first deployed: direct_port), the floor's (+1)
+        os.environ.update(launch.direct_ingress_env(direct_port, 2))
     launch.start(store_root, port=port, num_cpus=2, quiet=True, precision=precision, batch_wait_ms=batch_wait_ms)
+    if direct:
+        launch.wait_until_healthy(f"http://127.0.0.1:{direct_port}")
     rows = []
     try:
         with tempfile.TemporaryDirectory() as d:
             paths = routes(image)
             if floor:
                 paths["Serve floor (constant)"] = (deploy_floor(), *paths["/classify (JSON)"][1:])
-            for name, (path, body, headers) in paths.items():
+            targets = [(name, port, route) for name, route in paths.items()]
+            if direct:  # the same routes straight from the replicas
+                targets += [(f"{name}, direct", direct_port + name.startswith("Serve floor"), route)
+                            for name, route in paths.items()]
+            for name, at, (path, body, headers) in targets:
                 script = _lua(body, headers, Path(d))
-                wrk(f"http://127.0.0.1:{port}{path}", script, 4, 3)  # warm-up
+                wrk(f"http://127.0.0.1:{at}{path}", script, 4, 3)  # warm-up
                 for c in concurrency:
-                    row = {"route": name, **wrk(f"http://127.0.0.1:{port}{path}", script, c, seconds)}
+                    row = {"route": name, **wrk(f"http://127.0.0.1:{at}{path}", script, c, seconds)}
                     row["of_raw_b32"] = round(row["req_per_s"] / raw["images_per_s_b32"], 2)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     finally:
         launch.stop()
-    return {"precision": precision, "batch_wait_ms": batch_wait_ms, "onnx_file": raw["onnx_file"], "raw_onnx": raw, "rows": rows}
+    return {"precision": precision, "batch_wait_ms": batch_wait_ms, "direct_ingress": direct, "onnx_file": raw["onnx_file"], "raw_onnx": raw, "rows": rows}
 
 
 def _markdown(r: dict) -> str:
@@ -164,12 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="as `serve --precision`")
     ap.add_argument("--batch-wait-ms", type=float, default=0.0, help="as `serve --batch-wait-ms` (default 0)")
     ap.add_argument("--floor", action="store_true", help="also a bare Serve app answering a constant (same cores)")
+    ap.add_argument("--direct", action="store_true", help="also every route straight from the replica "
+                    "(`serve --direct-port`: Ray Serve's direct ingress, no proxy hop), in the same run")
     ap.add_argument("--name", default="http-wrk-cpu")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     result = {"name": a.name, "command": command_line("benchmarks.http_wrk", argv),
               **measure(a.store, a.concurrency, a.seconds, a.batches, a.singles, a.precision, a.floor,
-                       a.batch_wait_ms)}
+                       a.batch_wait_ms, a.direct)}
     save(a.out, a.name, result, _markdown(result))
     return 0
 

@@ -2,7 +2,9 @@
 `tritonclient.http` (its defaults: binary tensors) and by raw HTTP for what a client library would not send.
 The same model, bounds and token as /classify: the answer matches /classify's, hostile bodies and the hostile
 image corpus of benchmarks/hostile.py get a 4xx (never a 5xx) and the replica keeps serving. The server runs with
-`--precision int8`: the live version's int8 file answers, the version without one answers from its fp32 file."""
+`--precision int8`: the live version's int8 file answers, the version without one answers from its fp32 file; and
+with `--direct-port`: the replica answers the same routes itself (Ray Serve's direct ingress), with the same answers,
+bounds and token as through the proxy."""
 import base64
 import json
 import time
@@ -43,17 +45,22 @@ def server(tmp_path_factory, tasks):
     pipeline.add_task(store, tasks[1]["train"], fast_train(), progress=False)
     # served with --precision int8: version 2 has an int8 file (bounds opened: a tiny random model), version 1 none
     quantize_version(store, gate_data=str(tasks[1]["seen"]), min_agreement=0.0, max_drop=1.0)
-    port = serve_cli.free_port()
+    port, direct = serve_cli.free_ports(2)
     serve_cli.start(str(store), port=port, num_cpus=2, poll_interval_s=0.2, max_request_bytes=2_000_000,
-                    auth_token=TOKEN, precision="int8")
+                    auth_token=TOKEN, precision="int8", direct_port=direct)
     url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=60, headers=auth()) as client:
+    serve_cli.wait_until_healthy(f"http://127.0.0.1:{direct}", timeout_s=60)
+    with httpx.Client(base_url=url, timeout=60, headers=auth()) as client, \
+            httpx.Client(base_url=f"http://127.0.0.1:{direct}", timeout=60, headers=auth()) as direct_client:
         deadline = time.time() + 60
         while client.get("/healthz").json().get("version") != 2 and time.time() < deadline:
             time.sleep(0.1)
         triton = httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
-        yield {"store": store, "client": client, "url": url, "triton": triton}
+        triton_direct = httpclient.InferenceServerClient(f"127.0.0.1:{direct}", network_timeout=60)
+        yield {"store": store, "client": client, "url": url, "triton": triton, "direct": direct_client,
+               "triton_direct": triton_direct}
         triton.close()
+        triton_direct.close()
     serve_cli.stop()
 
 
@@ -135,8 +142,9 @@ def _v2_binary(blobs: list[bytes]) -> tuple[bytes, dict]:
     return header + data, {"Inference-Header-Content-Length": str(len(header))}
 
 
-def test_hostile_bodies_and_images_get_a_4xx_and_the_replica_keeps_serving(server, tasks):
-    c = server["client"]
+@pytest.mark.parametrize("ingress", ["client", "direct"])
+def test_hostile_bodies_and_images_get_a_4xx_and_the_replica_keeps_serving(server, tasks, ingress):
+    c = server[ingress]
     good = _pngs(tasks, 1)[0]
     requests = {f"v2 {name}": (body, {} if length is None else {"Inference-Header-Content-Length": length})
                 for name, (body, length) in HOSTILE.items()}
@@ -165,3 +173,60 @@ def test_precision_int8_serves_the_int8_file_and_fp32_where_a_version_has_none(s
     assert c.get("/healthz").json()["onnx_file"] == m.onnx_file(precision="int8")
     r = c.post("/classify?version=1", json={"images": [base64.b64encode(_pngs(tasks, 1)[0]).decode()]})
     assert r.status_code == 200 and r.json()["model_version"] == 1  # no int8 file: its fp32 one answers
+
+
+def test_direct_ingress_gives_the_proxys_answers_with_its_token(server, tasks):
+    blobs = _pngs(tasks, 3)
+    outputs = [httpclient.InferRequestedOutput("probabilities")]
+    via_proxy = server["triton"].infer(NAME, [_images(blobs)], outputs=outputs, headers=auth())
+    direct = server["triton_direct"].infer(NAME, [_images(blobs)], outputs=outputs, headers=auth())
+    np.testing.assert_allclose(direct.as_numpy("probabilities"), via_proxy.as_numpy("probabilities"), atol=1e-6)
+    body = {"images": [base64.b64encode(b).decode() for b in blobs]}
+    a, b = server["client"].post("/classify", json=body).json(), server["direct"].post("/classify", json=body).json()
+    assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+    assert a["model_version"] == b["model_version"] == 2
+    r = httpx.post(f"{server['direct'].base_url}/classify", json=body)  # no token
+    assert r.status_code == 401
+    with pytest.raises(InferenceServerException):
+        server["triton_direct"].infer(NAME, [_images(blobs)])  # no token either
+
+
+def test_direct_ports_are_one_per_replica_and_refused_past_the_last_port():
+    from cl_serve.base.errors import UserError
+    from cl_serve.serving.launch import direct_ingress_env
+
+    env = direct_ingress_env(9100, 3)
+    # Serve allocates range(MIN, MAX): 9100-9102 for HTTP, 9103-9105 for gRPC
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("9100", "9103")
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"]) == ("9103", "9106")
+    with pytest.raises(UserError, match="65536"):
+        direct_ingress_env(65534, 2)
+
+
+def test_a_slowloris_on_the_direct_port_does_not_deny_service(server, tasks):
+    """64 stalled uploads straight to the replica: legitimate requests are answered, every stalled one gets 408 at
+    body_timeout_s (10 s by default), as through the proxy (tests/test_server.py)."""
+    import socket
+
+    host, port = str(server["direct"].base_url).split("//")[1].rstrip("/").split(":")
+    head = (f"POST /classify HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode()
+    socks = []
+    try:
+        for _ in range(64):
+            s = socket.create_connection((host, int(port)), timeout=30)
+            s.sendall(head)
+            socks.append(s)
+        time.sleep(0.5)
+        body = {"images": [base64.b64encode(_pngs(tasks, 1)[0]).decode()]}
+        t0 = time.monotonic()
+        statuses = [server["direct"].post("/classify", json=body).status_code for _ in range(4)]
+        assert statuses == [200] * 4 and time.monotonic() - t0 < 10.0
+        answers = []
+        for s in socks:
+            s.settimeout(30)
+            answers.append(s.recv(64).split(b" ")[1:2])
+        assert answers == [[b"408"]] * 64
+    finally:
+        for s in socks:
+            s.close()

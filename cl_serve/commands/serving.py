@@ -13,6 +13,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--direct-port", type=int, default=None, metavar="PORT", help=(
+        "also answer on PORT (PORT+1, ... for more replicas) straight from the replica: Ray Serve's direct "
+        "ingress, no proxy hop (--port keeps working)"))
     p.add_argument("--max-batch-size", type=int, default=32, help="images per model call (a request with more "
                    "runs alone)")
     p.add_argument("--batch-wait-ms", type=float, default=0.0, help=(

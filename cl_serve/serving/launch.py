@@ -3,6 +3,10 @@
 The local Ray instance is private to this machine: no dashboard (no job-submission API), and every Ray port
 (GCS, raylet, workers, Serve controller, replicas, agents) on 127.0.0.1 (see cl_serve.base.loopback); only the HTTP
 proxy listens on `--host`.
+
+`--direct-port PORT` turns on Ray Serve's direct ingress (`RAY_SERVE_ENABLE_DIRECT_INGRESS`): each replica also
+answers HTTP itself, on PORT, PORT + 1, ... (one per replica on this machine), so a request skips the proxy and the
+proxy-to-replica call; `--port` keeps working through the proxy. The same application answers on both.
 """
 from __future__ import annotations
 
@@ -23,11 +27,29 @@ from cl_serve.store.open_store import open_store
 _OWN_RAY = False  # whether `start` started the Ray instance (then `stop` ends all of it)
 
 
+def direct_ingress_env(first_port: int, replicas: int) -> dict[str, str]:
+    """Ray Serve's settings for direct ingress with the replicas' HTTP ports at first_port ... (one per replica,
+    and the same count of gRPC ports right after them). Read by Serve's controller and replicas when they start.
+    Serve's port ranges end before their MAX; a released port goes straight back to the pool (its quarantine
+    exists for HAProxy, not used here), so a restarted replica answers on the same port."""
+    if not 1 <= first_port <= 65535 - 2 * replicas:
+        raise UserError(f"--direct-port {first_port}: needs {2 * replicas} free ports from it, below 65536")
+    grpc = first_port + replicas
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(grpc),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + replicas),
+            "RAY_SERVE_PORT_QUARANTINE_S": "0"}
+
+
 def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
-          metrics_port: int | None = None, num_gpus: int | None = None, quiet: bool = False, **app_kwargs):
+          metrics_port: int | None = None, num_gpus: int | None = None, quiet: bool = False,
+          direct_port: int | None = None, **app_kwargs):
     """Start a private local Ray + Serve on host:port with the classifier application; returns when deployed.
     `metrics_port`: Ray's Prometheus endpoint (http://127.0.0.1:PORT/metrics) with the server's own metrics.
-    `quiet`: only errors from Ray and Serve on this process's log (the demo's output is the demo's)."""
+    `quiet`: only errors from Ray and Serve on this process's log (the demo's output is the demo's).
+    `direct_port`: replicas also answer on direct_port, direct_port + 1, ... (see the module's docstring)."""
     global _OWN_RAY
     import logging
 
@@ -37,6 +59,11 @@ def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
     from cl_serve.serving.app import build_app
 
     open_store(store).config()  # a missing or broken store is a clear error before Ray starts
+    if direct_port is not None:
+        if ray.is_initialized():
+            raise UserError("--direct-port needs the Ray instance cl-serve starts itself; on a cluster set "
+                            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the Ray pods' environment instead")
+        os.environ.update(direct_ingress_env(direct_port, app_kwargs.get("replicas", 1)))
     if quiet:
         for name in ("ray", "ray.serve"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -111,11 +138,16 @@ def serve_forever(a) -> None:
     start(a.store, a.host, a.port, a.num_cpus, metrics_port=a.metrics_port, replicas=a.replicas,
           max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms, poll_interval_s=settings.pop("poll_interval_s"),
           max_request_bytes=settings.pop("max_request_bytes"), gpus_per_replica=a.gpus_per_replica, settings=settings,
-          auth_token=a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN") or None, precision=a.precision)
+          auth_token=a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN") or None, precision=a.precision,
+          direct_port=a.direct_port)
     auth = "bearer token required" if (a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN")) else "no auth token"
     print(f"cl-serve: serving {a.store} on http://{a.host}:{a.port} (page /, POST /classify, GET /v1/versions, "
           f"/v1/model, /healthz, /openapi.json; Open Inference Protocol: /v2/models/{a.model_name}/infer; {auth}); "
           f"metrics on http://127.0.0.1:{a.metrics_port}/metrics; Ctrl-C stops", flush=True)
+    if a.direct_port is not None:
+        print(f"cl-serve: the same routes straight from the replica{'s' if a.replicas > 1 else ''} (no proxy hop) "
+              f"on http://{a.host}:{a.direct_port}" + (f" to {a.direct_port + a.replicas - 1}" if a.replicas > 1 else ""),
+              flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while True:
