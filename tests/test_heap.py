@@ -1,4 +1,4 @@
-"""add-task fixes glibc's mmap threshold so that freed batch buffers go back to the system (cl_serve.base.heap)."""
+"""add-task returns what its heap holds unused to the system while it runs (cl_serve.base.heap.HeapTrimmer)."""
 import subprocess
 import sys
 import textwrap
@@ -6,48 +6,51 @@ import textwrap
 import pytest
 
 PROBE = textwrap.dedent("""
-    import ctypes, sys
-    from cl_serve.base.heap import map_large_blocks
+    import ctypes, sys, time
+    from cl_serve.base.heap import HeapTrimmer
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")]
+    def rss_mib():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    libc.mallinfo2.restype = MallInfo2
-    if sys.argv[1] == "fixed":
-        print(map_large_blocks(), file=sys.stderr)
-    libc.free(libc.malloc(8 << 20))  # glibc raises its threshold to 8 MiB here, unless it is fixed
-    before = libc.mallinfo2().hblks  # blocks that have their own mapping
-    p = libc.malloc(2 << 20)
-    print(libc.mallinfo2().hblks - before)
-    libc.free(p)
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    blocks = [libc.malloc(96 << 10) for _ in range(4000)]  # 375 MiB of 96-KiB blocks: heap, not mmap
+    for b in blocks:
+        libc.memset(b, 1, 96 << 10)
+    for i, b in enumerate(blocks):
+        if i % 50:  # free 98 %; every 50th block stays live, so the free space is not at the heap's top
+            libc.free(b)
+    held = rss_mib()
+    if sys.argv[1] == "trim":
+        with HeapTrimmer(interval_s=0.05) as trimmer:
+            time.sleep(0.5)
+            print(held, rss_mib(), trimmer.trims)
+    else:  # glibc on its own
+        time.sleep(0.5)
+        print(held, rss_mib(), 0)
 """)
 
 
-def _mapped_blocks(mode: str, env=None) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env)
-    return int(out.stdout.strip())
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-def test_freed_batches_are_returned_not_kept_in_the_heap():
-    # glibc's default: after an 8 MiB block is freed, a 2 MiB batch comes from the heap (and stays there)
-    assert _mapped_blocks("default") == 0
-    # fixed at 1 MiB: the 2 MiB batch has its own mapping, unmapped when freed
-    assert _mapped_blocks("fixed") == 1
+@pytest.mark.parametrize("mode", ["trim", "none"])
+def test_free_pages_inside_the_heap_go_back_to_the_system(mode):
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    held, after, trims = out.stdout.split()
+    held, after = float(held), float(after)
+    if mode == "trim":  # ~368 MiB freed inside the heap is returned within the interval
+        assert held - after > 300 and int(trims) >= 2, out.stdout
+    else:  # glibc alone keeps it (its own trim only releases the heap's top)
+        assert held - after < 50, out.stdout
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-def test_a_users_own_setting_is_kept(monkeypatch):
-    import os
+def test_the_trimmer_says_what_it_did():
+    from cl_serve.base.heap import HeapTrimmer
 
-    from cl_serve.base.heap import map_large_blocks
-
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(64 << 20))
-    assert map_large_blocks() == f"MALLOC_MMAP_THRESHOLD_={64 << 20} (environment)"
-    env = {**os.environ}
-    assert _mapped_blocks("fixed", env) == 0  # 64 MiB from the environment: the 2 MiB batch stays in the heap
+    with HeapTrimmer(interval_s=60) as t:
+        pass
+    assert t.describe() == "malloc_trim every 60 s (1 so far)"  # the final trim on exit
+    with pytest.raises(ValueError):
+        HeapTrimmer(interval_s=0)

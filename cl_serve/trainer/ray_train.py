@@ -30,18 +30,18 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from cl_serve.base.heap import map_large_blocks
+    from cl_serve.base.heap import HeapTrimmer
     from cl_serve.trainer.collective import TorchDistributed
     from cl_serve.trainer.train import train_task
 
-    map_large_blocks()
     payload = ray.get(config["payload"])
     coll = TorchDistributed()
     learner = payload["make_learner"]()
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     learner.to_device(device)
-    summary = train_task(learner, payload["data"], payload["prep"], payload["cfg"], progress=False,
-                         collective=coll)
+    with HeapTrimmer():  # as in add-task (cl_serve.base.heap)
+        summary = train_task(learner, payload["data"], payload["prep"], payload["cfg"], progress=False,
+                             collective=coll)
     learner.to_device("cpu")
     if coll.rank == 0:
         tensors, meta = learner.state()

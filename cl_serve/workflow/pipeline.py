@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from cl_serve.workflow import release_gate
 from cl_serve.base.errors import StoreError, UserError
-from cl_serve.base.heap import map_large_blocks
+from cl_serve.base.heap import HeapTrimmer
 from cl_serve.store.remote_inputs import local_copy
 from cl_serve.contract.store_schema import (LEGACY_MERGED, GateDecision, Metrics, OnnxInfo, TaskRecord,
                                             describe_error)
@@ -166,8 +166,8 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
     store = open_store(root)
     cfg = store.config()
     t0 = time.time()
-    heap = map_large_blocks()  # freed batches go back to the system: the peak does not grow with the task
-    with store.lock(wait=wait):
+    heap = HeapTrimmer()  # what each step frees goes back to the system: the peak does not grow with the task
+    with store.lock(wait=wait), heap:
         parent = store.current()
         parent_manifest = store.verified(parent).manifest if parent is not None else None
         found, test_found = _check_inputs(data_dir, test_data, parent_manifest, progress)
@@ -176,7 +176,7 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         t_decode = time.time()
         data = load_task_data(found, cfg.preprocessing, strict=strict, progress=progress, desc="decoding task images")
         decode_seconds = time.time() - t_decode
-        summary_extra = {"decode_seconds": decode_seconds, "heap": heap}
+        summary_extra = {"decode_seconds": decode_seconds}
         for line in data.corrupt:
             log(f"skipped corrupt image {line}")
         factory, choice = _choose(store, cfg, parent, data, train, progress, log)
@@ -189,7 +189,8 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         metrics, gate = _evaluate_and_gate(store, cfg.preprocessing, model, learner, parent_manifest, tasks,
                                            test_found, summary, train, log)
         published, onnx_info = _publish(store, cfg, learner, model, parent, task_index, tasks, metrics, gate,
-                                        choice, {**summary, **summary_extra}, train, device, len(data.corrupt),
+                                        choice, {**summary, **summary_extra, "heap": heap.describe()}, train, device,
+                                        len(data.corrupt),
                                         workers, export)
     return AddTaskResult(
         version=published.number, parent=parent, task=task_index, classes_added=data.class_names,
