@@ -8,8 +8,10 @@ One replica on a local Ray Serve (2 CPUs), the store's live version; wrk runs on
 machine would), one thread, `--seconds` per point at concurrency 1 and 32 (and whatever `--concurrency` lists);
 raw ONNX Runtime: images/s at batch 32 over `--batches` batches and the p50/p99 of `--singles` batch-1 runs.
 `--floor` adds a bare Serve app on the same instance that reads the body and answers a constant (what any
-request costs through Serve's proxy and a replica). Prints and saves benchmarks/results/NAME.{json,md}: req/s, p50 and p99 latency, non-2xx answers, wrk's socket
-errors (timeouts at 60 s included), and req/s over raw batch-32 images/s.
+request costs through Serve's proxy and a replica); `--direct` measures every route a second time straight from
+the replica (`serve --direct-port`). Prints and saves benchmarks/results/NAME.{json,md}: req/s, p50 and p99
+latency, non-2xx answers, wrk's socket errors (timeouts at 60 s included), req/s over raw batch-32 images/s, and
+the CPU milliseconds per request of each process (Serve's proxy, the replicas, wrk, the rest of Ray) from /proc.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import base64
 import json
 import os
 import re
+import resource
 import subprocess
 import tempfile
 from pathlib import Path
@@ -26,6 +29,7 @@ import numpy as np
 
 from benchmarks.model_speed import model_speed
 from benchmarks.results_io import command_line, save
+from benchmarks.serving import cpu_seconds_by_component
 
 HERE = Path(__file__).parent
 
@@ -77,9 +81,23 @@ def wrk(url: str, script: Path, concurrency: int, seconds: int) -> dict:
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {"concurrency": concurrency, "req_per_s": float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1)),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
             "p50_ms": round(_ms(pct["50"]), 1), "p99_ms": round(_ms(pct["99"]), 1),
             "non_2xx": int(bad.group(1)) if bad else 0,
             "socket_errors": sum(int(x) for x in errors.groups()) if errors else 0}
+
+
+def measured_cpu(run) -> dict:
+    """`run()`'s wrk row with `cpu_ms_per_request`: CPU milliseconds (user + system) per answered request of each
+    process kind over the run — Serve's proxy, the replicas (the classifier's and the floor's), controller, raylet,
+    GCS, and wrk itself — read from /proc and from this process's children."""
+    before, children = cpu_seconds_by_component(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    row = run()
+    after, children_after = cpu_seconds_by_component(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = {k: after[k] - before.get(k, 0.0) for k in after if k != "client"}
+    used["wrk"] = (children_after.ru_utime + children_after.ru_stime) - (children.ru_utime + children.ru_stime)
+    row["cpu_ms_per_request"] = {k: round(1000 * v / max(row["requests"], 1), 2) for k, v in used.items()}
+    return row
 
 
 def routes(image: bytes) -> dict[str, tuple[str, bytes, dict[str, str]]]:
@@ -142,13 +160,23 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
                 script = _lua(body, headers, Path(d))
                 wrk(f"http://127.0.0.1:{at}{path}", script, 4, 3)  # warm-up
                 for c in concurrency:
-                    row = {"route": name, **wrk(f"http://127.0.0.1:{at}{path}", script, c, seconds)}
+                    url = f"http://127.0.0.1:{at}{path}"
+                    row = {"route": name, **measured_cpu(lambda: wrk(url, script, c, seconds))}
                     row["of_raw_b32"] = round(row["req_per_s"] / raw["images_per_s_b32"], 2)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     finally:
         launch.stop()
-    return {"precision": precision, "batch_wait_ms": batch_wait_ms, "direct_ingress": direct, "onnx_file": raw["onnx_file"], "raw_onnx": raw, "rows": rows}
+    return {"precision": precision, "batch_wait_ms": batch_wait_ms, "direct_ingress": direct,
+            "onnx_file": raw["onnx_file"], "raw_onnx": raw, "rows": rows}
+
+
+def _cpu(row: dict) -> str:
+    c = row.get("cpu_ms_per_request")
+    if not c:
+        return "-"
+    rest = sum(v for k, v in c.items() if k not in ("proxy", "replica", "wrk"))
+    return f"{c['proxy']:.2f} / {c['replica']:.2f} / {c['wrk']:.2f} / {rest:.2f}"
 
 
 def _markdown(r: dict) -> str:
@@ -157,9 +185,10 @@ def _markdown(r: dict) -> str:
              f"Served file: {r['onnx_file']} ({r['precision']}), batch wait {r['batch_wait_ms']} ms. "
              f"Raw ONNX Runtime: {raw['images_per_s_b32']} images/s at batch 32; batch 1 p50 {raw['b1_ms_p50']} ms, "
              f"p99 {raw['b1_ms_p99']} ms.", "",
-             "| route | concurrency | req/s | of raw b32 | p50 ms | p99 ms | non-2xx | socket errors |", "|---" * 8 + "|"]
+             "| route | concurrency | req/s | of raw b32 | p50 ms | p99 ms | non-2xx | socket errors | CPU ms per "
+             "request: proxy / replicas / wrk / rest |", "|---" * 9 + "|"]
     lines += [f"| {x['route']} | {x['concurrency']} | {x['req_per_s']} | {x['of_raw_b32']} | {x['p50_ms']} | "
-              f"{x['p99_ms']} | {x['non_2xx']} | {x.get('socket_errors', '-')} |" for x in r["rows"]]
+              f"{x['p99_ms']} | {x['non_2xx']} | {x.get('socket_errors', '-')} | {_cpu(x)} |" for x in r["rows"]]
     return "\n".join(lines) + "\n"
 
 

@@ -49,7 +49,7 @@ def test_every_method_learns_and_merges_exactly(family, method, blocks, datasets
     check_token_path(learner.backbone, prep.input_size)
     assert learner.split == (1 if blocks else 0) or method == "none"
     for data in datasets[:2]:  # generated 32-px tasks, decoded once for the suite
-        out = train_task(learner, data, prep, fast_train(epochs=2, views=2), progress=False)
+        out = train_task(learner, data, prep, fast_train(epochs=3, views=2), progress=False)
         assert out["train_images"] == len(data)
         if blocks and method != "none":  # the steps run the adapted blocks from cached tokens
             assert out["cache"]["frozen_blocks"] == 1 and out["cache"]["views"] == 2

@@ -184,7 +184,7 @@ def test_last_blocks_with_cached_prefix_train_and_merge_exactly(backbone, datase
     n = len(datasets[0])
     per_image = 4 * learner.prefix(torch.zeros(1, 3, 32, 32))[0].numel()  # fp32 tokens of one image
     gib = {None: None, "eval only": (n * per_image * 1.5) / 2**30, "nothing": (n * per_image * 0.5) / 2**30}[budget]
-    cfg = fast_train(views=2, **({} if gib is None else {"cache_max_gib": gib}))
+    cfg = fast_train(epochs=3, views=2, **({} if gib is None else {"cache_max_gib": gib}))
     summary, feats = train_adapter(learner, datasets[0], prep, cfg, progress=False)
     views, eval_cached = {None: (2, True), "eval only": (0, True), "nothing": (0, False)}[budget]
     assert summary["cache"] == {"frozen_blocks": 1, "views": views, "seconds": summary["cache"]["seconds"],
@@ -196,6 +196,8 @@ def test_last_blocks_with_cached_prefix_train_and_merge_exactly(backbone, datase
     learner.finish_head(feats, datasets[0].labels)
     learn_more = train_task(learner, datasets[1], prep, fast_train(epochs=1, views=2), progress=False)
     assert learn_more["train_accuracy"] > 0 and learn_more["cache"]["views"] == 0  # one epoch: no view is worth it
+    as_many = train_task(learner, datasets[1], prep, fast_train(epochs=2, views=2), progress=False)
+    assert as_many["cache"]["views"] == 0  # two views for two epochs would cost the same two passes
     merged = build_plain_model(spec, merged_state_dict(learner))
     probe = torch.randn(8, 3, 32, 32)
     with torch.no_grad():

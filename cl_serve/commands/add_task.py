@@ -30,7 +30,7 @@ def _add_task_parser(sub) -> None:
                    help="autocast of the training forward (bf16 is faster on CPUs and GPUs with bf16 units)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--views", type=int, default=4, help="with --blocks: augmented views per image cached for "
-                   "training (each step draws one per image)")
+                   "training (each step draws one per image); only when fewer than --epochs, where they save passes")
     p.add_argument("--cache-max-gib", type=float, default=2.0, help="with --blocks: memory for the frozen blocks' "
                    "cached outputs, evaluation view included; what does not fit is recomputed (default 2)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

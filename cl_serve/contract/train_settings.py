@@ -32,8 +32,8 @@ class TrainConfig(BaseModel):
         "transient: a ViT-S/16 at 224 px holds ~0.9 GB of them at 256 images and ~0.4 GB at 64, at the same speed "
         "on CPUs"))
     views: int = Field(4, ge=1, le=64, description=(
-        "augmented views per image cached when only the last blocks are adapted (method `blocks`); none with one "
-        "epoch, where a cached view would save no computation"))
+        "augmented views per image cached when only the last blocks are adapted (method `blocks`); cached only when "
+        "fewer than the epochs (V views save epochs - V passes over the frozen blocks; as many or more save none)"))
     cache_max_gib: float = Field(2.0, ge=0.0, description=(
         "memory for the frozen blocks' cached outputs, the evaluation view's included: the evaluation view is cached "
         "first, then as many training views as fit; what does not fit is recomputed (0: no cache)"))

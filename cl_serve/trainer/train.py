@@ -82,8 +82,8 @@ class TokenCache:
 
     `eval` holds the evaluation view in fp32 (moments and head features from it equal a full forward's) when it
     fits the budget, else None (those passes then run from pixels); `train` holds as many augmented views per
-    image (random resized crop + flip, drawn once; up to `cfg.views`, none for a single epoch) as fit in what
-    is left, in the training precision: each step draws one of them per image, so augmentation survives the
+    image (random resized crop + flip, drawn once; up to `cfg.views`, and none unless fewer than the epochs) as
+    fit in what is left, in the training precision: each step draws one of them per image, so augmentation survives the
     cache. With no view cached (one epoch, or no room), training runs the whole backbone from the decoded pixels."""
 
     def __init__(self, learner: Learner, data: TaskData, eval_u8, p: Preprocessing, cfg: TrainConfig,
@@ -98,9 +98,10 @@ class TokenCache:
         eval_bytes = n_eval * per_image * 4
         keep_eval = eval_bytes <= budget
         left = budget - (eval_bytes if keep_eval else 0)
-        # One epoch draws one view per image once: a cached view would cost the frozen blocks' pass that training
-        # from pixels costs, and its memory on top. No training view then.
-        self.views = max(0, min(cfg.views, int(left // max(view_bytes, 1)))) if cfg.epochs > 1 else 0
+        # Each epoch draws every image once: V cached views cost V passes over the frozen blocks where training from
+        # pixels costs one per epoch. Views pay only when fewer than the epochs; else none (no memory, same passes).
+        fit = max(0, min(cfg.views, int(left // max(view_bytes, 1))))
+        self.views = fit if fit < cfg.epochs else 0
         self.bytes = (eval_bytes if keep_eval else 0) + self.views * view_bytes
         train_u8 = data.train_u8
         with progress_reporter(n_eval * int(keep_eval) + n * self.views, f"{desc} caching frozen blocks", "img",
