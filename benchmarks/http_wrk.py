@@ -133,7 +133,8 @@ def deploy_floor() -> str:
 
 
 def measure(store_root: str, concurrency: list[int], seconds: int, batches: int, singles: int,
-            precision: str = "fp32", floor: bool = False, batch_wait_ms: float = 0.0, direct: bool = False) -> dict:
+            precision: str = "fp32", floor: bool = False, batch_wait_ms: float = 0.0, direct: bool = False,
+            intra_op_threads: int | None = None, only_direct: bool = False) -> dict:
     from cl_serve.serving import launch
     from cl_serve.store.open_store import open_store
 
@@ -143,7 +144,8 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
     port, direct_port = launch.free_ports(2)
     if direct:  # ports for two ingress replicas: the classifier's (first deployed: direct_port), the floor's (+1)
         os.environ.update(launch.direct_ingress_env(direct_port, 2))
-    launch.start(store_root, port=port, num_cpus=2, quiet=True, precision=precision, batch_wait_ms=batch_wait_ms)
+    launch.start(store_root, port=port, num_cpus=2, quiet=True, precision=precision, batch_wait_ms=batch_wait_ms,
+                 intra_op_threads=intra_op_threads)
     if direct:
         launch.wait_until_healthy(f"http://127.0.0.1:{direct_port}")
     rows = []
@@ -152,7 +154,7 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
             paths = routes(image)
             if floor:
                 paths["Serve floor (constant)"] = (deploy_floor(), *paths["/classify (JSON)"][1:])
-            targets = [(name, port, route) for name, route in paths.items()]
+            targets = [] if only_direct else [(name, port, route) for name, route in paths.items()]
             if direct:  # the same routes straight from the replicas
                 targets += [(f"{name}, direct", direct_port + name.startswith("Serve floor"), route)
                             for name, route in paths.items()]
@@ -168,6 +170,7 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
     finally:
         launch.stop()
     return {"precision": precision, "batch_wait_ms": batch_wait_ms, "direct_ingress": direct,
+            "intra_op_threads": intra_op_threads,
             "onnx_file": raw["onnx_file"], "raw_onnx": raw, "rows": rows}
 
 
@@ -182,7 +185,8 @@ def _cpu(row: dict) -> str:
 def _markdown(r: dict) -> str:
     raw = r["raw_onnx"]
     lines = [f"# {r['name']}", "", f"`{r['command']}`", "",
-             f"Served file: {r['onnx_file']} ({r['precision']}), batch wait {r['batch_wait_ms']} ms. "
+             f"Served file: {r['onnx_file']} ({r['precision']}), batch wait {r['batch_wait_ms']} ms, ONNX Runtime "
+             f"intra-op threads {r.get('intra_op_threads') or 'default'}. "
              f"Raw ONNX Runtime: {raw['images_per_s_b32']} images/s at batch 32; batch 1 p50 {raw['b1_ms_p50']} ms, "
              f"p99 {raw['b1_ms_p99']} ms.", "",
              "| route | concurrency | req/s | of raw b32 | p50 ms | p99 ms | non-2xx | socket errors | CPU ms per "
@@ -204,12 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor", action="store_true", help="also a bare Serve app answering a constant (same cores)")
     ap.add_argument("--direct", action="store_true", help="also every route straight from the replica "
                     "(`serve --direct-port`: Ray Serve's direct ingress, no proxy hop), in the same run")
+    ap.add_argument("--only-direct", action="store_true", help="with --direct: skip the routes through the proxy")
+    ap.add_argument("--intra-op-threads", type=int, default=None, help="ONNX Runtime's intra-op threads per replica "
+                    "(default: its own choice, one per core)")
     ap.add_argument("--name", default="http-wrk-cpu")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     result = {"name": a.name, "command": command_line("benchmarks.http_wrk", argv),
               **measure(a.store, a.concurrency, a.seconds, a.batches, a.singles, a.precision, a.floor,
-                       a.batch_wait_ms, a.direct)}
+                       a.batch_wait_ms, a.direct or a.only_direct, a.intra_op_threads, a.only_direct)}
     save(a.out, a.name, result, _markdown(result))
     return 0
 
