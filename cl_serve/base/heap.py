@@ -6,8 +6,8 @@ large block that is freed (up to 32 MiB on 64-bit). A training step allocates an
 keeps the freed space, fragmented, so that its automatic trim (only at the heap's top) does not return it — over
 50,000 images this grew `add-task`'s peak by about a gigabyte. `HeapTrimmer` returns the free pages of every arena
 (`malloc_trim(0)`, which also releases whole free pages inside the heap) every few seconds while a job runs, from a
-background thread: the heap keeps serving each step's buffers (fast), and what it holds unused is bounded by what
-is freed between two trims. The alternative, a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_=1048576`), bounds the
+background thread, and at each stage boundary (`trim()`): the heap keeps serving each step's buffers (fast), and
+what it holds unused is bounded by what is freed between two trims. The alternative, a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_=1048576`), bounds the
 peak as well but gives every block of 1 MiB or more a fresh, kernel-zeroed mapping: measured 1.5x slower training.
 
 On a C library without `malloc_trim` (musl, macOS) nothing is done.

@@ -176,18 +176,21 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         t_decode = time.time()
         data = load_task_data(found, cfg.preprocessing, strict=strict, progress=progress, desc="decoding task images")
         decode_seconds = time.time() - t_decode
+        heap.trim()  # between stages too: each stage's transients land on a heap without the last one's holes
         summary_extra = {"decode_seconds": decode_seconds}
         for line in data.corrupt:
             log(f"skipped corrupt image {line}")
         factory, choice = _choose(store, cfg, parent, data, train, progress, log)
         learner, summary, task_index = _train(factory, data, cfg.preprocessing, train, device, workers,
                                               gpus_per_worker, progress, log)
+        heap.trim()
         merged = merged_state_dict(learner)
         model = build_plain_model(cfg.backbone, merged)
         tasks = (parent_manifest.tasks if parent_manifest else []) + [
             TaskRecord(index=task_index, labels=data.class_names, version=0)]
         metrics, gate = _evaluate_and_gate(store, cfg.preprocessing, model, learner, parent_manifest, tasks,
                                            test_found, summary, train, log)
+        heap.trim()  # before the export, the largest transient after training
         published, onnx_info = _publish(store, cfg, learner, model, parent, task_index, tasks, metrics, gate,
                                         choice, {**summary, **summary_extra, "heap": heap.describe()}, train, device,
                                         len(data.corrupt),
