@@ -7,6 +7,7 @@ with `--direct-port`: the replica answers the same routes itself (Ray Serve's di
 bounds and token as through the proxy."""
 import base64
 import json
+import os
 import time
 
 import httpx
@@ -62,6 +63,7 @@ def server(tmp_path_factory, tasks):
         triton.close()
         triton_direct.close()
     serve_cli.stop()
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in os.environ  # a later server in this process is not direct
 
 
 def _pngs(tasks, n=4) -> list[bytes]:

@@ -25,6 +25,7 @@ from cl_serve.store.open_store import open_store
 
 
 _OWN_RAY = False  # whether `start` started the Ray instance (then `stop` ends all of it)
+_ENV_BEFORE: dict[str, str | None] = {}  # variables `start` set for direct ingress, with their earlier values
 
 
 def direct_ingress_env(first_port: int, replicas: int) -> dict[str, str]:
@@ -63,7 +64,9 @@ def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
         if ray.is_initialized():
             raise UserError("--direct-port needs the Ray instance cl-serve starts itself; on a cluster set "
                             "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the Ray pods' environment instead")
-        os.environ.update(direct_ingress_env(direct_port, app_kwargs.get("replicas", 1)))
+        for key, value in direct_ingress_env(direct_port, app_kwargs.get("replicas", 1)).items():
+            _ENV_BEFORE.setdefault(key, os.environ.get(key))
+            os.environ[key] = value  # Ray's processes started below inherit them; `stop` restores the old values
     if quiet:
         for name in ("ray", "ray.serve"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -120,6 +123,12 @@ def stop() -> None:
     finally:
         ray.shutdown()
         _OWN_RAY = False
+        for key, value in _ENV_BEFORE.items():  # a later `start` in this process is not a direct one by accident
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _ENV_BEFORE.clear()
 
 
 def serve_forever(a) -> None:
