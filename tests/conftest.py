@@ -156,3 +156,35 @@ def disk_bytes(*roots: Path) -> int:
         if p.is_file() and not p.is_symlink():
             seen[(st.st_dev, st.st_ino)] = st.st_size
     return sum(seen.values())
+
+
+class StalledUploads:
+    """`with StalledUploads(host, port, token) as s:` opens `n` connections that send the headers of POST /classify
+    (Content-Length 1000) and one body byte, then stall; `s.statuses()` waits for each one's answer (the status
+    code as bytes; the server should send 408 when its body_timeout_s passes)."""
+
+    def __init__(self, host: str, port: int, token: str, n: int = 64):
+        self.address, self.n = (host, int(port)), n
+        self.head = (f"POST /classify HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode()
+        self.socks: list = []
+
+    def __enter__(self) -> "StalledUploads":
+        import socket
+
+        for _ in range(self.n):
+            s = socket.create_connection(self.address, timeout=30)
+            self.socks.append(s)
+            s.sendall(self.head)
+        return self
+
+    def statuses(self) -> list[bytes]:
+        out = []
+        for s in self.socks:
+            s.settimeout(30)
+            out.append(b"".join(s.recv(64).split(b" ")[1:2]))
+        return out
+
+    def __exit__(self, *exc) -> None:
+        for s in self.socks:
+            s.close()

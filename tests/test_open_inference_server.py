@@ -20,7 +20,7 @@ from cl_serve.contract.preprocessing import preprocess_image
 from cl_serve.store.model_store import Store
 from cl_serve.workflow import pipeline
 from cl_serve.workflow.quantization import quantize_version
-from tests.conftest import fast_train, init_tiny_store
+from tests.conftest import StalledUploads, fast_train, init_tiny_store
 from tests.test_open_inference import HOSTILE
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -208,27 +208,11 @@ def test_direct_ports_are_one_per_replica_and_refused_past_the_last_port():
 def test_a_slowloris_on_the_direct_port_does_not_deny_service(server, tasks):
     """64 stalled uploads straight to the replica: legitimate requests are answered, every stalled one gets 408 at
     body_timeout_s (10 s by default), as through the proxy (tests/test_server.py)."""
-    import socket
-
     host, port = str(server["direct"].base_url).split("//")[1].rstrip("/").split(":")
-    head = (f"POST /classify HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode()
-    socks = []
-    try:
-        for _ in range(64):
-            s = socket.create_connection((host, int(port)), timeout=30)
-            s.sendall(head)
-            socks.append(s)
+    with StalledUploads(host, port, TOKEN) as stalled:
         time.sleep(0.5)
         body = {"images": [base64.b64encode(_pngs(tasks, 1)[0]).decode()]}
         t0 = time.monotonic()
         statuses = [server["direct"].post("/classify", json=body).status_code for _ in range(4)]
         assert statuses == [200] * 4 and time.monotonic() - t0 < 10.0
-        answers = []
-        for s in socks:
-            s.settimeout(30)
-            answers.append(s.recv(64).split(b" ")[1:2])
-        assert answers == [[b"408"]] * 64
-    finally:
-        for s in socks:
-            s.close()
+        assert stalled.statuses() == [b"408"] * 64
