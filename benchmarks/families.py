@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         row = one_family(a.work, family, tasks)
         print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
         result["rows"].append(row)
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=2))  # nothing lost if cut off
     save(a.out, a.name, result, to_markdown(result))
     return 0 if all("error" not in r for r in result["rows"]) else 1
 
