@@ -12,12 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cl_serve.base.errors import UserError
+
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 5e-2
 
 
-class ParityError(RuntimeError):
-    """The exported model does not compute what the merged torch model computes."""
+class ParityError(UserError, RuntimeError):
+    """The exported model does not compute what the merged torch model computes (one line on the CLI, not a
+    traceback: nothing is published)."""
 
 
 def check_parity(model: torch.nn.Module, onnx_path: str | Path, input_size: int, *, fp16: bool = False,
