@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import re
 import resource
 import subprocess
@@ -142,10 +141,9 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
     raw = raw_onnx(store, batches, singles, precision)
     image = _image(store)
     port, direct_port = launch.free_ports(2)
-    if direct:  # ports for two ingress replicas: the classifier's (first deployed: direct_port), the floor's (+1)
-        os.environ.update(launch.direct_ingress_env(direct_port, 2))
+    # direct: ports for two ingress replicas, the classifier's (first deployed: direct_port) and the floor's (+1)
     launch.start(store_root, port=port, num_cpus=2, quiet=True, precision=precision, batch_wait_ms=batch_wait_ms,
-                 intra_op_threads=intra_op_threads)
+                 intra_op_threads=intra_op_threads, direct_port=direct_port if direct else None, direct_slots=2)
     if direct:
         launch.wait_until_healthy(f"http://127.0.0.1:{direct_port}")
     rows = []

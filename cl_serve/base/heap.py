@@ -7,8 +7,9 @@ keeps the freed space, fragmented, so that its automatic trim (only at the heap'
 50,000 images this grew `add-task`'s peak by about a gigabyte. `HeapTrimmer` returns the free pages of every arena
 (`malloc_trim(0)`, which also releases whole free pages inside the heap) every few seconds while a job runs, from a
 background thread, and at each stage boundary (`trim()`): the heap keeps serving each step's buffers (fast), and
-what it holds unused is bounded by what is freed between two trims. The alternative, a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_=1048576`), bounds the
-peak as well but gives every block of 1 MiB or more a fresh, kernel-zeroed mapping: measured 1.5x slower training.
+what it holds unused is bounded by what is freed between two trims. The alternative, a fixed mmap threshold
+(`MALLOC_MMAP_THRESHOLD_=1048576`), bounds the peak as well but gives every block of 1 MiB or more a fresh,
+kernel-zeroed mapping: measured 1.5x slower training.
 
 On a C library without `malloc_trim` (musl, macOS) nothing is done.
 """
@@ -20,7 +21,8 @@ import threading
 from typing import Callable, Optional
 
 
-def _malloc_trim() -> Optional[Callable[[int], int]]:
+def malloc_trim_function() -> Optional[Callable[[int], int]]:
+    """glibc's malloc_trim, or None where the C library has none."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
@@ -36,7 +38,7 @@ class HeapTrimmer:
             raise ValueError("interval_s must be > 0")
         self.interval_s = float(interval_s)
         self.trims = 0
-        self._trim = _malloc_trim()
+        self._trim = malloc_trim_function()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 

@@ -46,11 +46,13 @@ def direct_ingress_env(first_port: int, replicas: int) -> dict[str, str]:
 
 def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
           metrics_port: int | None = None, num_gpus: int | None = None, quiet: bool = False,
-          direct_port: int | None = None, **app_kwargs):
+          direct_port: int | None = None, direct_slots: int | None = None, **app_kwargs):
     """Start a private local Ray + Serve on host:port with the classifier application; returns when deployed.
     `metrics_port`: Ray's Prometheus endpoint (http://127.0.0.1:PORT/metrics) with the server's own metrics.
     `quiet`: only errors from Ray and Serve on this process's log (the demo's output is the demo's).
-    `direct_port`: replicas also answer on direct_port, direct_port + 1, ... (see the module's docstring)."""
+    `direct_port`: replicas also answer on direct_port, direct_port + 1, ... (see the module's docstring), one port
+    for each of `direct_slots` ingress replicas (default: the classifier's replicas; more when other ingress apps are
+    deployed on the same Serve, as a benchmark's constant-answer app)."""
     global _OWN_RAY
     import logging
 
@@ -64,7 +66,8 @@ def start(store: str, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
         if ray.is_initialized():
             raise UserError("--direct-port needs the Ray instance cl-serve starts itself; on a cluster set "
                             "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the Ray pods' environment instead")
-        for key, value in direct_ingress_env(direct_port, app_kwargs.get("replicas", 1)).items():
+        slots = direct_slots or app_kwargs.get("replicas", 1)
+        for key, value in direct_ingress_env(direct_port, slots).items():
             _ENV_BEFORE.setdefault(key, os.environ.get(key))
             os.environ[key] = value  # Ray's processes started below inherit them; `stop` restores the old values
     if quiet:

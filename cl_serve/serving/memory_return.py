@@ -8,9 +8,9 @@ this does nothing. Reading the resident size costs one small read of /proc/self/
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
+
+from cl_serve.base.heap import malloc_trim_function
 
 
 def resident_mib() -> float | None:
@@ -27,10 +27,7 @@ class MemoryReturn:
         self.slack_mib = slack_mib
         self.baseline = resident_mib()
         self.trims = 0
-        try:
-            self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            self._trim = None
+        self._trim = malloc_trim_function()
 
     def grown(self) -> bool:
         """Whether the process grew past baseline + slack (a read of /proc/self/statm: cheap enough for an event

@@ -83,8 +83,9 @@ class TokenCache:
     `eval` holds the evaluation view in fp32 (moments and head features from it equal a full forward's) when it
     fits the budget, else None (those passes then run from pixels); `train` holds as many augmented views per
     image (random resized crop + flip, drawn once; up to `cfg.views`, and none unless fewer than the epochs) as
-    fit in what is left, in the training precision: each step draws one of them per image, so augmentation survives the
-    cache. With no view cached (one epoch, or no room), training runs the whole backbone from the decoded pixels."""
+    fit in what is left, in the training precision: each step draws one of them per image, so augmentation
+    survives the cache. With no view cached (as many views as epochs, or no room), training runs the whole
+    backbone from the decoded pixels."""
 
     def __init__(self, learner: Learner, data: TaskData, eval_u8, p: Preprocessing, cfg: TrainConfig,
                  gen: torch.Generator, progress: bool, desc: str):

@@ -191,9 +191,9 @@ def add_task(root: str | Path, data_dir: str | Path, train: TrainConfig, *, test
         metrics, gate = _evaluate_and_gate(store, cfg.preprocessing, model, learner, parent_manifest, tasks,
                                            test_found, summary, train, log)
         heap.trim()  # before the export, the largest transient after training
+        summary_extra["heap"] = heap.describe()
         published, onnx_info = _publish(store, cfg, learner, model, parent, task_index, tasks, metrics, gate,
-                                        choice, {**summary, **summary_extra, "heap": heap.describe()}, train, device,
-                                        len(data.corrupt),
+                                        choice, {**summary, **summary_extra}, train, device, len(data.corrupt),
                                         workers, export)
     return AddTaskResult(
         version=published.number, parent=parent, task=task_index, classes_added=data.class_names,
