@@ -6,7 +6,8 @@ inflora --blocks 2`, two `add-task` of 640 x 480 JPEGs, `evaluate` — each comm
 Random weights (no download; what is measured is that each family trains, merges, exports with ONNX parity and
 evaluates, and what it costs on this machine, not accuracy). Two tasks of `--classes` classes x `--per-class`
 images each, one epoch. Per family: each command's exit code, seconds and peak RSS (from the kernel), the ONNX
-parity of the second version and the evaluation's image count. Results: benchmarks/results/NAME.{json,md}.
+parity of the second version and the evaluation's image count. Results: benchmarks/results/NAME.{json,md}; with
+`--families`, the other families' rows of an earlier run under the same name are kept (each with its command).
 """
 from __future__ import annotations
 
@@ -67,12 +68,39 @@ def one_family(work: Path, family: str, tasks: tuple[Path, Path, Path]) -> dict:
             return row
     manifest = json.loads(sorted(store.glob("versions/*/manifest.json"))[-1].read_text())
     row["parity_max_abs_diff"] = manifest["onnx"]["parity_max_abs_diff"]
+    row["parity_bound"] = manifest["onnx"].get("parity_bound")
+    row["parity_float64"] = {k: manifest["onnx"][k] for k in ("parity_torch_fp32_error", "parity_onnx_fp64_error")
+                             if manifest["onnx"].get(k) is not None} or None
     row["input_size"] = manifest["preprocessing"]["input_size"]
     return row
 
 
+def kept_rows(saved: Path, families: list[str]) -> list[dict]:
+    """Rows of the families not run this time, from an earlier run under the same name (each row carries the
+    command that measured it), so families can be measured a few at a time."""
+    if not saved.exists():
+        return []
+    earlier = json.loads(saved.read_text())
+    return [r | {"command": r.get("command", earlier["command"])} for r in earlier["rows"]
+            if r["family"] not in families]
+
+
+def parity_cell(row: dict) -> str:
+    """The largest |ONNX - torch| logit, its bound, and the float64 comparison when it was needed."""
+    if "parity_max_abs_diff" not in row:
+        return "-"
+    cell = f"{row['parity_max_abs_diff']:.2g}" + (f" (bound {row['parity_bound']:.2g})" if row.get("parity_bound")
+                                                  else "")
+    f64 = row.get("parity_float64")
+    if f64:
+        cell += (f"; vs float64: ONNX {f64['parity_onnx_fp64_error']:.2g}, "
+                 f"torch fp32 {f64['parity_torch_fp32_error']:.2g}")
+    return cell
+
+
 def to_markdown(result: dict) -> str:
-    lines = [f"# {result['name']}", "", f"`{result['command']}`", "",
+    commands = sorted({r["command"] for r in result["rows"]})
+    lines = [f"# {result['name']}", "", *(f"`{c}`" for c in commands), "",
              "| family | timm model | input px | init / add-task 1 / add-task 2 / evaluate (s) | peak RSS MiB | "
              "ONNX parity | result |", "|---" * 7 + "|"]
     for r in result["rows"]:
@@ -81,7 +109,7 @@ def to_markdown(result: dict) -> str:
                                                                               "evaluate"))
         ok = "ok" if "error" not in r else "failed: " + r["error"].strip().splitlines()[-1][:120]
         lines.append(f"| {r['family']} | `{r['model']}` | {r.get('input_size', '-')} | {secs} | "
-                     f"{max(v['peak_rss_mib'] for v in s.values())} | {r.get('parity_max_abs_diff', '-')} | {ok} |")
+                     f"{max(v['peak_rss_mib'] for v in s.values())} | {parity_cell(r)} | {ok} |")
     return "\n".join(lines) + "\n"
 
 
@@ -96,11 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     tasks = task_dirs(a.work, a.classes, a.per_class)
-    result = {"name": a.name, "command": command_line("benchmarks.families", argv), "rows": []}
+    command = command_line("benchmarks.families", argv)
+    result = {"name": a.name, "command": command, "rows": kept_rows(a.out / f"{a.name}.json", a.families)}
     for family in a.families:
-        row = one_family(a.work, family, tasks)
+        row = one_family(a.work, family, tasks) | {"command": command}
         print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
-        result["rows"].append(row)
+        result["rows"] = sorted(result["rows"] + [row], key=lambda r: list(FAMILIES).index(r["family"]))
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=2))  # nothing lost if cut off
     save(a.out, a.name, result, to_markdown(result))

@@ -93,7 +93,12 @@ def print_summary(r: "AddTaskResult") -> None:
                 f"{c['adapter_held_out_accuracy']:.3f}, frozen {c['frozen_held_out_accuracy']:.3f} on "
                 f"{r.auto['held_out_images']} images (margin {r.auto['margin']:g}; in the manifest)")
     if r.onnx:
-        print(f"  model.onnx parity max |diff| {r.onnx.parity_max_abs_diff:.2e}")
+        o = r.onnx
+        line = f"  model.onnx parity max |diff| {o.parity_max_abs_diff:.2e}"
+        if o.parity_onnx_fp64_error is not None:
+            line += (f" (above 1e-4 x largest |logit|; against float64 ONNX Runtime {o.parity_onnx_fp64_error:.2e}, "
+                     f"torch fp32 {o.parity_torch_fp32_error:.2e})")
+        print(line)
     if r.metrics.test is not None:
         t = r.metrics.test
         per = ", ".join(f"task {p.task}: {p.accuracy:.3f}" for p in t.per_task)

@@ -99,6 +99,10 @@ class OnnxInfo(BaseModel):
     output: str = "logits"
     dynamic_batch: bool = True
     parity_max_abs_diff: float | None = None  # largest |ONNX - torch| logit on the parity batch
+    parity_bound: float | None = None  # the bound it was held to (cl_serve.export.parity)
+    # set when the float64 reference was needed: torch's own fp32 error and ONNX Runtime's, against float64
+    parity_torch_fp32_error: float | None = None
+    parity_onnx_fp64_error: float | None = None
     quantization: QuantizationCheck | None = None  # int8 files: the comparison that admitted it
 
 
