@@ -133,7 +133,7 @@ def deploy_floor() -> str:
 
 def measure(store_root: str, concurrency: list[int], seconds: int, batches: int, singles: int,
             precision: str = "fp32", floor: bool = False, batch_wait_ms: float = 0.0, direct: bool = False,
-            intra_op_threads: int | None = None, only_direct: bool = False) -> dict:
+            intra_op_threads: int | None = None, only_direct: bool = False, ort_spinning: bool = True) -> dict:
     from cl_serve.serving import launch
     from cl_serve.store.open_store import open_store
 
@@ -143,7 +143,7 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
     port, direct_port = launch.free_ports(2)
     # direct: ports for two ingress replicas, the classifier's (first deployed: direct_port) and the floor's (+1)
     launch.start(store_root, port=port, num_cpus=2, quiet=True, precision=precision, batch_wait_ms=batch_wait_ms,
-                 intra_op_threads=intra_op_threads, direct_port=direct_port if direct else None, direct_slots=2)
+                 intra_op_threads=intra_op_threads, ort_spinning=ort_spinning, direct_port=direct_port if direct else None, direct_slots=2)
     if direct:
         launch.wait_until_healthy(f"http://127.0.0.1:{direct_port}")
     rows = []
@@ -168,7 +168,7 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
     finally:
         launch.stop()
     return {"precision": precision, "batch_wait_ms": batch_wait_ms, "direct_ingress": direct,
-            "intra_op_threads": intra_op_threads,
+            "intra_op_threads": intra_op_threads, "ort_spinning": ort_spinning,
             "onnx_file": raw["onnx_file"], "raw_onnx": raw, "rows": rows}
 
 
@@ -184,7 +184,8 @@ def _markdown(r: dict) -> str:
     raw = r["raw_onnx"]
     lines = [f"# {r['name']}", "", f"`{r['command']}`", "",
              f"Served file: {r['onnx_file']} ({r['precision']}), batch wait {r['batch_wait_ms']} ms, ONNX Runtime "
-             f"intra-op threads {r.get('intra_op_threads') or 'default'}. "
+             f"intra-op threads {r.get('intra_op_threads') or 'default'}, spinning "
+             f"{'on' if r.get('ort_spinning', True) else 'off'}. "
              f"Raw ONNX Runtime: {raw['images_per_s_b32']} images/s at batch 32; batch 1 p50 {raw['b1_ms_p50']} ms, "
              f"p99 {raw['b1_ms_p99']} ms.", "",
              "| route | concurrency | req/s | of raw b32 | p50 ms | p99 ms | non-2xx | socket errors | CPU ms per "
@@ -209,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-direct", action="store_true", help="with --direct: skip the routes through the proxy")
     ap.add_argument("--intra-op-threads", type=int, default=None, help="ONNX Runtime's intra-op threads per replica "
                     "(default: its own choice, one per core)")
+    ap.add_argument("--ort-spinning", action=argparse.BooleanOptionalAction, default=True,
+                    help="as `serve --ort-spinning` (raw ONNX Runtime always runs with its defaults)")
     ap.add_argument("--name", default="http-wrk-cpu")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args(argv)
     result = {"name": a.name, "command": command_line("benchmarks.http_wrk", argv),
               **measure(a.store, a.concurrency, a.seconds, a.batches, a.singles, a.precision, a.floor,
-                       a.batch_wait_ms, a.direct or a.only_direct, a.intra_op_threads, a.only_direct)}
+                       a.batch_wait_ms, a.direct or a.only_direct, a.intra_op_threads, a.only_direct, a.ort_spinning)}
     save(a.out, a.name, result, _markdown(result))
     return 0
 

@@ -57,6 +57,17 @@ def test_a_version_without_int8_serves_fp32(store):
     assert load_version(s, 1, precision="int8").onnx_file == s.manifest(1).onnx_file()
 
 
+def test_session_settings_reach_onnx_runtime(store):
+    from cl_serve.serving.settings import SessionSettings
+
+    def entry(model):
+        return model.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    quiet = load_version(Store(store), 1, SessionSettings(intra_op_threads=1, spinning=False))
+    assert entry(quiet) == "0" and quiet.session.get_session_options().intra_op_num_threads == 1
+    assert entry(load_version(Store(store), 1)) == "1"
+
+
 def test_a_refused_int8_file_changes_nothing(store, tasks, monkeypatch):
     before = tree_snapshot(store)
 

@@ -235,3 +235,8 @@ def test_server_settings_are_one_typed_model_checked_where_they_enter(tmp_path):
         build_app(str(tmp_path), batch_wait_ms=-1)
     with pytest.raises(ValueError, match="batch_wait_ms"):
         app_builder({"store": str(tmp_path), "batch_wait_ms": 2000})  # a RayService's argument reaches the check
+    # ONNX Runtime's thread settings: typed as well, from the flags and a RayService's arguments alike.
+    r = run_cli("serve", "--store", str(tmp_path), "--intra-op-threads", "0")
+    assert r.returncode == 2 and "intra_op_threads" in r.stderr, r.stderr
+    with pytest.raises(ValueError, match="spinning"):
+        app_builder({"store": str(tmp_path), "ort_spinning": "sometimes"})

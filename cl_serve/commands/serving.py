@@ -34,6 +34,11 @@ def _serve_parser(sub) -> None:
     p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
                    help="int8: serve each version's int8 file (cl-serve export --int8) where it has one, fp32 "
                         "with a warning where it has none")
+    p.add_argument("--intra-op-threads", type=int, default=None, metavar="N", help=(
+        "ONNX Runtime's threads per model call (default: one per core the replica sees)"))
+    p.add_argument("--ort-spinning", action=argparse.BooleanOptionalAction, default=True, help=(
+        "let ONNX Runtime's idle threads busy-wait for work (its default; --no-ort-spinning gives that CPU to "
+        "request handling on shared cores)"))
     p.add_argument("--model-name", default=default("model_name"), metavar="NAME",
                    help="the model's name in the Open Inference Protocol routes (/v2/models/NAME/infer)")
     p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint on 127.0.0.1")

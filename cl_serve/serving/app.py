@@ -70,15 +70,16 @@ PINNED_VERSIONS = 2  # versions besides the live one a replica keeps loaded for 
 @serve.ingress(app)
 class Classifier(OpenInferenceHandlers):
     def __init__(self, store: str, max_batch_size: int = 32, batch_wait_ms: float = 0.0,
-                 intra_op_threads: Optional[int] = None, auth_token: Optional[str] = None, precision: str = "fp32"):
+                 session: Optional[dict[str, Any]] = None, auth_token: Optional[str] = None, precision: str = "fp32"):
         patch_replica_grpc()  # before Serve starts this replica's gRPC server (a no-op outside `cl-serve serve`)
         self.settings = dict(DEFAULTS)
         self.limits = ImageLimits()
         ReplicaAuth.token = auth_token or None  # the replica's own process; read by the middleware on every request
         self.metrics = ServerMetrics()
         self._inflight = 0  # requests this replica holds (overload protection)
-        self.watcher = ModelWatcher(store, self.settings["poll_interval_s"], intra_op_threads,
-                                    on_event=self.metrics.event, precision=precision)
+        self.watcher = ModelWatcher(store, self.settings["poll_interval_s"],
+                                    server_settings.SessionSettings(**(session or {})), on_event=self.metrics.event,
+                                    precision=precision)
         # Decoding is where a request's memory goes (up to ~300 MiB for the largest admitted image): at most this
         # many requests decode at once per replica; the others wait their turn.
         self._decode_slots = asyncio.Semaphore(int(self.settings["max_concurrent_decodes"]))
@@ -321,7 +322,7 @@ def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_
               poll_interval_s: float = DEFAULTS["poll_interval_s"],
               max_request_bytes: int = DEFAULTS["max_request_bytes"],
               num_cpus: float = 1.0, gpus_per_replica: float = 0.0, intra_op_threads: Optional[int] = None,
-              auth_token: Optional[str] = None, settings: Optional[dict[str, Any]] = None,
+              ort_spinning: bool = True, auth_token: Optional[str] = None, settings: Optional[dict[str, Any]] = None,
               autoscaling: Optional[dict[str, Any]] = None, precision: str = "fp32"):
     """The bound Serve application for a store (used by `cl-serve serve`, the tests and the RayService).
     `settings`: more user_config keys (see `Classifier.reconfigure`), e.g. max_queued_requests.
@@ -330,13 +331,14 @@ def build_app(store: str, *, replicas: int = 1, max_batch_size: int = 32, batch_
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     server_settings.batch_settings(max_batch_size, batch_wait_ms)
+    session = server_settings.session_settings(intra_op_threads, ort_spinning)
     user_config = {"poll_interval_s": poll_interval_s, "max_request_bytes": max_request_bytes, **(settings or {})}
     server_settings.validated(user_config)  # an unknown key or a bad value fails here, not in a replica
     scaling: dict[str, Any] = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
     return Classifier.options(
         **scaling, ray_actor_options={"num_cpus": num_cpus, "num_gpus": gpus_per_replica}, user_config=user_config,
     ).bind(store=str(store), max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-           intra_op_threads=intra_op_threads, auth_token=auth_token, precision=precision)
+           session=session.model_dump(), auth_token=auth_token, precision=precision)
 
 
 def app_builder(args: dict[str, Any]):
@@ -353,4 +355,5 @@ def app_builder(args: dict[str, Any]):
                      poll_interval_s=float(args.get("poll_interval_s", DEFAULTS["poll_interval_s"])),
                      max_request_bytes=int(args.get("max_request_bytes", DEFAULTS["max_request_bytes"])),
                      gpus_per_replica=float(args.get("gpus_per_replica", 0)), settings=settings,
+                     intra_op_threads=args.get("intra_op_threads"), ort_spinning=args.get("ort_spinning", True),
                      autoscaling=args.get("autoscaling"), precision=str(args.get("precision", "fp32")))

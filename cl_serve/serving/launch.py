@@ -144,6 +144,7 @@ def serve_forever(a) -> None:
                 "canary_percent": a.canary, "model_name": a.model_name}
     try:
         server_settings.batch_settings(a.max_batch_size, a.batch_wait_ms)  # before Ray starts, as every setting
+        server_settings.session_settings(a.intra_op_threads, a.ort_spinning)
         server_settings.validated(settings)  # the flag's name is in the message
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -151,7 +152,7 @@ def serve_forever(a) -> None:
           max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms, poll_interval_s=settings.pop("poll_interval_s"),
           max_request_bytes=settings.pop("max_request_bytes"), gpus_per_replica=a.gpus_per_replica, settings=settings,
           auth_token=a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN") or None, precision=a.precision,
-          direct_port=a.direct_port)
+          direct_port=a.direct_port, intra_op_threads=a.intra_op_threads, ort_spinning=a.ort_spinning)
     auth = "bearer token required" if (a.auth_token or os.environ.get("CL_SERVE_AUTH_TOKEN")) else "no auth token"
     print(f"cl-serve: serving {a.store} on http://{a.host}:{a.port} (page /, POST /classify, GET /v1/versions, "
           f"/v1/model, /healthz, /openapi.json; Open Inference Protocol: /v2/models/{a.model_name}/infer; {auth}); "

@@ -15,6 +15,7 @@ from cl_serve.base.errors import StoreError
 from cl_serve.store.model_store import Manifest, Store
 from cl_serve.contract.image_decode import ImageLimits, ImageRejected, open_bounded
 from cl_serve.contract.preprocessing import Preprocessing, preprocess_image
+from cl_serve.serving.settings import SessionSettings
 
 log = logging.getLogger("cl_serve")
 
@@ -95,7 +96,7 @@ class LoadedModel:
                 "onnx_file": self.onnx_file, "providers": self.session.get_providers()}
 
 
-def load_version(store: Store, version: int, intra_op_threads: int | None = None,
+def load_version(store: Store, version: int, session: SessionSettings | None = None,
                  precision: str = "fp32") -> LoadedModel:
     """Verify and load one version; raises StoreError with the reason when it cannot be served.
 
@@ -112,8 +113,7 @@ def load_version(store: Store, version: int, intra_op_threads: int | None = None
                          f"run `cl-serve export --version {version}`")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if intra_op_threads:
-        opts.intra_op_num_threads = intra_op_threads
+    (session or SessionSettings()).apply(opts)
     try:
         sess = ort.InferenceSession(str(store.version_dir(version) / name), opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types

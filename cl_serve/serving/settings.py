@@ -5,7 +5,7 @@ bad value is refused with the key's name before a replica serves with it. No Ray
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -86,6 +86,33 @@ class BatchSettings(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per model call at most")
     batch_wait_ms: float = Field(0.0, ge=0, le=1000, description=(
         "how long an idle model waits for company before it runs a lone request"))
+
+
+class SessionSettings(BaseModel):
+    """How a replica runs ONNX Runtime on CPUs (fixed for a deployment: `serve --intra-op-threads/--ort-spinning`,
+    `build_app`, `app_builder`'s arguments); `cl_serve.serving.model.load_version` applies them to every session."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    intra_op_threads: Optional[int] = Field(None, ge=1, le=1024, description=(
+        "ONNX Runtime's threads inside one operator (default: ONNX Runtime's choice, one per core it sees)"))
+    spinning: bool = Field(True, description=(
+        "intra-op threads busy-wait for the next operator's work instead of sleeping (ONNX Runtime's default): "
+        "lower latency on cores of its own, CPU taken from the request handling beside it on shared ones"))
+
+    def apply(self, opts) -> None:
+        """Set these on an `onnxruntime.SessionOptions`."""
+        if self.intra_op_threads:
+            opts.intra_op_num_threads = self.intra_op_threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+
+
+def session_settings(intra_op_threads: Optional[int] = None, spinning: bool = True) -> SessionSettings:
+    """The session settings, or ValueError naming the bad one."""
+    try:
+        return SessionSettings(intra_op_threads=intra_op_threads, spinning=spinning)
+    except ValidationError as e:
+        raise ValueError(f"invalid ONNX Runtime settings: {describe_error(e)}") from None
 
 
 def batch_settings(max_batch_size: int, batch_wait_ms: float) -> BatchSettings:

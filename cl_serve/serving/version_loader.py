@@ -11,6 +11,7 @@ from typing import Callable
 
 from cl_serve.base.errors import StoreError
 from cl_serve.serving.model import LoadedModel, load_version
+from cl_serve.serving.settings import SessionSettings
 from cl_serve.store.model_store import Store
 
 
@@ -25,10 +26,10 @@ class VersionRefused(Exception):
 class VersionLoader:
     """Verifies and loads versions of one store; keeps the refusals (version -> reason) and their file stamps."""
 
-    def __init__(self, store: Store, intra_op_threads: int | None = None,
+    def __init__(self, store: Store, session: SessionSettings | None = None,
                  on_refused: Callable[[int], None] | None = None, precision: str = "fp32"):
         self.store = store
-        self.intra_op_threads, self.precision = intra_op_threads, precision
+        self.session, self.precision = session, precision
         self.on_refused = on_refused or (lambda version: None)
         self.refused: dict[int, str] = {}
         self._stamps: dict[int, tuple] = {}
@@ -62,7 +63,7 @@ class VersionLoader:
                 raise VersionRefused(version, known)
             stamp = self.stamp(version)
             try:
-                return load_version(self.store, version, self.intra_op_threads, self.precision)
+                return load_version(self.store, version, self.session, self.precision)
             except StoreError as e:
                 self.refused[version], self._stamps[version] = str(e), stamp
                 self.on_refused(version)

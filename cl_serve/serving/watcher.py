@@ -15,6 +15,7 @@ from typing import Any, Callable
 from cl_serve.base.errors import StoreError
 from cl_serve.serving.history import VersionHistory
 from cl_serve.serving.model import BadInput, LoadedModel
+from cl_serve.serving.settings import SessionSettings
 from cl_serve.serving.version_loader import VersionLoader, VersionRefused
 from cl_serve.store.open_store import open_store
 
@@ -24,11 +25,11 @@ log = logging.getLogger("cl_serve")
 class ModelWatcher:
     """Keeps `self.model` on the store's live version (or a pinned one), swapping atomically."""
 
-    def __init__(self, store_root: str, poll_interval_s: float = 1.0, intra_op_threads: int | None = None,
+    def __init__(self, store_root: str, poll_interval_s: float = 1.0, session: SessionSettings | None = None,
                  on_event: Callable[[str, int], None] | None = None, precision: str = "fp32"):
         self.store = open_store(store_root)
         self.on_event = on_event or (lambda kind, version: None)  # ("swap"|"refused"|"tick", version): metrics
-        self.loader = VersionLoader(self.store, intra_op_threads, on_refused=lambda v: self.on_event("refused", v),
+        self.loader = VersionLoader(self.store, session, on_refused=lambda v: self.on_event("refused", v),
                                     precision=precision)
         self.history = VersionHistory(self.store, self.loader.refusal, poll_interval_s)
         self.model: LoadedModel | None = None
