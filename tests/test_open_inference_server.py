@@ -46,9 +46,10 @@ def server(tmp_path_factory, tasks):
     pipeline.add_task(store, tasks[1]["train"], fast_train(), progress=False)
     # served with --precision int8: version 2 has an int8 file (bounds opened: a tiny random model), version 1 none
     quantize_version(store, gate_data=str(tasks[1]["seen"]), min_agreement=0.0, max_drop=1.0)
-    port, direct = serve_cli.free_ports(2)
+    port, direct, metrics_port = serve_cli.free_ports(3)
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # Ray's processes inherit it: metrics within a second
     serve_cli.start(str(store), port=port, num_cpus=2, poll_interval_s=0.2, max_request_bytes=2_000_000,
-                    auth_token=TOKEN, precision="int8", direct_port=direct)
+                    auth_token=TOKEN, precision="int8", direct_port=direct, metrics_port=metrics_port)
     url = f"http://127.0.0.1:{port}"
     serve_cli.wait_until_healthy(f"http://127.0.0.1:{direct}", timeout_s=60)
     with httpx.Client(base_url=url, timeout=60, headers=auth()) as client, \
@@ -59,7 +60,7 @@ def server(tmp_path_factory, tasks):
         triton = httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
         triton_direct = httpclient.InferenceServerClient(f"127.0.0.1:{direct}", network_timeout=60)
         yield {"store": store, "client": client, "url": url, "triton": triton, "direct": direct_client,
-               "triton_direct": triton_direct}
+               "triton_direct": triton_direct, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
         triton.close()
         triton_direct.close()
     serve_cli.stop()
@@ -216,3 +217,57 @@ def test_a_slowloris_on_the_direct_port_does_not_deny_service(server, tasks):
         statuses = [server["direct"].post("/classify", json=body).status_code for _ in range(4)]
         assert statuses == [200] * 4 and time.monotonic() - t0 < 10.0
         assert stalled.statuses() == [b"408"] * 64
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """cl-serve's metrics on Ray's Prometheus endpoint, summed over their label sets, by name and labels."""
+    out: dict[str, float] = {}
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if line.startswith("ray_cl_serve_"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def _total(metrics: dict[str, float], prefix: str, must: str = "") -> float:
+    return sum(v for k, v in metrics.items() if k.startswith(prefix) and must in k)
+
+
+@pytest.mark.parametrize("ingress", ["direct", "client"])
+def test_requests_whose_client_left_are_not_computed(server, tasks, ingress):
+    """40 requests of four 12-megapixel PNGs each (about 0.3 s of decoding per request here, two requests decoding
+    at once), sent whole, then their connections closed after 0.3 s: Ray Serve cancels each request whose client
+    left, through the proxy and on the direct port; the replica stops waiting for a decode slot and the model, the
+    batcher drops it, and the metrics count it (client_gone, status 499): the abandoned images are not computed."""
+    import io
+    import socket
+
+    pixels = np.zeros((3000, 4000, 3), np.uint8)
+    pixels[::7], pixels[:, ::5] = 255, 80
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    body = json.dumps({"images": [base64.b64encode(buf.getvalue()).decode()] * 4}).encode()
+    host, port = str(server[ingress].base_url).split("//")[1].rstrip("/").split(":")
+    head = (f"POST /classify HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    before = _scrape(server["metrics"])
+    socks = [socket.create_connection((host, int(port)), timeout=30) for _ in range(40)]
+    for s in socks:
+        s.sendall(head + body)
+    time.sleep(0.3)
+    for s in socks:
+        s.close()  # as a client that times out does: FIN, not a reset
+    gone = lambda m: _total(m, "ray_cl_serve_rejected_overload_total", 'reason="client_gone"')  # noqa: E731
+    answered = lambda m: _total(m, "ray_cl_serve_requests_total")  # noqa: E731
+    deadline, after = time.time() + 60, before
+    while time.time() < deadline:  # every request accounted for: answered (into a closed socket) or given up
+        after = _scrape(server["metrics"])
+        if answered(after) - answered(before) >= 40:
+            break
+        time.sleep(1)
+    assert answered(after) - answered(before) >= 40, "not every abandoned request was accounted for"
+    computed = _total(after, "ray_cl_serve_batch_images_sum") - _total(before, "ray_cl_serve_batch_images_sum")
+    assert gone(after) - gone(before) >= 20
+    assert computed <= 4 * 20, f"{computed:.0f} of {40 * 4} abandoned images were computed"
+    small = base64.b64encode(_pngs(tasks, 1)[0]).decode()
+    assert server[ingress].post("/classify", json={"images": [small]}).status_code == 200

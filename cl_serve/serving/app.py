@@ -165,6 +165,11 @@ class Classifier(OpenInferenceHandlers):
             self.metrics.rejected.inc(tags={"reason": "timeout"})
             result = error(503, f"request took longer than {self.settings['request_timeout_s']}s; retry later",
                            headers={"Retry-After": "5"})
+        except asyncio.CancelledError:  # Serve cancels a request whose client left (proxy and direct ingress alike):
+            # it stops waiting for a decode slot and the model (the batcher drops it before its batch runs); counted
+            self.metrics.rejected.inc(tags={"reason": "client_gone"})
+            self.metrics.request(499, None, time.monotonic() - t0)
+            raise
         finally:
             self._inflight -= 1
         status = result.status_code if isinstance(result, Response) else 200

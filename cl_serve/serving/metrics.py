@@ -5,7 +5,8 @@
     cl_serve_batch_images                          images per model call (cl_serve.serving.batcher)
     cl_serve_swaps_total                           hot swaps to a new version
     cl_serve_refused_versions_total                versions refused (verification or load failed)
-    cl_serve_rejected_overload_total{reason}       requests turned away: queue full or timed out
+    cl_serve_rejected_overload_total{reason}       requests turned away: queue full or timed out, or given up
+                                                   because their client left (client_gone)
     cl_serve_live_version                          the version this replica serves
 
 Ray prefixes every name with `ray_` on the endpoint (e.g. `ray_cl_serve_requests_total`) and adds its own tags
