@@ -7,7 +7,8 @@ tritonclient sends) against raw ONNX Runtime on the same version, in one run.
 One replica on a local Ray Serve (2 CPUs), the store's live version; wrk runs on the same cores (as a client on the
 machine would), one thread, `--seconds` per point at concurrency 1 and 32 (and whatever `--concurrency` lists);
 raw ONNX Runtime: images/s at batch 32 over `--batches` batches and the p50/p99 of `--singles` batch-1 runs.
-`--floor` adds a bare Serve app on the same instance that reads the body and answers a constant (what any
+Each point starts on an idle model (one request answered first: a batch that was running when the last point's
+wrk left is not charged to the next). `--floor` adds a bare Serve app on the same instance that reads the body and answers a constant (what any
 request costs through Serve's proxy and a replica); `--direct` measures every route a second time straight from
 the replica (`serve --direct-port`). Prints and saves benchmarks/results/NAME.{json,md}: req/s, p50 and p99
 latency, non-2xx answers, wrk's socket errors (timeouts at 60 s included), req/s over raw batch-32 images/s, and
@@ -86,6 +87,15 @@ def wrk(url: str, script: Path, concurrency: int, seconds: int) -> dict:
             "socket_errors": sum(int(x) for x in errors.groups()) if errors else 0}
 
 
+def drain(url: str, body: bytes, headers: dict[str, str]) -> None:
+    """One request through the route, answered once the model is free: wrk leaves when its seconds are up, but a
+    batch already running when it does (up to 32 images: 1.6 s for ViT-S/16 at 224 px here) cannot be recalled, and
+    the next point must not pay for it. (Requests still waiting are cancelled by Serve when wrk disconnects.)"""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=120).read()
+
+
 def measured_cpu(run) -> dict:
     """`run()`'s wrk row with `cpu_ms_per_request`: CPU milliseconds (user + system) per answered request of each
     process kind over the run — Serve's proxy, the replicas (the classifier's and the floor's), controller, raylet,
@@ -161,6 +171,7 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
                 wrk(f"http://127.0.0.1:{at}{path}", script, 4, 3)  # warm-up
                 for c in concurrency:
                     url = f"http://127.0.0.1:{at}{path}"
+                    drain(url, body, headers)
                     row = {"route": name, **measured_cpu(lambda: wrk(url, script, c, seconds))}
                     row["of_raw_b32"] = round(row["req_per_s"] / raw["images_per_s_b32"], 2)
                     print(json.dumps(row), flush=True)
