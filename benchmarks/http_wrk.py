@@ -138,7 +138,7 @@ def deploy_floor() -> str:
             return {"model_version": 0, "predictions": []}
 
     serve.run(Constant.bind(), name="floor", route_prefix="/floor", blocking=False)
-    return "/floor"
+    return "/floor/"  # the app's own route: "/floor" would answer a redirect
 
 
 def measure(store_root: str, concurrency: list[int], seconds: int, batches: int, singles: int,
