@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from starlette.requests import Request  # at module level: the floor's route annotation is resolved here
 
 from benchmarks.model_speed import model_speed
 from benchmarks.results_io import command_line, save
@@ -124,7 +125,7 @@ def routes(image: bytes) -> dict[str, tuple[str, bytes, dict[str, str]]]:
 def deploy_floor() -> str:
     """A bare Serve app on the same Serve instance that reads the body and answers a constant: the floor of a
     request's cost through Serve's proxy and a replica, whatever the model. Returns its path."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from ray import serve
 
     floor = FastAPI()
@@ -132,10 +133,14 @@ def deploy_floor() -> str:
     @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4096)
     @serve.ingress(floor)
     class Constant:
-        @floor.post("/")
-        async def constant(self, request: Request):
+        async def constant(self, request):
             await request.body()
             return {"model_version": 0, "predictions": []}
+
+        # The class itself, not the string this module's annotations would be: the replica unpickles this function
+        # without this module's globals, and FastAPI takes an unresolved `request` for a query parameter (422).
+        constant.__annotations__ = {"request": Request}
+        constant = floor.post("/")(constant)
 
     serve.run(Constant.bind(), name="floor", route_prefix="/floor", blocking=False)
     return "/floor/"  # the app's own route: "/floor" would answer a redirect
