@@ -8,9 +8,9 @@ One replica on a local Ray Serve (2 CPUs), the store's live version; wrk runs on
 machine would), one thread, `--seconds` per point at concurrency 1 and 32 (and whatever `--concurrency` lists);
 raw ONNX Runtime: images/s at batch 32 over `--batches` batches and the p50/p99 of `--singles` batch-1 runs.
 Each point starts on an idle model (one request answered first: a batch that was running when the last point's
-wrk left is not charged to the next). `--floor` adds a bare Serve app on the same instance that reads the body and answers a constant (what any
-request costs through Serve's proxy and a replica); `--direct` measures every route a second time straight from
-the replica (`serve --direct-port`). Prints and saves benchmarks/results/NAME.{json,md}: req/s, p50 and p99
+wrk left is not charged to the next). `--floor` adds a bare Serve app on the same instance that reads the body and
+answers a constant (what any request costs through Serve's proxy and a replica); `--direct` measures every route a
+second time straight from the replica (`serve --direct-port`). Prints and saves benchmarks/results/NAME.{json,md}: req/s, p50 and p99
 latency, non-2xx answers, wrk's socket errors (timeouts at 60 s included), req/s over raw batch-32 images/s, and
 the CPU milliseconds per request of each process (Serve's proxy, the replicas, wrk, the rest of Ray) from /proc.
 """
@@ -158,7 +158,8 @@ def measure(store_root: str, concurrency: list[int], seconds: int, batches: int,
     port, direct_port = launch.free_ports(2)
     # direct: ports for two ingress replicas, the classifier's (first deployed: direct_port) and the floor's (+1)
     launch.start(store_root, port=port, num_cpus=2, quiet=True, precision=precision, batch_wait_ms=batch_wait_ms,
-                 intra_op_threads=intra_op_threads, ort_spinning=ort_spinning, direct_port=direct_port if direct else None, direct_slots=2)
+                 intra_op_threads=intra_op_threads, ort_spinning=ort_spinning,
+                 direct_port=direct_port if direct else None, direct_slots=2)
     if direct:
         launch.wait_until_healthy(f"http://127.0.0.1:{direct_port}")
     rows = []

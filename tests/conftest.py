@@ -188,3 +188,20 @@ class StalledUploads:
     def __exit__(self, *exc) -> None:
         for s in self.socks:
             s.close()
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """cl-serve's metrics on Ray's Prometheus endpoint (`ray_cl_serve_*`), by name and labels, summed over repeats."""
+    import httpx
+
+    out: dict[str, float] = {}
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if line.startswith("ray_cl_serve_"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def metric_total(metrics: dict[str, float], prefix: str, must: str = "") -> float:
+    """The sum of the scraped series whose name starts with `prefix` and whose labels contain `must`."""
+    return sum(v for k, v in metrics.items() if k.startswith(prefix) and must in k)

@@ -20,7 +20,7 @@ from cl_serve.contract.preprocessing import preprocess_image
 from cl_serve.store.model_store import Store
 from cl_serve.workflow import pipeline
 from cl_serve.workflow.quantization import quantize_version
-from tests.conftest import StalledUploads, fast_train, init_tiny_store
+from tests.conftest import StalledUploads, fast_train, init_tiny_store, metric_total, scrape_metrics
 from tests.test_open_inference import HOSTILE
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -219,20 +219,6 @@ def test_a_slowloris_on_the_direct_port_does_not_deny_service(server, tasks):
         assert stalled.statuses() == [b"408"] * 64
 
 
-def _scrape(url: str) -> dict[str, float]:
-    """cl-serve's metrics on Ray's Prometheus endpoint, summed over their label sets, by name and labels."""
-    out: dict[str, float] = {}
-    for line in httpx.get(url, timeout=10).text.splitlines():
-        if line.startswith("ray_cl_serve_"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = out.get(name, 0.0) + float(value)
-    return out
-
-
-def _total(metrics: dict[str, float], prefix: str, must: str = "") -> float:
-    return sum(v for k, v in metrics.items() if k.startswith(prefix) and must in k)
-
-
 @pytest.mark.parametrize("ingress", ["direct", "client"])
 def test_requests_whose_client_left_are_not_computed(server, tasks, ingress):
     """40 requests of four 12-megapixel PNGs each (about 0.3 s of decoding per request here, two requests decoding
@@ -250,23 +236,23 @@ def test_requests_whose_client_left_are_not_computed(server, tasks, ingress):
     host, port = str(server[ingress].base_url).split("//")[1].rstrip("/").split(":")
     head = (f"POST /classify HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    before = _scrape(server["metrics"])
+    before = scrape_metrics(server["metrics"])
     socks = [socket.create_connection((host, int(port)), timeout=30) for _ in range(40)]
     for s in socks:
         s.sendall(head + body)
     time.sleep(0.3)
     for s in socks:
         s.close()  # as a client that times out does: FIN, not a reset
-    gone = lambda m: _total(m, "ray_cl_serve_rejected_overload_total", 'reason="client_gone"')  # noqa: E731
-    answered = lambda m: _total(m, "ray_cl_serve_requests_total")  # noqa: E731
+    gone = lambda m: metric_total(m, "ray_cl_serve_rejected_overload_total", 'reason="client_gone"')  # noqa: E731
+    answered = lambda m: metric_total(m, "ray_cl_serve_requests_total")  # noqa: E731
     deadline, after = time.time() + 60, before
     while time.time() < deadline:  # every request accounted for: answered (into a closed socket) or given up
-        after = _scrape(server["metrics"])
+        after = scrape_metrics(server["metrics"])
         if answered(after) - answered(before) >= 40:
             break
         time.sleep(1)
     assert answered(after) - answered(before) >= 40, "not every abandoned request was accounted for"
-    computed = _total(after, "ray_cl_serve_batch_images_sum") - _total(before, "ray_cl_serve_batch_images_sum")
+    computed = metric_total(after, "ray_cl_serve_batch_images_sum") - metric_total(before, "ray_cl_serve_batch_images_sum")
     assert gone(after) - gone(before) >= 20
     assert computed <= 4 * 20, f"{computed:.0f} of {40 * 4} abandoned images were computed"
     small = base64.b64encode(_pngs(tasks, 1)[0]).decode()

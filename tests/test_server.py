@@ -20,7 +20,7 @@ from cl_serve.store.model_store import Store, vname
 from cl_serve.contract.preprocessing import preprocess_image
 from benchmarks.hostile import hostile_cases
 from cl_serve.contract.store_schema import VERSION_STATES
-from tests.conftest import StalledUploads, fast_train, init_tiny_store
+from tests.conftest import StalledUploads, fast_train, init_tiny_store, metric_total, scrape_metrics
 
 pytestmark = pytest.mark.serving
 TOKEN = "s3cret-token"
@@ -479,34 +479,23 @@ def test_metrics_are_exported_on_rays_prometheus_endpoint(server, tasks):
     _ensure_live(server, tasks)
     image = base64.b64encode(_png(next(tasks[0]["test"].rglob("*.png")))).decode()
 
-    def scrape() -> dict[str, float]:
-        text = httpx.get(server["metrics"], timeout=10).text
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("ray_cl_serve_"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = out.get(name, 0.0) + float(value)
-        return out
-
-    def total(metrics, prefix, must=""):
-        return sum(v for k, v in metrics.items() if k.startswith(prefix) and must in k)
-
-    before = scrape()
+    ok = lambda m: metric_total(m, "ray_cl_serve_requests_total", 'status="200"')  # noqa: E731
+    before = scrape_metrics(server["metrics"])
     for _ in range(5):
         assert c.post("/classify", json={"images": [image]}).status_code == 200
     c.post("/classify", json={"images": ["%%%"]})
     deadline, after = time.time() + 40, before
     while time.time() < deadline:
-        after = scrape()
-        if total(after, "ray_cl_serve_requests_total", 'status="200"') >= total(before, "ray_cl_serve_requests_total", 'status="200"') + 5:
+        after = scrape_metrics(server["metrics"])
+        if ok(after) >= ok(before) + 5:
             break
         time.sleep(1)
-    assert total(after, "ray_cl_serve_requests_total", 'status="200"') >= \
-        total(before, "ray_cl_serve_requests_total", 'status="200"') + 5, sorted(after)[:20]
-    assert total(after, "ray_cl_serve_requests_total", 'status="400"') >= 1
-    assert total(after, "ray_cl_serve_request_latency_ms_count") >= 6
-    assert total(after, "ray_cl_serve_batch_images_count") >= 5
-    assert total(after, "ray_cl_serve_swaps_total") >= 1 and total(after, "ray_cl_serve_live_version") >= 1
+    assert ok(after) >= ok(before) + 5, sorted(after)[:20]
+    assert metric_total(after, "ray_cl_serve_requests_total", 'status="400"') >= 1
+    assert metric_total(after, "ray_cl_serve_request_latency_ms_count") >= 6
+    assert metric_total(after, "ray_cl_serve_batch_images_count") >= 5
+    assert metric_total(after, "ray_cl_serve_swaps_total") >= 1
+    assert metric_total(after, "ray_cl_serve_live_version") >= 1
 
 
 def test_overload_is_turned_away_fast_with_retry_after_while_admitted_requests_succeed(server, tasks):

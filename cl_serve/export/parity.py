@@ -14,7 +14,7 @@ magnitude more. Above both bounds, `ParityError` refuses the export.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,10 @@ class Parity:
     bound: float
     torch_fp32_error: float | None = None
     onnx_fp64_error: float | None = None
+
+    def manifest_fields(self) -> dict[str, float]:
+        """The manifest's `onnx.parity_*` entries (`OnnxInfo`): each field measured, prefixed."""
+        return {f"parity_{k}": v for k, v in asdict(self).items() if v is not None}
 
 
 def check_parity(model: torch.nn.Module, onnx_path: str | Path, input_size: int, *, fp16: bool = False,

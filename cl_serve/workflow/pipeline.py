@@ -363,10 +363,7 @@ def _export(model, path: Path, prep: Preprocessing, labels: list[str], version: 
 
     info = export_onnx(model, path, preprocessing=prep, labels=labels, fp16=fp16, opset=opset or OPSET,
                        metadata={"version": str(version), "method": method})
-    parity = check_parity(model, path, prep.input_size, fp16=fp16)
-    info.update(parity_max_abs_diff=parity.max_abs_diff, parity_bound=parity.bound)
-    if parity.torch_fp32_error is not None:
-        info.update(parity_torch_fp32_error=parity.torch_fp32_error, parity_onnx_fp64_error=parity.onnx_fp64_error)
+    info.update(check_parity(model, path, prep.input_size, fp16=fp16).manifest_fields())
     return info
 
 
